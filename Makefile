@@ -1,0 +1,28 @@
+# The two commands a new user needs: `make demo` and `make test`. Both build .venv from scratch.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-fast lint demo clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip==26.3
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip check
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tools tests
+
+demo: $(STAMP)
+	@echo "make demo arrives with the train issue (#4)"; exit 1
+
+clean:
+	rm -rf $(VENV) build *.egg-info

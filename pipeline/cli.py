@@ -1,0 +1,41 @@
+"""The `sgtm` command. Each area registers its own subcommands; this file only wires them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline import __version__
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sgtm", description="Selective Gradient Masking pretraining")
+    parser.add_argument("--version", action="version", version=f"sgtm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from pipeline.data.cli import register as register_data
+
+    register_data(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ConfigError) as exc:
+        print(f"sgtm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

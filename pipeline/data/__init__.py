@@ -1,0 +1,1 @@
+"""Data: tokenizers, webdataset shards, classifier tagging and the streaming loader."""

@@ -1,0 +1,1 @@
+"""SGTM core: the forget partition, per-token modes, masking and ablation."""
