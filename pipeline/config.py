@@ -1,0 +1,381 @@
+"""Typed experiment configuration, validated once at start.
+
+One YAML per experiment. A section may name a fragment instead of spelling it out
+(``model: models/tinystories-8m.yaml``, or ``model: {base: models/x.yaml, n_layers: 2}`` to
+override fields of the fragment). Fragments are looked up beside the experiment file, then
+under the project's ``configs/``. CLI overrides are ``key.path=value`` strings, parsed as YAML.
+
+Every problem is raised as :class:`ConfigError` with a one-line message that starts with the
+dotted key, e.g. ``sgtm.domains[0].heads: 40 forget heads but the model has 32 heads``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key and is one line."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. ``gpt-neo``: learned positions, LayerNorm, GELU, biases, tied embeddings.
+    ``llama``: RoPE, RMSNorm, SwiGLU, no biases, untied LM head."""
+
+    arch: Literal["gpt-neo", "llama"] = "gpt-neo"
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 8
+    d_ff: int | None = None  # default 4 * d_model
+    vocab_size: int = 50257
+    max_seq_len: int = 256
+    pad_vocab_to_multiple: int = 128  # megatron pads the vocab so every TP shard is equal
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    tie_embeddings: bool | None = None  # default: True for gpt-neo, False for llama
+    bias: bool | None = None  # default: True for gpt-neo, False for llama
+
+    def __post_init__(self) -> None:
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        if self.tie_embeddings is None:
+            self.tie_embeddings = self.arch == "gpt-neo"
+        if self.bias is None:
+            self.bias = self.arch == "gpt-neo"
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_to_multiple
+        return -(-self.vocab_size // m) * m
+
+    def validate(self, key: str = "model") -> None:
+        for name in ("n_layers", "d_model", "n_heads", "d_ff", "vocab_size", "max_seq_len",
+                     "pad_vocab_to_multiple"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}: must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"{key}.n_heads: {self.n_heads} does not divide d_model={self.d_model}")
+        if self.arch == "llama" and self.head_dim % 2:
+            raise ConfigError(f"{key}.n_heads: RoPE needs an even head_dim, got {self.head_dim}")
+        if self.norm_eps <= 0 or self.init_std <= 0:
+            raise ConfigError(f"{key}.norm_eps/init_std: must be positive")
+
+    def num_params(self) -> int:
+        """Parameters of the unpadded model (what the size names in configs/models count)."""
+        d, f, v, b = self.d_model, self.d_ff, self.vocab_size, int(bool(self.bias))
+        attn = 4 * d * d + 4 * d * b
+        mlp = (3 * d * f) if self.arch == "llama" else (2 * d * f + f * b + d * b)
+        norms = (2 * d) * (1 if self.arch == "llama" else 2)
+        emb = v * d + (0 if self.arch == "llama" else self.max_seq_len * d)
+        head = 0 if self.tie_embeddings else v * d
+        final = d * (1 if self.arch == "llama" else 2)
+        return self.n_layers * (attn + mlp + norms) + emb + head + final
+
+
+@dataclass
+class DomainConfig:
+    """One forget domain: its heads and MLP units in every forget block.
+
+    ``heads``/``units`` are either a count (the domain then takes the next free global indices,
+    domains in list order) or explicit global indices."""
+
+    name: str = "forget"
+    heads: int | list[int] = 1
+    units: int | list[int] = 64
+    layers: list[int] | None = None  # blocks that carry forget parameters; None = all
+
+
+@dataclass
+class SGTMConfig:
+    strategy: Literal["sgtm", "gradient_routing", "activation_masking", "none"] = "sgtm"
+    domains: list[DomainConfig] = field(default_factory=lambda: [DomainConfig()])
+    # May forget-labelled tokens update joint parameters (norms, final norm, LM head)?
+    joint_update: Literal["all", "non_forget"] = "non_forget"
+    # Embeddings are joint; their policy defaults to joint_update (the paper masks them on
+    # Wikipedia and lets them learn jointly on TinyStories).
+    embedding_update: Literal["all", "non_forget"] | None = None
+    # 'joint' makes W_O, W_2 and their biases joint (a paper variant) instead of split.
+    output_projections: Literal["split", "joint"] = "split"
+    scope: Literal["attention_mlp", "attention", "mlp"] = "attention_mlp"
+
+    def __post_init__(self) -> None:
+        if self.embedding_update is None:
+            self.embedding_update = self.joint_update
+
+
+@dataclass
+class EngineConfig:
+    """How the model is distributed and run: DeepSpeed + megatron-core tensor parallelism."""
+
+    tensor_parallel: int = 1
+    zero_stage: Literal[0, 1, 2] = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    grad_clip: float = 0.0  # 0 disables clipping
+
+    def validate(self, key: str = "engine") -> None:
+        for name in ("tensor_parallel", "micro_batch_size", "grad_accum_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}: must be positive, got {getattr(self, name)}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"{key}.grad_clip: must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+
+    def validate(self, key: str = "optimizer") -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"{key}.lr: must be positive, got {self.lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{key}.betas: each must be in [0, 1), got {list(self.betas)}")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ConfigError(f"{key}.weight_decay/warmup_steps: must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 0
+
+    def validate(self, key: str = "train") -> None:
+        if self.steps <= 0:
+            raise ConfigError(f"{key}.steps: must be positive, got {self.steps}")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sgtm: SGTMConfig = field(default_factory=SGTMConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> ExperimentConfig:
+        """Cross-section checks; the partition itself is checked by building it."""
+        self.model.validate()
+        self.engine.validate()
+        self.optimizer.validate()
+        self.train.validate()
+        tp = self.engine.tensor_parallel
+        if self.model.n_heads % tp:
+            raise ConfigError(
+                f"engine.tensor_parallel: {tp} does not divide model.n_heads={self.model.n_heads}")
+        if self.model.d_ff % tp:
+            raise ConfigError(f"engine.tensor_parallel: {tp} does not divide model.d_ff={self.model.d_ff}")
+        if self.model.pad_vocab_to_multiple % tp:
+            raise ConfigError(
+                f"engine.tensor_parallel: {tp} does not divide "
+                f"model.pad_vocab_to_multiple={self.model.pad_vocab_to_multiple}")
+        from pipeline.sgtm.partition import ForgetPartition
+
+        ForgetPartition(self.model, self.sgtm, tp)  # raises ConfigError naming the sgtm key
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Generic typed construction from plain dicts
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert it; raise ConfigError on misfit."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arm in args:
+            if arm is type(None):
+                continue
+            try:
+                return _convert(arm, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc).split(": ", 1)[-1])
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
+            return value
+        raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {k: _convert(args[1] if args else Any, v, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: Any, key: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for name, value in data.items():
+        sub = f"{key}.{name}" if key else str(name)
+        if name not in fields:
+            raise ConfigError(f"{sub}: unknown key (expected one of {sorted(fields)})")
+        kwargs[name] = _convert(hints[name], value, sub)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data view of a config (for YAML/JSON dumps and checkpoints)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# YAML loading: fragments, overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path, key: str) -> Any:
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{key}: {path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+
+
+def _find_fragment(ref: str, base_dir: Path, key: str) -> Path:
+    for candidate in (base_dir / ref, CONFIG_ROOT / ref, Path(ref)):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{key}: fragment {ref!r} not found beside the config or under {CONFIG_ROOT}")
+
+
+def _resolve_fragments(data: dict, base_dir: Path) -> dict:
+    """Replace ``section: path.yaml`` and ``section: {base: path.yaml, ...}`` by merged mappings."""
+    out = {}
+    for section, value in data.items():
+        if isinstance(value, str) and value.endswith((".yaml", ".yml")):
+            path = _find_fragment(value, base_dir, section)
+            value = _read_yaml(path, section) or {}
+        elif isinstance(value, dict) and "base" in value:
+            path = _find_fragment(str(value["base"]), base_dir, f"{section}.base")
+            merged = dict(_read_yaml(path, f"{section}.base") or {})
+            merged.update({k: v for k, v in value.items() if k != "base"})
+            value = merged
+        out[section] = value
+    return out
+
+
+def apply_override(data: dict, override: str) -> None:
+    """``a.b.c=value`` (value parsed as YAML) into the nested mapping ``data``."""
+    if "=" not in override:
+        raise ConfigError(f"{override}: override must look like key.path=value")
+    path, raw = override.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"{path}: cannot parse override value {raw!r}") from None
+    keys = path.split(".")
+    node = data
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(keys[: i + 1])}: cannot override inside a non-mapping")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict | None = None) -> ExperimentConfig:
+    """Read, compose, override, type-check and validate an experiment config."""
+    base_dir = Path(path).resolve().parent if path else Path.cwd()
+    raw: Any = {} if path is None else _read_yaml(Path(path), str(path))
+    if data is not None:
+        raw = {**(raw or {}), **data}
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = _resolve_fragments(raw, base_dir)
+    for ov in overrides or []:
+        apply_override(raw, ov)
+    raw = _resolve_fragments(raw, base_dir)  # an override may itself name a fragment
+    cfg = from_dict(ExperimentConfig, raw, "")
+    return cfg.validate()

@@ -1,0 +1,1 @@
+"""Engine: process groups, DeepSpeed construction and the training step."""

@@ -1,0 +1,156 @@
+"""Process groups: rank discovery from any launcher, DeepSpeed's comm, megatron's parallel_state.
+
+torchrun and the deepspeed launcher set RANK/WORLD_SIZE/LOCAL_RANK; mpirun sets OMPI_*/PMI_*
+(read through mpi4py when it is installed); a bare ``srun`` sets SLURM_*. A plain ``python``
+process becomes a world of one on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.config import EngineConfig
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_rank: int
+    tp_size: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+    backend: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def discover_ranks() -> None:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from whichever launcher started us."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        env.setdefault("LOCAL_RANK", "0")
+    elif "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env:
+        try:
+            from mpi4py import MPI  # noqa: F401  (initialises MPI; the env below is then set)
+
+            comm = MPI.COMM_WORLD
+            rank, size = comm.Get_rank(), comm.Get_size()
+        except ImportError:
+            rank = int(env.get("OMPI_COMM_WORLD_RANK", env.get("PMI_RANK", 0)))
+            size = int(env.get("OMPI_COMM_WORLD_SIZE", env.get("PMI_SIZE", 1)))
+        env["RANK"], env["WORLD_SIZE"] = str(rank), str(size)
+        env.setdefault("LOCAL_RANK", env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", "0")))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    else:
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = "0", "1", "0"
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29500")
+
+
+def resolve_device(cfg: EngineConfig) -> tuple[torch.device, str]:
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("engine.device: 'cuda' requested but no CUDA device is available")
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
+    if device == "cpu":
+        # Must precede the first deepspeed import: picks DeepSpeed's CPU accelerator.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return torch.device(device), backend
+
+
+class MegatronMPU:
+    """The ``mpu`` DeepSpeed expects, mapping its "model parallel" onto megatron's TP group."""
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank()
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+
+def _skip_shm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory op on first init (~40 s) that gloo never uses."""
+    import deepspeed.comm.torch  # noqa: F401
+
+    mod = sys.modules["deepspeed.comm.torch"]
+    if hasattr(mod, "build_shm_op"):
+        mod.build_shm_op = lambda: None
+
+
+def init_distributed(cfg: EngineConfig) -> DistInfo:
+    """Idempotent: joins the process group and builds megatron's TP/DP groups."""
+    device, backend = resolve_device(cfg)
+    discover_ranks()
+    import deepspeed
+    from megatron.core import parallel_state as ps
+
+    world = int(os.environ["WORLD_SIZE"])
+    if world % cfg.tensor_parallel:
+        raise ValueError(f"engine.tensor_parallel: {cfg.tensor_parallel} does not divide the world size {world}")
+    if device.type == "cpu":
+        _skip_shm_build()
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", torch.cuda.current_device())
+    if ps.model_parallel_is_initialized():
+        if ps.get_tensor_model_parallel_world_size() != cfg.tensor_parallel:
+            ps.destroy_model_parallel()
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor_parallel)
+    return DistInfo(
+        rank=torch.distributed.get_rank(), world_size=world, local_rank=int(os.environ["LOCAL_RANK"]),
+        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+        device=device, backend=backend)

@@ -1,0 +1,115 @@
+"""Build the model and the DeepSpeed engine from a config, and run one masked training step.
+
+There is no home-made DDP or TP: DeepSpeed owns data parallelism, ZeRO, precision and the
+optimizer; megatron-core owns tensor parallelism. Masking needs nothing from the engine because
+it happens inside autograd (see :mod:`pipeline.sgtm.masking`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.config import ExperimentConfig
+from pipeline.engine.distributed import DistInfo, MegatronMPU, init_distributed
+from pipeline.model.transformer import Transformer
+from pipeline.sgtm.partition import ForgetPartition
+
+
+@dataclass
+class TrainState:
+    cfg: ExperimentConfig
+    dist: DistInfo
+    partition: ForgetPartition
+    model: Transformer
+    engine: object  # deepspeed.DeepSpeedEngine
+
+
+def build_model(cfg: ExperimentConfig, dist: DistInfo) -> tuple[ForgetPartition, Transformer]:
+    """Same seed on every rank: megatron's CPU init builds each master weight whole and slices
+    it, so the logical model is the same for any TP size."""
+    partition = ForgetPartition(cfg.model, cfg.sgtm, dist.tp_size)
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model, partition, cfg.sgtm.strategy)
+    return partition, model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and embeddings; not norms or biases (GPT-NeoX/Megatron convention)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(cfg: ExperimentConfig, dist: DistInfo) -> dict:
+    e, o = cfg.engine, cfg.optimizer
+    ds = {
+        "train_micro_batch_size_per_gpu": e.micro_batch_size,
+        "gradient_accumulation_steps": e.grad_accum_steps,
+        "train_batch_size": e.micro_batch_size * e.grad_accum_steps * dist.dp_size,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": e.zero_stage},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+            "torch_adam": True}},
+        "gradient_clipping": e.grad_clip,
+    }
+    if e.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+def lr_factor(step: int, cfg: ExperimentConfig) -> float:
+    """Linear warmup over ``warmup_steps`` (the first step already trains), then cosine to
+    ``min_lr_ratio`` at ``train.steps``."""
+    o, total = cfg.optimizer, cfg.train.steps
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_engine(cfg: ExperimentConfig) -> TrainState:
+    dist = init_distributed(cfg.engine)
+    import deepspeed
+
+    partition, model = build_model(cfg, dist)
+    model.to(dist.device)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optimizer.weight_decay),
+        config=deepspeed_config(cfg, dist), mpu=MegatronMPU(),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg)))
+    return TrainState(cfg, dist, partition, model, engine)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_step(state: TrainState, micro_batches: list[dict]) -> torch.Tensor:
+    """One optimizer step over ``grad_accum_steps`` micro-batches (modes may mix freely).
+
+    Returns the step's mean loss averaged over micro-batches and data-parallel ranks (a tensor:
+    the caller decides when to sync it to the host)."""
+    engine = state.engine
+    if len(micro_batches) != state.cfg.engine.grad_accum_steps:
+        raise ValueError(f"expected {state.cfg.engine.grad_accum_steps} micro-batches, got {len(micro_batches)}")
+    total = torch.zeros((), device=state.dist.device)
+    for mb in micro_batches:
+        mb = to_device(mb, state.dist.device)
+        loss = engine(mb["input_ids"], labels=mb["labels"], modes=mb.get("modes"), doc_ids=mb.get("doc_ids"))
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach().float()
+    total /= len(micro_batches)
+    if state.dist.dp_size > 1:
+        from megatron.core import parallel_state as ps
+
+        torch.distributed.all_reduce(total, group=ps.get_data_parallel_group())
+        total /= state.dist.dp_size
+    return total

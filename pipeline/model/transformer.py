@@ -1,0 +1,300 @@
+"""The whole model in one file: a decoder-only transformer on megatron-core's TP layers.
+
+Two families from one code path (``ModelConfig.arch``):
+  gpt-neo: learned positions, LayerNorm, GELU MLP, biases, tied embeddings (the paper's family);
+  llama:   RoPE, RMSNorm, SwiGLU (a forget unit owns its gate and up rows), no biases.
+
+Megatron-core supplies the parallel parameters (sharded init, TP attributes), the mappings that
+communicate, ``parallel_state`` and the vocab-parallel loss. The block is ours: attention through
+``scaled_dot_product_attention`` with a causal, document-masked mask, and every linear's local
+matmul through :func:`pipeline.sgtm.masking.selective_linear`, so per-token masking happens
+where the gradient is made. Layout is [batch, seq, hidden] throughout (no sequence parallelism).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    vocab_parallel_cross_entropy,
+)
+from torch import nn
+
+from pipeline.config import ModelConfig
+from pipeline.sgtm.masking import (
+    FeatureSplit,
+    TokenMasks,
+    elementwise_affine,
+    grad_gate,
+    mask_split_activation,
+    selective_linear,
+)
+from pipeline.sgtm.partition import ForgetPartition, ParamRole
+
+IGNORE_INDEX = -100
+
+
+def _tag(param: nn.Parameter | None, role: ParamRole) -> None:
+    """Attach the partition's role to a parameter (read by masking, ablation, clipping, tests)."""
+    if param is not None:
+        param.sgtm_role = role
+
+
+def _allow(masks: TokenMasks | None, role: ParamRole) -> torch.Tensor | None:
+    return None if masks is None else masks.allow[int(role.classes[0])]
+
+
+class SplitColumnLinear(ColumnParallelLinear):
+    """Megatron's column-parallel linear whose local matmul masks weight gradients per token."""
+
+    def __init__(self, in_features: int, out_features: int, role: ParamRole, *, config: ModelParallelConfig,
+                 init_method, bias: bool, stride: int = 1, tied: bool = False):
+        super().__init__(in_features, out_features, config=config, init_method=init_method, bias=bias,
+                         gather_output=False, stride=stride, skip_weight_param_allocation=tied)
+        self.split = FeatureSplit(role.classes)
+        self.role = role
+        _tag(self.weight, role)
+        _tag(self.bias, role)
+
+    def forward(self, x: torch.Tensor, masks: TokenMasks | None,  # type: ignore[override]
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight`` is given only for a tied LM head (the embedding's weight)."""
+        weight = self.weight if weight is None else weight
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            x = copy_to_tensor_model_parallel_region(x)
+        return selective_linear(x, weight, self.bias, self.split, 0, masks)
+
+
+class SplitRowLinear(RowParallelLinear):
+    """Megatron's row-parallel linear with per-token weight-gradient masking; its (unsplit)
+    output bias is added after the all-reduce with its own per-token mask."""
+
+    def __init__(self, in_features: int, out_features: int, role: ParamRole, bias_role: ParamRole, *,
+                 config: ModelParallelConfig, init_method, bias: bool):
+        super().__init__(in_features, out_features, config=config, init_method=init_method, bias=bias,
+                         input_is_parallel=True, skip_bias_add=True)
+        self.split = FeatureSplit(role.classes)
+        self.bias_role = bias_role
+        _tag(self.weight, role)
+        _tag(self.bias, bias_role)
+
+    def forward(self, x: torch.Tensor, masks: TokenMasks | None) -> torch.Tensor:  # type: ignore[override]
+        y = reduce_from_tensor_model_parallel_region(selective_linear(x, self.weight, None, self.split, 1, masks))
+        if self.bias is None:
+            return y
+        return elementwise_affine(y, None, self.bias, _allow(masks, self.bias_role))
+
+
+class Norm(nn.Module):
+    """LayerNorm (gpt-neo) or RMSNorm (llama) whose gain/bias gradients are masked per token."""
+
+    def __init__(self, d: int, arch: str, eps: float, role: ParamRole):
+        super().__init__()
+        self.rms = arch == "llama"
+        self.eps = eps
+        self.role = role
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = None if self.rms else nn.Parameter(torch.zeros(d))
+        _tag(self.weight, role)
+        _tag(self.bias, role)
+
+    def forward(self, x: torch.Tensor, masks: TokenMasks | None) -> torch.Tensor:
+        if self.rms:
+            xf = x.float()
+            n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        else:
+            n = F.layer_norm(x, (x.shape[-1],), eps=self.eps)
+        return elementwise_affine(n, self.weight, self.bias, _allow(masks, self.role))
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float64), inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, hd]; the rotate-half convention (as HF Llama, so exports match)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class SplitFeatures(nn.Module):
+    """Mixin state for a module whose activations are split into retain/forget features."""
+
+    def _init_features(self, feature_class: torch.Tensor) -> None:
+        self.register_buffer("feature_class", feature_class, persistent=False)
+        self.register_buffer("ablated", None, persistent=False)
+        self.has_forget = bool((feature_class >= 0).any())
+
+    def set_ablated(self, domains: list[int]) -> None:
+        """Switch the features of ``domains`` off for every token (after ablation)."""
+        off = torch.isin(self.feature_class, torch.tensor(domains, dtype=torch.long,
+                                                          device=self.feature_class.device))
+        self.ablated = off if bool(off.any()) else None
+
+    def _mask(self, h: torch.Tensor, masks: TokenMasks | None) -> torch.Tensor:
+        return mask_split_activation(h, self.feature_class, self.has_forget, masks, self.ablated)
+
+
+class Attention(SplitFeatures):
+    def __init__(self, cfg: ModelConfig, part: ForgetPartition, layer: int, tp_rank: int,
+                 mpc: ModelParallelConfig, init, out_init):
+        super().__init__()
+        self.local_heads = part.heads_per_rank
+        self.head_dim = cfg.head_dim
+        d = cfg.d_model
+        # Rows are head-major ([q_h, k_h, v_h] per head), so a contiguous TP shard holds whole heads.
+        self.qkv = SplitColumnLinear(d, 3 * d, part.role("qkv", layer, tp_rank), config=mpc,
+                                     init_method=init, bias=cfg.bias)
+        self.out = SplitRowLinear(d, d, part.role("attn_out", layer, tp_rank),
+                                  part.role("attn_out_bias", layer, tp_rank), config=mpc,
+                                  init_method=out_init, bias=cfg.bias)
+        self._init_features(part.local_head_class(layer, tp_rank))
+
+    def forward(self, x, masks, attn_mask, rope):
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x, masks).view(B, S, self.local_heads, 3, self.head_dim).unbind(3)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, hd]
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
+        o = self._mask(o.transpose(1, 2), masks)  # [B, S, H, hd]: per-head masking
+        return self.out(o.reshape(B, S, self.local_heads * self.head_dim), masks)
+
+
+class MLP(SplitFeatures):
+    def __init__(self, cfg: ModelConfig, part: ForgetPartition, layer: int, tp_rank: int,
+                 mpc: ModelParallelConfig, init, out_init):
+        super().__init__()
+        self.swiglu = cfg.arch == "llama"
+        d, f = cfg.d_model, cfg.d_ff
+        # SwiGLU: master rows [gate; up], stride 2 gives every rank [gate_r; up_r].
+        self.fc1 = SplitColumnLinear(d, 2 * f if self.swiglu else f, part.role("mlp_in", layer, tp_rank),
+                                     config=mpc, init_method=init, bias=cfg.bias, stride=2 if self.swiglu else 1)
+        self.fc2 = SplitRowLinear(f, d, part.role("mlp_out", layer, tp_rank),
+                                  part.role("mlp_out_bias", layer, tp_rank), config=mpc,
+                                  init_method=out_init, bias=cfg.bias)
+        self._init_features(part.local_unit_class(layer, tp_rank))
+
+    def forward(self, x, masks):
+        h = self.fc1(x, masks)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.fc2(self._mask(h, masks), masks)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, part, layer, tp_rank, mpc, init, out_init):
+        super().__init__()
+        self.norm1 = Norm(cfg.d_model, cfg.arch, cfg.norm_eps, part.role("norm", layer, tp_rank))
+        self.attn = Attention(cfg, part, layer, tp_rank, mpc, init, out_init)
+        self.norm2 = Norm(cfg.d_model, cfg.arch, cfg.norm_eps, part.role("norm", layer, tp_rank))
+        self.mlp = MLP(cfg, part, layer, tp_rank, mpc, init, out_init)
+
+    def forward(self, x, masks, attn_mask, rope):
+        x = x + self.attn(self.norm1(x, masks), masks, attn_mask, rope)
+        return x + self.mlp(self.norm2(x, masks), masks)
+
+
+def document_causal_mask(doc_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, 1, S, S] bool: attend to earlier positions of the same document only. Built once per batch."""
+    if doc_ids is None:
+        return None
+    S = doc_ids.shape[1]
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    causal = torch.ones(S, S, dtype=torch.bool, device=doc_ids.device).tril()
+    return (same & causal)[:, None]
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. ``forward`` returns the mean next-token loss (and per-token losses on demand)."""
+
+    def __init__(self, cfg: ModelConfig, partition: ForgetPartition, strategy: str = "sgtm"):
+        super().__init__()
+        self.cfg = cfg
+        self.partition = partition
+        self.strategy = strategy
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        if tp_size != partition.tp_size:
+            raise ValueError(f"partition built for TP={partition.tp_size}, model parallel state is TP={tp_size}")
+        mpc = ModelParallelConfig(tensor_model_parallel_size=tp_size, use_cpu_initialization=True,
+                                  perform_initialization=True, gradient_accumulation_fusion=False,
+                                  params_dtype=torch.float32)
+        init = lambda w: nn.init.normal_(w, 0.0, cfg.init_std)  # noqa: E731
+        out_std = cfg.init_std / math.sqrt(2.0 * cfg.n_layers)  # GPT-2's scaled residual init
+        out_init = lambda w: nn.init.normal_(w, 0.0, out_std)  # noqa: E731
+
+        self.embedding = VocabParallelEmbedding(cfg.padded_vocab_size, cfg.d_model, init_method=init, config=mpc)
+        self.embedding_role = partition.role("embedding", None, tp_rank)
+        _tag(self.embedding.weight, self.embedding_role)
+        self.position_embedding = None
+        if cfg.arch == "gpt-neo":
+            self.position_embedding = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+            init(self.position_embedding.weight)
+            _tag(self.position_embedding.weight, partition.role("position_embedding", None, tp_rank))
+        else:
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg, partition, i, tp_rank, mpc, init, out_init)
+                                    for i in range(cfg.n_layers))
+        self.final_norm = Norm(cfg.d_model, cfg.arch, cfg.norm_eps, partition.role("final_norm", None, tp_rank))
+        tied = bool(cfg.tie_embeddings)
+        head_role = self.embedding_role if tied else partition.role("lm_head", None, tp_rank)
+        self.lm_head = SplitColumnLinear(cfg.d_model, cfg.padded_vocab_size, head_role, config=mpc,
+                                         init_method=init, bias=False, tied=tied)
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def token_masks(self, modes: torch.Tensor | None, dtype: torch.dtype | None = None) -> TokenMasks:
+        return TokenMasks.build(modes, self.strategy, len(self.partition.domains),
+                                dtype or self.embedding.weight.dtype)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                modes: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                return_per_token: bool = False):
+        """Returns the mean loss over labelled positions (labels != -100), or per-token losses
+        [B, S] with ``return_per_token``, or vocab-parallel logits when ``labels`` is None."""
+        masks = self.token_masks(modes)
+        B, S = input_ids.shape
+        x = grad_gate(self.embedding(input_ids), _allow(masks, self.embedding_role))
+        rope = None
+        if self.position_embedding is not None:
+            pos = self.position_embedding(torch.arange(S, device=input_ids.device))[None]
+            x = x + grad_gate(pos.expand(B, S, -1), _allow(masks, self.position_embedding.weight.sgtm_role))
+        else:
+            rope = (self.rope_cos[:S], self.rope_sin[:S])
+        attn_mask = document_causal_mask(doc_ids)
+        for block in self.blocks:
+            x = block(x, masks, attn_mask, rope)
+        x = self.final_norm(x, masks)
+        logits = self.lm_head(x, masks, self.embedding.weight if self.cfg.tie_embeddings else None)
+        if labels is None:
+            return logits
+        per_token = vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0))
+        valid = labels != IGNORE_INDEX
+        per_token = per_token * valid
+        if return_per_token:
+            return per_token
+        return per_token.sum() / valid.sum().clamp(min=1)
+
+    def set_ablated(self, domains: list[int]) -> None:
+        for m in self.modules():
+            if isinstance(m, SplitFeatures):
+                m.set_ablated(domains)

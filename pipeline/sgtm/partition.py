@@ -1,0 +1,240 @@
+"""The forget partition: the one place that says which parameters belong to which forget domain.
+
+Everything is defined by *global* head and MLP-unit indices, then mapped onto the contiguous
+shard of heads/units that each tensor-parallel rank owns (a forget head may live on any rank;
+a rank may own none). Every parameter tensor of the model gets a :class:`ParamRole` from
+:meth:`ForgetPartition.role`: a class per slice along one dimension, or one class for the whole
+tensor. The masking, the ablation, per-partition clipping and the tests all read these roles.
+
+Slice classes (ints, so a per-feature class vector is a plain LongTensor):
+
+    d >= 0             forget parameters of domain d
+    RETAIN (-1)        retain parameters: forget-labelled tokens never update them
+    JOINT_NON_FORGET   joint parameters that forget-labelled tokens may not update
+    JOINT_ALL          joint parameters every token updates
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.config import ConfigError, ModelConfig, SGTMConfig
+
+RETAIN = -1
+JOINT_NON_FORGET = -2
+JOINT_ALL = -3
+
+ROLE_KINDS = (
+    "embedding", "position_embedding", "norm", "qkv", "attn_out", "attn_out_bias",
+    "mlp_in", "mlp_out", "mlp_out_bias", "final_norm", "lm_head",
+)
+
+
+def class_name(cls: int, domains: list[str]) -> str:
+    if cls >= 0:
+        return f"forget[{domains[cls]}]"
+    return {RETAIN: "retain", JOINT_NON_FORGET: "joint(non_forget)", JOINT_ALL: "joint(all)"}[cls]
+
+
+@dataclass(frozen=True)
+class ParamRole:
+    """What each slice of one (local) parameter tensor is.
+
+    ``split_dim`` is the dimension along which the class varies (0: output rows of a column-
+    parallel weight and its bias; 1: input columns of a row-parallel weight), or None when the
+    whole tensor has the single class ``classes[0]``."""
+
+    kind: str
+    layer: int | None
+    split_dim: int | None
+    classes: torch.Tensor  # LongTensor, one entry per index along split_dim (or one entry)
+
+    @property
+    def forget_domains(self) -> list[int]:
+        return sorted(int(c) for c in torch.unique(self.classes) if c >= 0)
+
+    def slice_mask(self, param: torch.Tensor, cls: set[int]) -> torch.Tensor:
+        """Bool tensor broadcastable to ``param``: True where the slice class is in ``cls``."""
+        hit = torch.zeros_like(self.classes, dtype=torch.bool)
+        for c in cls:
+            hit |= self.classes == c
+        if self.split_dim is None:
+            return hit.reshape([1] * param.dim())
+        shape = [1] * param.dim()
+        shape[self.split_dim] = -1
+        return hit.reshape(shape)
+
+
+def _assign(spec: int | list[int], total: int, taken: set[int], key: str, what: str) -> list[int]:
+    """Resolve a count or explicit index list into global indices, checking overlaps."""
+    if isinstance(spec, int):
+        if spec < 0:
+            raise ConfigError(f"{key}: number of forget {what} must be >= 0, got {spec}")
+        free = [i for i in range(total) if i not in taken]
+        if spec > len(free) - 1:
+            raise ConfigError(f"{key}: {spec} forget {what} but only {len(free)} of {total} are free "
+                              f"and at least one must stay retain")
+        return free[:spec]
+    idx = list(spec)
+    if len(set(idx)) != len(idx):
+        raise ConfigError(f"{key}: duplicate {what} indices {idx}")
+    for i in idx:
+        if not 0 <= i < total:
+            raise ConfigError(f"{key}: {what} index {i} out of range [0, {total})")
+        if i in taken:
+            raise ConfigError(f"{key}: {what} index {i} already belongs to another domain")
+    if len(taken) + len(idx) >= total:
+        raise ConfigError(f"{key}: forget {what} would cover all {total}; at least one must stay retain")
+    return sorted(idx)
+
+
+class ForgetPartition:
+    """Global forget heads/units per block and domain, and what each TP rank owns of them."""
+
+    def __init__(self, model: ModelConfig, sgtm: SGTMConfig, tp_size: int = 1):
+        self.model = model
+        self.sgtm = sgtm
+        self.tp_size = tp_size
+        self.domains = [d.name for d in sgtm.domains]
+        if len(set(self.domains)) != len(self.domains):
+            raise ConfigError(f"sgtm.domains: duplicate domain names {self.domains}")
+        for i, name in enumerate(self.domains):
+            if not name or ":" in name:
+                raise ConfigError(f"sgtm.domains[{i}].name: must be non-empty without ':', got {name!r}")
+        if model.n_heads % tp_size:
+            raise ConfigError(f"engine.tensor_parallel: {tp_size} does not divide model.n_heads={model.n_heads}")
+        if model.d_ff % tp_size:
+            raise ConfigError(f"engine.tensor_parallel: {tp_size} does not divide model.d_ff={model.d_ff}")
+        self.heads_per_rank = model.n_heads // tp_size
+        self.units_per_rank = model.d_ff // tp_size
+
+        # Global class per head and per unit, for every block: [n_layers][n_heads|d_ff].
+        self._head_class = [[RETAIN] * model.n_heads for _ in range(model.n_layers)]
+        self._unit_class = [[RETAIN] * model.d_ff for _ in range(model.n_layers)]
+        heads_taken: set[int] = set()
+        units_taken: set[int] = set()
+        for d, dom in enumerate(sgtm.domains):
+            key = f"sgtm.domains[{d}]"
+            layers = list(range(model.n_layers)) if dom.layers is None else dom.layers
+            for layer in layers:
+                if not 0 <= layer < model.n_layers:
+                    raise ConfigError(f"{key}.layers: block {layer} out of range [0, {model.n_layers})")
+            if len(set(layers)) != len(layers):
+                raise ConfigError(f"{key}.layers: duplicate block indices {layers}")
+            heads = [] if sgtm.scope == "mlp" else _assign(dom.heads, model.n_heads, heads_taken,
+                                                           f"{key}.heads", "heads")
+            units = [] if sgtm.scope == "attention" else _assign(dom.units, model.d_ff, units_taken,
+                                                                 f"{key}.units", "units")
+            heads_taken.update(heads)
+            units_taken.update(units)
+            for layer in layers:
+                for h in heads:
+                    self._head_class[layer][h] = d
+                for u in units:
+                    self._unit_class[layer][u] = d
+
+    # ---- global view -------------------------------------------------------------------------
+
+    def heads(self, layer: int, domain: int) -> list[int]:
+        return [h for h, c in enumerate(self._head_class[layer]) if c == domain]
+
+    def units(self, layer: int, domain: int) -> list[int]:
+        return [u for u, c in enumerate(self._unit_class[layer]) if c == domain]
+
+    def head_class(self, layer: int) -> torch.Tensor:
+        return torch.tensor(self._head_class[layer], dtype=torch.long)
+
+    def unit_class(self, layer: int) -> torch.Tensor:
+        return torch.tensor(self._unit_class[layer], dtype=torch.long)
+
+    # ---- per-rank view -----------------------------------------------------------------------
+
+    def local_head_class(self, layer: int, tp_rank: int) -> torch.Tensor:
+        n = self.heads_per_rank
+        return self.head_class(layer)[tp_rank * n:(tp_rank + 1) * n]
+
+    def local_unit_class(self, layer: int, tp_rank: int) -> torch.Tensor:
+        n = self.units_per_rank
+        return self.unit_class(layer)[tp_rank * n:(tp_rank + 1) * n]
+
+    def owned(self, tp_rank: int) -> dict[str, dict[int, dict[str, list[int]]]]:
+        """Global forget heads/units this rank owns: {domain: {layer: {'heads': [...], 'units': [...]}}}."""
+        h0, u0 = tp_rank * self.heads_per_rank, tp_rank * self.units_per_rank
+        out: dict[str, dict[int, dict[str, list[int]]]] = {}
+        for d, name in enumerate(self.domains):
+            per_layer = {}
+            for layer in range(self.model.n_layers):
+                hs = [h for h in self.heads(layer, d) if h0 <= h < h0 + self.heads_per_rank]
+                us = [u for u in self.units(layer, d) if u0 <= u < u0 + self.units_per_rank]
+                if hs or us:
+                    per_layer[layer] = {"heads": hs, "units": us}
+            out[name] = per_layer
+        return out
+
+    # ---- parameter roles ---------------------------------------------------------------------
+
+    def _joint(self, policy: str) -> int:
+        return JOINT_ALL if policy == "all" else JOINT_NON_FORGET
+
+    def role(self, kind: str, layer: int | None, tp_rank: int) -> ParamRole:
+        """The class of every slice of the local parameter ``kind`` of block ``layer``."""
+        m, s = self.model, self.sgtm
+        whole = lambda cls: ParamRole(kind, layer, None, torch.tensor([cls]))  # noqa: E731
+        if kind in ("embedding", "position_embedding"):
+            return whole(self._joint(s.embedding_update))
+        if kind in ("norm", "final_norm", "lm_head"):
+            return whole(self._joint(s.joint_update))
+        assert layer is not None, kind
+        heads = self.local_head_class(layer, tp_rank)
+        units = self.local_unit_class(layer, tp_rank)
+        joint_out = s.output_projections == "joint"
+        if kind == "qkv":  # rows are head-major: [q_h, k_h, v_h] for each local head h
+            return ParamRole(kind, layer, 0, heads.repeat_interleave(3 * m.head_dim))
+        if kind == "mlp_in":  # llama: rows are [gate units; up units], a unit owns both
+            rows = torch.cat([units, units]) if m.arch == "llama" else units
+            return ParamRole(kind, layer, 0, rows)
+        if kind == "attn_out":
+            if joint_out:
+                return whole(self._joint(s.joint_update))
+            return ParamRole(kind, layer, 1, heads.repeat_interleave(m.head_dim))
+        if kind == "mlp_out":
+            if joint_out:
+                return whole(self._joint(s.joint_update))
+            return ParamRole(kind, layer, 1, units)
+        if kind in ("attn_out_bias", "mlp_out_bias"):
+            return whole(self._joint(s.joint_update) if joint_out else RETAIN)
+        raise KeyError(f"unknown parameter kind {kind!r} (expected one of {ROLE_KINDS})")
+
+    # ---- reporting ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """Saved with checkpoints so a model can be ablated without its config."""
+        return {
+            "domains": self.domains,
+            "tp_size": self.tp_size,
+            "heads": {n: [self.heads(layer, d) for layer in range(self.model.n_layers)]
+                      for d, n in enumerate(self.domains)},
+            "units": {n: [self.units(layer, d) for layer in range(self.model.n_layers)]
+                      for d, n in enumerate(self.domains)},
+            "joint_update": self.sgtm.joint_update,
+            "embedding_update": self.sgtm.embedding_update,
+            "output_projections": self.sgtm.output_projections,
+        }
+
+    def summary(self) -> str:
+        lines = []
+        for d, name in enumerate(self.domains):
+            blocks = [layer for layer in range(self.model.n_layers)
+                      if self.heads(layer, d) or self.units(layer, d)]
+            if not blocks:
+                lines.append(f"forget[{name}]: no parameters")
+                continue
+            b0 = blocks[0]
+            lines.append(f"forget[{name}]: blocks {blocks}, heads {self.heads(b0, d)} of {self.model.n_heads}, "
+                         f"{len(self.units(b0, d))} of {self.model.d_ff} MLP units")
+        lines.append(f"joint: embeddings update={self.sgtm.embedding_update}, "
+                     f"norms/LM head update={self.sgtm.joint_update}; "
+                     f"output projections {self.sgtm.output_projections}")
+        return "\n".join(lines)
