@@ -1,0 +1,91 @@
+"""Ground-truth roles of documents, derived from their metadata by YAML rules, and their codes.
+
+A role is 'retain', 'adjacent' or 'forget:<domain>'. The batch's `true_labels` tensor carries the
+role as an integer: 0 retain/other, 1+d forget domain d, TRUE_ADJACENT for adjacent, -1 padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.data.errors import DataError
+from pipeline.sgtm.modes import MAX_DOMAINS
+
+TRUE_RETAIN = 0
+TRUE_FORGET = 1  # forget domain d is TRUE_FORGET + d
+TRUE_ADJACENT = 1 + MAX_DOMAINS  # 33: one code after every possible forget domain
+TRUE_PAD = -1
+
+
+def check_role(role: str, domains: list[str], where: str) -> str:
+    if role in ("retain", "adjacent") or (role.startswith("forget:") and role[7:] in domains):
+        return role
+    raise DataError(f"{where}: expected 'retain', 'adjacent' or 'forget:<one of {domains}>', got {role!r}")
+
+
+def true_code(role: str, domains: list[str]) -> int:
+    if role == "retain":
+        return TRUE_RETAIN
+    if role == "adjacent":
+        return TRUE_ADJACENT
+    return TRUE_FORGET + domains.index(role[7:])
+
+
+def unit_hash(*parts: object) -> float:
+    """A uniform number in [0, 1) from its arguments: per-document draws that ignore reading order."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+def is_heldout(key: str, fraction: float) -> bool:
+    """The train/held-out split, by document key (parallel EN/ES stories share keys, so they split together)."""
+    return fraction > 0 and unit_hash("heldout", key) < fraction
+
+
+@dataclass
+class LabelRules:
+    """First matching rule wins; each rule maps metadata fields (regex, case-insensitive) to a role."""
+
+    domains: list[str]
+    default: str = "retain"
+    rules: list[tuple[dict[str, re.Pattern], str]] = field(default_factory=list)
+    raw: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str) -> LabelRules:
+        if not isinstance(raw, dict) or not isinstance(raw.get("domains"), list) or not raw["domains"]:
+            raise DataError(f"{where}: domains: expected a non-empty list of forget domain names")
+        domains = [str(d) for d in raw["domains"]]
+        default = check_role(str(raw.get("default", "retain")), domains, f"{where}: default")
+        rules = []
+        for i, rule in enumerate(raw.get("rules") or []):
+            if not isinstance(rule, dict) or "label" not in rule:
+                raise DataError(f"{where}: rules[{i}]: expected a mapping with 'label' and field patterns")
+            label = check_role(str(rule["label"]), domains, f"{where}: rules[{i}].label")
+            try:
+                patterns = {k: re.compile(str(v), re.IGNORECASE) for k, v in rule.items() if k != "label"}
+            except re.error as exc:
+                raise DataError(f"{where}: rules[{i}]: bad regex ({exc})") from None
+            rules.append((patterns, label))
+        return cls(domains, default, rules, raw)
+
+    @classmethod
+    def load(cls, path: str) -> LabelRules:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read label rules ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise DataError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        return cls.from_dict(raw, path)
+
+    def role(self, meta: dict) -> str:
+        for patterns, label in self.rules:
+            if all(p.search(str(meta.get(k, ""))) for k, p in patterns.items()):
+                return label
+        return self.default
