@@ -1,0 +1,106 @@
+"""An independent plain-torch implementation of the model, for checking ours.
+
+It reads a TP=1 state dict, uses no megatron layer and none of pipeline.sgtm.masking, and
+spells every masking rule out directly, so the masked model can be compared against it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ModelConfig
+from pipeline.sgtm.modes import FORGET, RETAIN
+
+
+def _norm(x, w, b, arch, eps):
+    if arch == "llama":
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps) * w + b
+
+
+def _rope(x, theta):
+    """Rotate pairs (i, i + hd/2) by angle pos * theta^(-2i/hd), written as complex products."""
+    B, S, H, hd = x.shape
+    half = hd // 2
+    freq = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / hd)
+    ang = torch.arange(S, dtype=torch.float64)[:, None] * freq[None]
+    rot = torch.polar(torch.ones_like(ang), ang).to(torch.complex64)  # [S, half]
+    z = torch.complex(x[..., :half], x[..., half:]) * rot[None, :, None, :]
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+def _feature_gate(t, classes, modes, act_mask, route):
+    """t [B, S, F, ...]: zero forget features on retain tokens; detach non-own features on forget tokens."""
+    B, S, Fdim = t.shape[:3]
+    extra = [1] * (t.dim() - 3)
+    keep = torch.ones(B, S, Fdim)
+    grad_keep = torch.ones(B, S, Fdim)
+    for b in range(B):
+        for s in range(S):
+            m = int(modes[b, s])
+            for f in range(Fdim):
+                c = int(classes[f])
+                if act_mask and m == RETAIN and c >= 0:
+                    keep[b, s, f] = 0.0
+                if route and m >= FORGET and c != m - FORGET:
+                    grad_keep[b, s, f] = 0.0
+    keep = keep.view(B, S, Fdim, *extra)
+    grad_keep = grad_keep.view(B, S, Fdim, *extra)
+    t = t * keep
+    return t * grad_keep + t.detach() * (1 - grad_keep)
+
+
+def per_token_loss(params: dict[str, torch.Tensor], cfg: ModelConfig, head_class, unit_class,
+                   ids, labels, modes, doc_ids, *, act_mask=False, route=False):
+    """Per-token losses [B, S] (0 where labels == -100). head_class/unit_class: per layer [H]/[F]."""
+    P = params
+    B, S = ids.shape
+    d, H = cfg.d_model, cfg.n_heads
+    hd, f = d // H, cfg.d_ff
+    x = P["embedding.weight"][ids]
+    if cfg.arch == "gpt-neo":
+        x = x + P["position_embedding.weight"][:S][None]
+    pos = torch.arange(S)
+    allowed = (pos[None, :, None] >= pos[None, None, :]) & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    get = lambda k: P.get(k)  # noqa: E731
+    for layer in range(cfg.n_layers):
+        pre = f"blocks.{layer}."
+        h = _norm(x, P[pre + "norm1.weight"], get(pre + "norm1.bias"), cfg.arch, cfg.norm_eps)
+        qkv = h @ P[pre + "attn.qkv.weight"].T
+        if get(pre + "attn.qkv.bias") is not None:
+            qkv = qkv + P[pre + "attn.qkv.bias"]
+        qkv = qkv.view(B, S, H, 3, hd)
+        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+        if cfg.arch == "llama":
+            q, k = _rope(q, cfg.rope_theta), _rope(k, cfg.rope_theta)
+        scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(hd)
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        o = torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v)  # [B, S, H, hd]
+        o = _feature_gate(o, head_class[layer], modes, act_mask, route)
+        y = o.reshape(B, S, d) @ P[pre + "attn.out.weight"].T
+        if get(pre + "attn.out.bias") is not None:
+            y = y + P[pre + "attn.out.bias"]
+        x = x + y
+        h = _norm(x, P[pre + "norm2.weight"], get(pre + "norm2.bias"), cfg.arch, cfg.norm_eps)
+        u = h @ P[pre + "mlp.fc1.weight"].T
+        if get(pre + "mlp.fc1.bias") is not None:
+            u = u + P[pre + "mlp.fc1.bias"]
+        if cfg.arch == "llama":
+            u = F.silu(u[..., :f]) * u[..., f:]
+        else:
+            u = 0.5 * u * (1 + torch.erf(u / math.sqrt(2)))
+        u = _feature_gate(u, unit_class[layer], modes, act_mask, route)
+        y = u @ P[pre + "mlp.fc2.weight"].T
+        if get(pre + "mlp.fc2.bias") is not None:
+            y = y + P[pre + "mlp.fc2.bias"]
+        x = x + y
+    x = _norm(x, P["final_norm.weight"], get("final_norm.bias"), cfg.arch, cfg.norm_eps)
+    head = P["embedding.weight"] if cfg.tie_embeddings else P["lm_head.weight"]
+    logits = x @ head.T
+    loss = F.cross_entropy(logits.reshape(B * S, -1), labels.reshape(-1), ignore_index=-100, reduction="none")
+    return loss.view(B, S)
