@@ -16,13 +16,14 @@ def _is_sharded(p: torch.Tensor) -> bool:
     return bool(getattr(p, "tensor_model_parallel", False))
 
 
-def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The TP=1 view of the model's parameters and persistent buffers (CPU, on every TP rank)."""
+def gather_full_state_dict(model: torch.nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
+    """The TP=1 view of the model's parameters (or, with ``grads``, of their gradients), on CPU,
+    on every TP rank."""
     tp = ps.get_tensor_model_parallel_world_size()
     group = ps.get_tensor_model_parallel_group()
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
-        t = p.detach()
+        t = (p.grad if grads else p).detach()
         if tp > 1 and _is_sharded(p):
             parts = [torch.empty_like(t) for _ in range(tp)]
             dist.all_gather(parts, t.contiguous(), group=group)

@@ -1,0 +1,118 @@
+"""Multi-process scenarios, started by tests/conftest.py:run_workers on N local gloo ranks.
+
+Each scenario writes ``result.json`` (rank 0) and any tensors into the ``out`` directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from pipeline.engine.distributed import init_distributed  # noqa: E402
+from pipeline.engine.engine import build_engine, build_model, train_step  # noqa: E402
+from pipeline.model.tp_state import gather_full_state_dict  # noqa: E402
+from pipeline.sgtm.ablate import ablate  # noqa: E402
+from pipeline.sgtm.modes import FORGET, UNLABELLED  # noqa: E402
+from tests.fixtures import isolation_batch, mixed_batch, tiny_config  # noqa: E402
+
+
+def scenario_tp_grads(out: Path, archs: list[str]) -> dict:
+    """TP=2 loss and gathered gradients for a mixed batch, per arch; then ablation per shard."""
+    result = {}
+    for arch in archs:
+        cfg = tiny_config(arch, "sgtm", tp=2)
+        d = init_distributed(cfg.engine)
+        part, model = build_model(cfg, d)
+        batch = mixed_batch()
+        loss = model(batch["input_ids"], labels=batch["labels"], modes=batch["modes"], doc_ids=batch["doc_ids"])
+        loss.backward()
+        full = gather_full_state_dict(model)
+        full_grads = gather_full_state_dict(model, grads=True)
+        # Ablation on this shard: forget[es] slices zero, everything else untouched.
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        ablate(model, [0])
+        local_ok = True
+        for n, p in model.named_parameters():
+            sel = p.sgtm_role.slice_mask(p, {0}).expand_as(p)
+            local_ok &= bool((p[sel] == 0).all()) and torch.equal(p[~sel], before[n][~sel])
+        ablated_full = gather_full_state_dict(model)
+        owned = [None] * d.world_size
+        dist.all_gather_object(owned, part.owned(d.tp_rank))
+        if d.rank == 0:
+            torch.save({"state": full, "grads": full_grads, "loss": loss.detach(), "ablated": ablated_full},
+                       out / f"tp2_{arch}.pt")
+        flags = [None] * d.world_size
+        dist.all_gather_object(flags, local_ok)
+        result[arch] = {"owned": owned, "ablation_local_ok": flags}
+    return result
+
+
+def scenario_isolation(out: Path, archs: list[str], steps: int) -> dict:
+    """Three DeepSpeed runs (TP=2, ZeRO-1) that differ only in the forget-labelled sequences."""
+    result = {}
+    for arch in archs:
+        finals = {}
+        for name, seed, mode in (("A", 1, FORGET), ("B", 2, FORGET), ("C", 2, UNLABELLED)):
+            cfg = tiny_config(arch, "sgtm", tp=2, engine={"zero_stage": 1, "micro_batch_size": 4},
+                              optimizer={"lr": 3e-3, "weight_decay": 0.1}, train={"steps": steps})
+            state = build_engine(cfg)
+            for step in range(steps):
+                train_step(state, [isolation_batch(step, seed, mode)])
+            finals[name] = gather_full_state_dict(state.model)
+        if dist.get_rank() == 0:
+            torch.save({"finals": finals}, out / f"isolation_{arch}.pt")
+        result[arch] = "saved"
+    return result
+
+
+def scenario_zero_losses(out: Path, runs: list[dict], steps: int) -> dict:
+    """Losses of 5 masked steps for each (tp, zero) run on the same global batches."""
+    result = {}
+    for run in runs:
+        cfg = tiny_config("gpt-neo", "sgtm", tp=run["tp"],
+                          engine={"zero_stage": run["zero"], "micro_batch_size": 4 // (dist_world() // run["tp"])},
+                          optimizer={"lr": 3e-3}, train={"steps": steps})
+        state = build_engine(cfg)
+        dp_rank, dp_size = state.dist.dp_rank, state.dist.dp_size
+        losses = []
+        for step in range(steps):
+            batch = global_batch(step)
+            n = 4 // dp_size
+            mb = {k: v[dp_rank * n:(dp_rank + 1) * n] for k, v in batch.items()}
+            losses.append(float(train_step(state, [mb])))
+        result[f"tp{run['tp']}_dp{dp_size}_zero{run['zero']}"] = losses
+    return result
+
+
+def dist_world() -> int:
+    return int(os.environ["WORLD_SIZE"])
+
+
+def global_batch(step: int) -> dict:
+    b = mixed_batch(seed=step, batch=4)
+    b["labels"] = b["input_ids"].roll(-1, dims=1)  # every position labelled: equal DP shares
+    return b
+
+
+def main() -> None:
+    scenario, args = sys.argv[1], json.loads(sys.argv[2])
+    out = Path(args.pop("out"))
+    result = globals()[f"scenario_{scenario}"](out, **args)
+    if int(os.environ["RANK"]) == 0:
+        tmp = out / "result.json.tmp"
+        tmp.write_text(json.dumps(result))
+        tmp.rename(out / "result.json")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
