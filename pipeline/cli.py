@@ -17,7 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sgtm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from pipeline.data.cli import register as register_data
+    from pipeline.sgtm.cli import register as register_partition
 
+    register_partition(sub)
     register_data(sub)
     return parser
 

@@ -1,0 +1,42 @@
+"""`sgtm partition`: show what a config's forget partition reserves, per block and per TP rank."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.config import load_config, to_dict
+from pipeline.sgtm.partition import ForgetPartition
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("partition", help="print the forget partition of a config (no training)")
+    p.add_argument("--config", required=True, help="experiment YAML")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    part = ForgetPartition(cfg.model, cfg.sgtm, cfg.engine.tensor_parallel)
+    if args.json:
+        print(json.dumps({"partition": part.to_dict(), "model": to_dict(cfg.model),
+                          "owned": {r: part.owned(r) for r in range(part.tp_size)}}))
+        return 0
+    m = cfg.model
+    print(f"model: {m.arch}, {m.n_layers} blocks, d={m.d_model}, {m.n_heads} heads, d_ff={m.d_ff}, "
+          f"{m.num_params() / 1e6:.2f}M params; TP={part.tp_size}")
+    print(part.summary())
+    n_forget = sum(len(part.heads(b, d)) * 4 * m.d_model * m.head_dim + len(part.units(b, d)) * (
+        3 if m.arch == "llama" else 2) * m.d_model for d in range(len(part.domains)) for b in range(m.n_layers))
+    print(f"forget parameters: {n_forget / 1e6:.3f}M ({100 * n_forget / m.num_params():.2f}% of the model)")
+    for r in range(part.tp_size):
+        owned = part.owned(r)
+        parts = []
+        for name, layers in owned.items():
+            nh = sum(len(v["heads"]) for v in layers.values())
+            nu = sum(len(v["units"]) for v in layers.values())
+            parts.append(f"{name}: {nh} head-blocks, {nu} unit-blocks over {len(layers)} blocks")
+        print(f"TP rank {r}: " + ("; ".join(parts) if parts else "no forget parameters"))
+    return 0
