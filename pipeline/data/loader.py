@@ -246,7 +246,9 @@ class _SlotStream:
 
     def sequences(self, docs: Iterator[_Doc] | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Pack documents into seq_len+1 token rows; a document cut at a row end continues in the next
-        row as a new segment. Only a finite stream ends with a padded row."""
+        row as a new segment that starts with the row's last token again (that token was only a target
+        there), so every token but a document's first is predicted exactly once. Only a finite stream
+        ends with a padded row."""
         rows = self.seq_len + 1
         docs = self._shuffled_docs() if docs is None else docs
 
@@ -273,6 +275,8 @@ class _SlotStream:
                 if fill == rows:
                     yield row
                     row, fill, segment = empty(), 0, 0
+                    if offset < n:  # continuing: repeat the last token so every next token is a target once
+                        offset -= 1
         if fill:
             row["segment"][fill:] = segment  # padding is its own document
             yield row

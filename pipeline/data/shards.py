@@ -142,6 +142,10 @@ def write_shards(inputs: list[str], tokenizer: TextTokenizer, seq_len: int, out:
         raise DataError(f"--seq-len: expected a positive integer, got {seq_len}")
     if shard_size_mb <= 0:
         raise DataError(f"--shard-size-mb: expected a positive number, got {shard_size_mb}")
+    from pipeline.data.readers import input_kind
+
+    for path in inputs:  # unknown type / missing file: fail before any work
+        input_kind(path)
     out = Path(out)
     source = source or Path(inputs[0]).name.split(".")[0]
     if not source.replace("_", "").replace("-", "").isalnum():
