@@ -52,31 +52,48 @@ def small(tmp_path_factory, gpt2):
     wiki = _subset(DATA / "wiki_vital/articles_en.jsonl.xz", root / "wiki.jsonl", 600)
     for name, path in (("en", en), ("es", es), ("wiki", wiki)):
         write_shards([str(path)], gpt2, SEQ, root / name, source=name, shard_size_mb=0.03, progress=False)
-    tag_shards(str(root / "wiki"), "truth", str(root / "wiki_tags"), gpt2,
-               rules=LabelRules.load(str(ROOT / "configs/data/wiki_labels.yaml")), progress=False)
+    tag_shards(
+        str(root / "wiki"),
+        "truth",
+        str(root / "wiki_tags"),
+        gpt2,
+        rules=LabelRules.load(str(ROOT / "configs/data/wiki_labels.yaml")),
+        progress=False,
+    )
     return root
 
 
 def bilingual_cfg(root: Path, **overrides) -> dict:
-    cfg = {"sources": [{"path": str(root / "en"), "true_label": "retain"},
-                       {"path": str(root / "es"), "true_label": "forget:spanish"}],
-           "domains": ["spanish"], "tokenizer": "gpt2", "shuffle_buffer": 64,
-           "tagging": {"undiscovered_rate": 0.2, "retain_fraction": 0.25}}
+    cfg = {
+        "sources": [
+            {"path": str(root / "en"), "true_label": "retain"},
+            {"path": str(root / "es"), "true_label": "forget:spanish"},
+        ],
+        "domains": ["spanish"],
+        "tokenizer": "gpt2",
+        "shuffle_buffer": 64,
+        "tagging": {"undiscovered_rate": 0.2, "retain_fraction": 0.25},
+    }
     cfg.update(overrides)
     return cfg
 
 
 def all_documents(shard_dir: Path) -> dict[int, np.ndarray]:
     manifest = load_manifest(shard_dir)
-    return {d.doc_index: d.tokens for e in manifest["shards"]
-            for d in iter_shard_documents(shard_dir / e["name"], e)}
+    return {
+        d.doc_index: d.tokens
+        for e in manifest["shards"]
+        for d in iter_shard_documents(shard_dir / e["name"], e)
+    }
 
 
 def reassemble(batches: list[dict]) -> dict[tuple[int, int], list[int]]:
     """(source, doc) -> tokens, from the packed batches (pieces of one doc arrive in order)."""
     docs: dict[tuple[int, int], list[int]] = defaultdict(list)
     for batch in batches:
-        ids, doc_ids, src, dix = (batch[k].numpy() for k in ("input_ids", "doc_ids", "source_ids", "doc_index"))
+        ids, doc_ids, src, dix = (
+            batch[k].numpy() for k in ("input_ids", "doc_ids", "source_ids", "doc_index")
+        )
         labels = batch["labels"].numpy()
         for r in range(ids.shape[0]):
             # the row's tokens are input_ids plus the final label (the S+1-th token)
@@ -129,8 +146,9 @@ def test_all_input_formats_give_the_same_shards(tmp_path, gpt2):
     import pyarrow.parquet as pq
 
     texts = ["first document\nwith two lines", "second one", "third: ¿qué tal? 😀"]
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n"
-                                              for i, t in enumerate(texts)))
+    (tmp_path / "a.jsonl").write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts))
+    )
     (tmp_path / "a.txt").write_text("\n<|endoftext|>\n".join(texts) + "\n")
     pq.write_table(pa.table({"text": texts}), tmp_path / "a.parquet")
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "a_ds"))
@@ -171,8 +189,9 @@ def test_shard_samples_are_packed_sequences_with_boundaries(small, gpt2):
 
 def test_sharding_restarts_after_a_crash(tmp_path, gpt2):
     src = _subset(DATA / "tinystories/stories_en.jsonl.xz", tmp_path / "en.jsonl", 120)
-    clean = write_shards([str(src)], gpt2, SEQ, tmp_path / "clean", source="en", shard_size_mb=0.02,
-                         progress=False)
+    clean = write_shards(
+        [str(src)], gpt2, SEQ, tmp_path / "clean", source="en", shard_size_mb=0.02, progress=False
+    )
     out = tmp_path / "crashed"
     write_shards([str(src)], gpt2, SEQ, out, source="en", shard_size_mb=0.02, progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -196,12 +215,17 @@ def test_round_trip_two_ranks_two_workers_one_epoch(small):
     cfg = bilingual_cfg(small, epochs=1, num_workers=2, heldout_fraction=0.1)
     batches = []
     for rank in (0, 1):
-        batches += list(build_loader(cfg, dp_rank=rank, dp_world_size=2, seed=3, micro_batch_size=4,
-                                     seq_len=SEQ))
+        batches += list(
+            build_loader(cfg, dp_rank=rank, dp_world_size=2, seed=3, micro_batch_size=4, seq_len=SEQ)
+        )
     got = reassemble(batches)
     for source_id, name in enumerate(("en", "es")):
         manifest = load_manifest(small / name)
-        keys = {d.doc_index: d.key for e in manifest["shards"] for d in iter_shard_documents(small / name / e["name"])}
+        keys = {
+            d.doc_index: d.key
+            for e in manifest["shards"]
+            for d in iter_shard_documents(small / name / e["name"])
+        }
         expected = {i: t for i, t in all_documents(small / name).items() if not is_heldout(keys[i], 0.1)}
         assert 0 < len(expected) < len(keys)
         mine = {doc: toks for (s, doc), toks in got.items() if s == source_id}
@@ -238,8 +262,9 @@ def test_exact_resume_matches_uninterrupted_run(small):
             got = next(resumed)
             assert all(torch.equal(want[key], got[key]) for key in want)
         resumed.close()
-    other = build_loader(bilingual_cfg(small, num_workers=0, filter="weak"), seed=5, micro_batch_size=3,
-                         seq_len=SEQ)
+    other = build_loader(
+        bilingual_cfg(small, num_workers=0, filter="weak"), seed=5, micro_batch_size=3, seq_len=SEQ
+    )
     with pytest.raises(DataError, match="different data config"):
         other.load_state_dict(state)
 
@@ -253,8 +278,11 @@ def test_tp_ranks_get_identical_batches_and_dp_ranks_disjoint_documents(small):
 
     a, b, c = take(0), take(0), take(1)
     assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
-    docs = lambda bs: {(int(s), int(d)) for x in bs for s, d in zip(x["source_ids"].flatten(),
-                                                                       x["doc_index"].flatten(), strict=True)}
+    docs = lambda bs: {
+        (int(s), int(d))
+        for x in bs
+        for s, d in zip(x["source_ids"].flatten(), x["doc_index"].flatten(), strict=True)
+    }
     assert not (docs(a) & docs(c))
 
 
@@ -271,16 +299,28 @@ def test_filter_policies_and_mixing_weights(small):
     english = sum(int((b["true_labels"] == TRUE_RETAIN).sum()) for b in weak)
     # 1:1 mix before filtering, then 80% of Spanish dropped: ~0.2 Spanish per English token
     assert 0.1 < spanish / english < 0.35
-    mixed = run(n=250, sources=[{"path": str(small / "en"), "true_label": "retain", "weight": 3.0},
-                         {"path": str(small / "es"), "true_label": "forget:spanish", "weight": 1.0}])
-    en_share = sum(int((b["source_ids"] == 0).sum()) for b in mixed) / sum(b["source_ids"].numel() for b in mixed)
+    mixed = run(
+        n=250,
+        sources=[
+            {"path": str(small / "en"), "true_label": "retain", "weight": 3.0},
+            {"path": str(small / "es"), "true_label": "forget:spanish", "weight": 1.0},
+        ],
+    )
+    en_share = sum(int((b["source_ids"] == 0).sum()) for b in mixed) / sum(
+        b["source_ids"].numel() for b in mixed
+    )
     assert 0.70 < en_share < 0.80  # ~600 documents drawn: 0.75 +- 0.02
-    wiki = {"sources": [{"path": str(small / "wiki"), "tags": str(small / "wiki_tags")}],
-            "domains": ["biology"], "filter": "strict", "shuffle_buffer": 16}
+    wiki = {
+        "sources": [{"path": str(small / "wiki"), "tags": str(small / "wiki_tags")}],
+        "domains": ["biology"],
+        "filter": "strict",
+        "shuffle_buffer": 16,
+    }
     loader = build_loader(wiki, seed=0, micro_batch_size=8, seq_len=SEQ)
     strict = [next(loader) for _ in range(30)]
-    assert all(((b["true_labels"] == TRUE_ADJACENT) | (b["true_labels"] == TRUE_FORGET)).sum() == 0
-               for b in strict)
+    assert all(
+        ((b["true_labels"] == TRUE_ADJACENT) | (b["true_labels"] == TRUE_FORGET)).sum() == 0 for b in strict
+    )
     loader = build_loader({**wiki, "filter": "none"}, seed=0, micro_batch_size=8, seq_len=SEQ)
     unfiltered = [next(loader) for _ in range(30)]
     assert sum(int((b["true_labels"] == TRUE_ADJACENT).sum()) for b in unfiltered) > 0
@@ -289,10 +329,17 @@ def test_filter_policies_and_mixing_weights(small):
 def test_noise_simulator_hits_configured_recall_and_precision(tmp_path, gpt2):
     """On the full bundled bilingual set: recall = 1 - undiscovered, precision and retain fraction as set."""
     for name in ("en", "es"):
-        write_shards([str(DATA / f"tinystories/stories_{name}.jsonl.xz")], gpt2, 256, tmp_path / name,
-                     source=name, progress=False)
-    cfg = bilingual_cfg(tmp_path, tagging={"undiscovered_rate": 0.2, "precision": 0.9, "retain_fraction": 0.25,
-                                           "seed": 7})
+        write_shards(
+            [str(DATA / f"tinystories/stories_{name}.jsonl.xz")],
+            gpt2,
+            256,
+            tmp_path / name,
+            source=name,
+            progress=False,
+        )
+    cfg = bilingual_cfg(
+        tmp_path, tagging={"undiscovered_rate": 0.2, "precision": 0.9, "retain_fraction": 0.25, "seed": 7}
+    )
     table = tagging_report(cfg).to_dict()
     docs = lambda role, mode: table.get(role, {}).get(mode, {}).get("docs", 0)
     n_forget = sum(c["docs"] for c in table["forget:spanish"].values())
@@ -310,26 +357,59 @@ def test_wiki_classifier_f1_and_tagging_via_cli(tmp_path, small, capsys):
     from pipeline.cli import main
 
     out = tmp_path / "wiki.npz"
-    assert main(["data", "train-classifier", "--input", str(DATA / "wiki_vital/articles_en.jsonl.xz"),
-                 "--labels", str(ROOT / "configs/data/wiki_labels.yaml"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "train-classifier",
+                "--input",
+                str(DATA / "wiki_vital/articles_en.jsonl.xz"),
+                "--labels",
+                str(ROOT / "configs/data/wiki_labels.yaml"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.with_suffix(".report.json").read_text())
     biology = report["classes"]["forget:biology"]
     print(report)
     assert biology["f1"] >= 0.7 and biology["precision"] >= 0.7 and biology["recall"] >= 0.7
     assert biology["support"] >= 40 and report["heldout_docs"] > 400
     assert "forget:biology" in capsys.readouterr().out
-    assert main(["data", "tag", "--shards", str(small / "wiki"), "--classifier", str(out),
-                 "--out", str(tmp_path / "tags"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "tag",
+                "--shards",
+                str(small / "wiki"),
+                "--classifier",
+                str(out),
+                "--out",
+                str(tmp_path / "tags"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "true label" in printed and "forget:biology" in printed
     summary = json.loads((tmp_path / "tags/tags.json").read_text())
     bio_row = summary["confusion"]["forget:biology"]
     assert bio_row["forget:biology"]["docs"] > 0.6 * sum(c["docs"] for c in bio_row.values())
     first = load_manifest(small / "wiki")["shards"][0]["name"]
-    records = [json.loads(line) for line in (tmp_path / f"tags/{first}.tags.jsonl").read_text().splitlines()[1:]]
+    records = [
+        json.loads(line) for line in (tmp_path / f"tags/{first}.tags.jsonl").read_text().splitlines()[1:]
+    ]
     assert all(0 <= r["confidence"] <= 1 and r["label"] in r["probs"] for r in records)
-    cfg = {"sources": [{"path": str(small / "wiki"), "tags": str(tmp_path / "tags")}], "domains": ["biology"],
-           "tagging": {"source": "classifier", "forget_threshold": 0.6}, "num_workers": 0}
+    cfg = {
+        "sources": [{"path": str(small / "wiki"), "tags": str(tmp_path / "tags")}],
+        "domains": ["biology"],
+        "tagging": {"source": "classifier", "forget_threshold": 0.6},
+        "num_workers": 0,
+    }
     assert any((next(iter(build_loader(cfg, micro_batch_size=4, seq_len=SEQ)))["modes"] >= 0).flatten())
 
 
@@ -339,21 +419,34 @@ def test_language_id_and_paragraph_spans_give_per_token_modes(tmp_path, gpt2):
     from pipeline.data.readers import iter_documents
 
     rules = LabelRules.load(str(ROOT / "configs/data/tinystories_labels.yaml"))
-    docs = list(iter_documents([str(DATA / "tinystories/stories_en.jsonl.xz"),
-                                str(DATA / "tinystories/stories_es.jsonl.xz")]))
+    docs = list(
+        iter_documents(
+            [str(DATA / "tinystories/stories_en.jsonl.xz"), str(DATA / "tinystories/stories_es.jsonl.xz")]
+        )
+    )
     clf, report = train_classifier(docs, rules, "chars", train_fraction=0.05)
     assert report["accuracy"] >= 0.98 and report["heldout_docs"] > 400
     clf.save(tmp_path / "lang.npz")
     en = [d.text for d in docs if d.meta["lang"] == "en"][:30]
     es = [d.text for d in docs if d.meta["lang"] == "es"][:30]
-    mixed = [{"id": f"m{i}", "lang": "mixed", "text": a.split("\n\n")[0] + "\n\n" + b.split("\n\n")[0]}
-             for i, (a, b) in enumerate(zip(en, es, strict=True))]
+    mixed = [
+        {"id": f"m{i}", "lang": "mixed", "text": a.split("\n\n")[0] + "\n\n" + b.split("\n\n")[0]}
+        for i, (a, b) in enumerate(zip(en, es, strict=True))
+    ]
     (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(m) + "\n" for m in mixed))
-    write_shards([str(tmp_path / "mixed.jsonl")], gpt2, SEQ, tmp_path / "mixed", source="mixed", progress=False)
-    tag_shards(str(tmp_path / "mixed"), str(tmp_path / "lang.npz"), str(tmp_path / "tags"), gpt2, progress=False)
-    cfg = {"sources": [{"path": str(tmp_path / "mixed"), "tags": str(tmp_path / "tags")}],
-           "domains": ["spanish"], "heldout_fraction": 0.0, "epochs": 1,
-           "tagging": {"source": "classifier", "granularity": "paragraph", "retain_fraction": 1.0}}
+    write_shards(
+        [str(tmp_path / "mixed.jsonl")], gpt2, SEQ, tmp_path / "mixed", source="mixed", progress=False
+    )
+    tag_shards(
+        str(tmp_path / "mixed"), str(tmp_path / "lang.npz"), str(tmp_path / "tags"), gpt2, progress=False
+    )
+    cfg = {
+        "sources": [{"path": str(tmp_path / "mixed"), "tags": str(tmp_path / "tags")}],
+        "domains": ["spanish"],
+        "heldout_fraction": 0.0,
+        "epochs": 1,
+        "tagging": {"source": "classifier", "granularity": "paragraph", "retain_fraction": 1.0},
+    }
     checked = 0
     newline = gpt2.encode("\n")[0]
     for batch in build_loader(cfg, micro_batch_size=4, seq_len=512):
@@ -364,7 +457,7 @@ def test_language_id_and_paragraph_spans_give_per_token_modes(tmp_path, gpt2):
                 if len(breaks) != 1:
                     continue  # a piece cut at a row end that holds only one of the paragraphs
                 b = breaks[0]
-                assert (seg_modes[:b] == RETAIN).all() and (seg_modes[b + 2:] == FORGET).all()
+                assert (seg_modes[:b] == RETAIN).all() and (seg_modes[b + 2 :] == FORGET).all()
                 checked += 1
     assert checked >= 20
     # document granularity: one mode for the whole mixed document
@@ -383,12 +476,21 @@ def test_eval_batches_are_held_out_and_fixed(small):
     assert all(torch.equal(a[k], b[k]) for a, b in zip(forget, again, strict=True) for k in a)
     assert all(set(b["true_labels"].unique().tolist()) <= {TRUE_FORGET, TRUE_PAD} for b in forget)
     assert all((b["modes"] == UNLABELLED).all() for b in forget)
-    held = {(int(s), int(d)) for b in forget + retain for s, d in zip(b["source_ids"].flatten(),
-                                                                       b["doc_index"].flatten(), strict=True)
-            if s >= 0}
-    loader = build_loader(bilingual_cfg(small, heldout_fraction=0.1, epochs=1), micro_batch_size=8, seq_len=SEQ)
-    trained = {(int(s), int(d)) for b in loader for s, d in zip(b["source_ids"].flatten(), b["doc_index"].flatten(),
-                                                                  strict=True) if s >= 0}
+    held = {
+        (int(s), int(d))
+        for b in forget + retain
+        for s, d in zip(b["source_ids"].flatten(), b["doc_index"].flatten(), strict=True)
+        if s >= 0
+    }
+    loader = build_loader(
+        bilingual_cfg(small, heldout_fraction=0.1, epochs=1), micro_batch_size=8, seq_len=SEQ
+    )
+    trained = {
+        (int(s), int(d))
+        for b in loader
+        for s, d in zip(b["source_ids"].flatten(), b["doc_index"].flatten(), strict=True)
+        if s >= 0
+    }
     assert held and trained and not (held & trained)
     # the parallel corpus splits by story id: held-out English and Spanish are the same stories
     assert {d for s, d in held if s == 0} == {d for s, d in held if s == 1}
@@ -438,7 +540,9 @@ def test_unsafe_tar_member_names_are_refused(tmp_path):
 def test_wrong_tokenizer_hash_names_the_manifest(small, tmp_path):
     train_bpe(["some text to train on"] * 20, 300, tmp_path / "tok.json")
     with pytest.raises(DataError) as info:
-        build_loader(bilingual_cfg(small, tokenizer=str(tmp_path / "tok.json")), micro_batch_size=2, seq_len=SEQ)
+        build_loader(
+            bilingual_cfg(small, tokenizer=str(tmp_path / "tok.json")), micro_batch_size=2, seq_len=SEQ
+        )
     assert "manifest.json" in _one_line(info.value) and "tokenizer hash" in str(info.value)
 
 
@@ -475,7 +579,10 @@ def test_cli_bad_inputs_give_one_line_errors(tmp_path, capsys):
 def test_config_errors_name_the_key():
     base = {"sources": [{"path": "x"}], "domains": ["spanish"]}
     cases = [
-        ({**base, "sources": [{"path": "x", "weight": -1}]}, "data.sources[0].weight: expected a positive number"),
+        (
+            {**base, "sources": [{"path": "x", "weight": -1}]},
+            "data.sources[0].weight: expected a positive number",
+        ),
         ({**base, "filter": "medium"}, "data.filter: expected one of"),
         ({**base, "tagging": {"undiscovered_rate": 1.5}}, "data.tagging.undiscovered_rate"),
         ({**base, "sources": [{"path": "x", "true_label": "forget:bio"}]}, "data.sources[0].true_label"),
@@ -486,3 +593,20 @@ def test_config_errors_name_the_key():
         with pytest.raises(DataError) as info:
             DataConfig.from_dict(raw)
         assert _one_line(info.value).startswith(message.split(":")[0]) and message in str(info.value)
+
+
+def test_demo_data_prepares_quickly_and_example_configs_validate(tmp_path):
+    import time
+
+    import yaml
+
+    from pipeline.data.prepare import prepare_bilingual
+
+    started = time.perf_counter()
+    cfg = prepare_bilingual(tmp_path, seq_len=128)
+    assert time.perf_counter() - started < 60
+    assert load_tokenizer(cfg["tokenizer"]).vocab_size == 4096
+    batch = next(build_loader(cfg, micro_batch_size=4, seq_len=128))
+    assert batch["input_ids"].max() < 4096 and batch["input_ids"].shape == (4, 128)
+    for name in ("tinystories.yaml", "wiki.yaml"):
+        DataConfig.from_dict(yaml.safe_load((ROOT / "configs/data" / name).read_text()))

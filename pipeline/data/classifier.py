@@ -53,14 +53,23 @@ class HashedTextClassifier:
         return exp / exp.sum(axis=1, keepdims=True)
 
     def save(self, path: str | Path) -> None:
-        header = {"format": "sgtm-classifier/1", "kind": self.kind, "classes": self.classes, "rules": self.rules}
+        header = {
+            "format": "sgtm-classifier/1",
+            "kind": self.kind,
+            "classes": self.classes,
+            "rules": self.rules,
+        }
         from io import BytesIO
 
         from pipeline.data.io import atomic_write_bytes
 
         buffer = BytesIO()
-        np.savez_compressed(buffer, coef=self.coef.astype(np.float32), intercept=self.intercept,
-                            header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
+        np.savez_compressed(
+            buffer,
+            coef=self.coef.astype(np.float32),
+            intercept=self.intercept,
+            header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+        )
         atomic_write_bytes(path, buffer.getvalue())
 
     @classmethod
@@ -70,22 +79,35 @@ class HashedTextClassifier:
                 header = json.loads(bytes(data["header"]).decode())
                 coef, intercept = data["coef"], data["intercept"]
         except (OSError, ValueError, KeyError) as exc:
-            raise DataError(f"{path}: not a classifier written by `sgtm data train-classifier` ({exc})") from None
+            raise DataError(
+                f"{path}: not a classifier written by `sgtm data train-classifier` ({exc})"
+            ) from None
         if header.get("format") != "sgtm-classifier/1" or header.get("kind") not in VECTORIZERS:
             raise DataError(f"{path}: unknown classifier format {header.get('format')!r}")
         return cls(header["kind"], header["classes"], coef, intercept, header.get("rules"))
 
 
-def train_classifier(documents: list[Document], rules: LabelRules, kind: str, *, train_fraction: float = 0.3,
-                     heldout_fraction: float = 0.1, seed: int = 0, max_iter: int = 300,
-                     ) -> tuple[HashedTextClassifier, dict]:
+def train_classifier(
+    documents: list[Document],
+    rules: LabelRules,
+    kind: str,
+    *,
+    train_fraction: float = 0.3,
+    heldout_fraction: float = 0.1,
+    seed: int = 0,
+    max_iter: int = 300,
+) -> tuple[HashedTextClassifier, dict]:
     """Train on a small labelled seed set (a hashed `train_fraction` of the training split) and report
     precision/recall/F1 per class on the held-out split (the same split the loader holds out)."""
     if kind not in VECTORIZERS:
         raise DataError(f"--kind: expected one of {sorted(VECTORIZERS)}, got {kind!r}")
     labelled = [(d, rules.role(d.meta)) for d in documents]
-    train = [(d, r) for d, r in labelled if not is_heldout(d.key, heldout_fraction)
-             and unit_hash("seed", seed, d.key, d.meta.get("lang", "")) < train_fraction]
+    train = [
+        (d, r)
+        for d, r in labelled
+        if not is_heldout(d.key, heldout_fraction)
+        and unit_hash("seed", seed, d.key, d.meta.get("lang", "")) < train_fraction
+    ]
     test = [(d, r) for d, r in labelled if is_heldout(d.key, heldout_fraction)]
     classes = sorted({r for _, r in train})
     if len(classes) < 2:
@@ -102,13 +124,22 @@ def train_classifier(documents: list[Document], rules: LabelRules, kind: str, *,
     predicted = [clf.classes[i] for i in probs.argmax(axis=1)]
     truth = [r for _, r in test]
     labels = sorted(set(truth) | set(clf.classes))
-    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=labels,
-                                                                     zero_division=0)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        truth, predicted, labels=labels, zero_division=0
+    )
     report = {
-        "kind": kind, "train_docs": len(train), "heldout_docs": len(test),
-        "classes": {lab: {"precision": round(float(p), 4), "recall": round(float(r), 4), "f1": round(float(f), 4),
-                          "support": int(s)}
-                    for lab, p, r, f, s in zip(labels, precision, recall, f1, support, strict=True)},
+        "kind": kind,
+        "train_docs": len(train),
+        "heldout_docs": len(test),
+        "classes": {
+            lab: {
+                "precision": round(float(p), 4),
+                "recall": round(float(r), 4),
+                "f1": round(float(f), 4),
+                "support": int(s),
+            }
+            for lab, p, r, f, s in zip(labels, precision, recall, f1, support, strict=True)
+        },
         "accuracy": round(float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)])), 4),
     }
     return clf, report

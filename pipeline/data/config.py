@@ -83,11 +83,14 @@ class DataConfig:
             true_label = src.get("true_label")
             if true_label is not None:
                 check_role(_string(true_label, f"{where}.true_label"), domains, f"{where}.true_label")
-            sources.append(SourceConfig(
-                path=_string(src["path"], f"{where}.path"),
-                weight=_positive(src.get("weight", 1.0), f"{where}.weight"),
-                tags=None if src.get("tags") is None else _string(src["tags"], f"{where}.tags"),
-                true_label=true_label))
+            sources.append(
+                SourceConfig(
+                    path=_string(src["path"], f"{where}.path"),
+                    weight=_positive(src.get("weight", 1.0), f"{where}.weight"),
+                    tags=None if src.get("tags") is None else _string(src["tags"], f"{where}.tags"),
+                    true_label=true_label,
+                )
+            )
         tag_raw = raw.get("tagging", {}) or {}
         _mapping(tag_raw, f"{key}.tagging")
         _known(tag_raw, TaggingConfig, f"{key}.tagging")
@@ -99,9 +102,11 @@ class DataConfig:
             adjacent_threshold=_fraction(tag_raw.get("adjacent_threshold", 0.5), f"{tk}.adjacent_threshold"),
             retain_fraction=_fraction(tag_raw.get("retain_fraction", 0.25), f"{tk}.retain_fraction"),
             undiscovered_rate=_fraction(tag_raw.get("undiscovered_rate", 0.0), f"{tk}.undiscovered_rate"),
-            false_positive_rate=_fraction(tag_raw.get("false_positive_rate", 0.0),
-                                          f"{tk}.false_positive_rate"),
-            precision=None if tag_raw.get("precision") is None
+            false_positive_rate=_fraction(
+                tag_raw.get("false_positive_rate", 0.0), f"{tk}.false_positive_rate"
+            ),
+            precision=None
+            if tag_raw.get("precision") is None
             else _fraction(tag_raw["precision"], f"{tk}.precision", open_low=True),
             granularity=_choice(tag_raw.get("granularity", "document"), GRANULARITIES, f"{tk}.granularity"),
             seed=_integer(tag_raw.get("seed", 0), f"{tk}.seed", minimum=0),
@@ -110,7 +115,8 @@ class DataConfig:
             raise DataError(f"{tk}.precision: give either precision or false_positive_rate, not both")
         epochs = raw.get("epochs")
         config = cls(
-            sources=sources, domains=domains,
+            sources=sources,
+            domains=domains,
             tokenizer=_string(raw.get("tokenizer", "gpt2"), f"{key}.tokenizer"),
             filter=_choice(raw.get("filter", "none"), FILTERS, f"{key}.filter"),
             tagging=tagging,

@@ -43,7 +43,7 @@ def unit_hash(*parts: object) -> float:
 
 
 def is_heldout(key: str, fraction: float) -> bool:
-    """The train/held-out split, by document key (parallel EN/ES stories share keys, so they split together)."""
+    """The train/held-out split by document key (parallel EN/ES stories share keys: they split together)."""
     return fraction > 0 and unit_hash("heldout", key) < fraction
 
 

@@ -89,22 +89,36 @@ def build_plan(cfg: DataConfig) -> _Plan:
             summary = json.loads(summary_path.read_text())
             expected = {e["name"]: e["sha256"] for e in manifest["shards"]}
             if summary.get("shards") != expected:
-                raise DataError(f"{summary_path}: tags do not match the shards in {src.path} "
-                                "(re-run `sgtm data tag` on these shards)")
+                raise DataError(
+                    f"{summary_path}: tags do not match the shards in {src.path} "
+                    "(re-run `sgtm data tag` on these shards)"
+                )
         elif src.true_label is None and cfg.tagging.source == "simulated":
-            raise DataError(f"data.sources[{i}]: no ground truth for the noise simulator "
-                            "(set true_label, or tags from `sgtm data tag --labels ...`)")
+            raise DataError(
+                f"data.sources[{i}]: no ground truth for the noise simulator "
+                "(set true_label, or tags from `sgtm data tag --labels ...`)"
+            )
         totals = manifest["totals"]
-        sources.append(_SourcePlan(manifest["source"], src.path, manifest["shards"], src.weight,
-                                   totals["tokens"] / max(1, totals["docs"]), src.tags, src.true_label))
+        sources.append(
+            _SourcePlan(
+                manifest["source"],
+                src.path,
+                manifest["shards"],
+                src.weight,
+                totals["tokens"] / max(1, totals["docs"]),
+                src.tags,
+                src.true_label,
+            )
+        )
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise DataError(f"data.sources: two sources share a name {names} (use --source when sharding)")
     fpr = cfg.tagging.false_positive_rate
     if cfg.tagging.source == "simulated" and cfg.tagging.precision is not None:
         n_forget, n_other = _count_true_roles(cfg, sources)
-        fpr = false_positive_rate_for_precision(cfg.tagging.precision, 1 - cfg.tagging.undiscovered_rate,
-                                                n_forget, n_other)
+        fpr = false_positive_rate_for_precision(
+            cfg.tagging.precision, 1 - cfg.tagging.undiscovered_rate, n_forget, n_other
+        )
     return _Plan(cfg, sources, tokenizer.eot_id, fpr)
 
 
@@ -139,8 +153,16 @@ def _rng(*parts: int) -> np.random.Generator:
 class _SlotStream:
     """The deterministic batch stream of one (dp rank, worker) slot."""
 
-    def __init__(self, plan: _Plan, slot: int, n_slots: int, seed: int, seq_len: int, batch_size: int,
-                 split: str = "train") -> None:
+    def __init__(
+        self,
+        plan: _Plan,
+        slot: int,
+        n_slots: int,
+        seed: int,
+        seq_len: int,
+        batch_size: int,
+        split: str = "train",
+    ) -> None:
         self.plan, self.slot, self.n_slots, self.seed = plan, slot, n_slots, seed
         self.seq_len, self.batch_size, self.split = seq_len, batch_size, split
         self.cfg = plan.cfg
@@ -156,7 +178,7 @@ class _SlotStream:
         while cfg.epochs is None or epoch < cfg.epochs:
             self.epochs[source_id] = epoch
             order = _rng(self.seed, 11, source_id, epoch).permutation(len(src.shards))
-            mine = [src.shards[i] for i in order[self.slot:: self.n_slots]]
+            mine = [src.shards[i] for i in order[self.slot :: self.n_slots]]
             seen = 0
             for entry in mine:
                 shard_path = str(Path(src.path) / entry["name"])
@@ -182,7 +204,9 @@ class _SlotStream:
             raise DataError(f"{src.tags}: no tag for document {doc.doc_index} of {src.name}")
         true_role = src.true_label or (tag or {}).get("true")
         if true_role is not None:
-            check_role(true_role, self.cfg.domains, f"{src.tags or src.path}: true label of doc {doc.doc_index}")
+            check_role(
+                true_role, self.cfg.domains, f"{src.tags or src.path}: true label of doc {doc.doc_index}"
+            )
         uid = f"{src.name}:{doc.doc_index}"
         if self.split == "heldout":
             modes = None
@@ -253,9 +277,14 @@ class _SlotStream:
         docs = self._shuffled_docs() if docs is None else docs
 
         def empty() -> dict[str, np.ndarray]:
-            return {"tokens": np.full(rows, self.plan.pad_id, np.int64), "segment": np.zeros(rows, np.int64),
-                    "mode": np.full(rows, UNLABELLED, np.int64), "true": np.full(rows, TRUE_PAD, np.int64),
-                    "source": np.full(rows, -1, np.int64), "doc": np.full(rows, -1, np.int64)}
+            return {
+                "tokens": np.full(rows, self.plan.pad_id, np.int64),
+                "segment": np.zeros(rows, np.int64),
+                "mode": np.full(rows, UNLABELLED, np.int64),
+                "true": np.full(rows, TRUE_PAD, np.int64),
+                "source": np.full(rows, -1, np.int64),
+                "doc": np.full(rows, -1, np.int64),
+            }
 
         row, fill, segment = empty(), 0, 0
         for doc in docs:
@@ -263,9 +292,11 @@ class _SlotStream:
             while offset < n:
                 take = min(n - offset, rows - fill)
                 sl = slice(fill, fill + take)
-                row["tokens"][sl] = doc.tokens[offset: offset + take]
+                row["tokens"][sl] = doc.tokens[offset : offset + take]
                 row["segment"][sl] = segment
-                row["mode"][sl] = doc.modes if isinstance(doc.modes, int) else doc.modes[offset: offset + take]
+                row["mode"][sl] = (
+                    doc.modes if isinstance(doc.modes, int) else doc.modes[offset : offset + take]
+                )
                 row["true"][sl] = doc.true_code
                 row["source"][sl] = doc.source_id
                 row["doc"][sl] = doc.doc_index
@@ -320,8 +351,19 @@ def _to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 class _WorkerStreams(IterableDataset):
     """One DataLoader worker = one logical worker; physical worker p plays logical (first + p) % W."""
 
-    def __init__(self, plan: _Plan, dp_rank: int, dp_world_size: int, n_workers: int, seed: int,
-                 seq_len: int, batch_size: int, delivered: list[int], done: list[bool], first: int) -> None:
+    def __init__(
+        self,
+        plan: _Plan,
+        dp_rank: int,
+        dp_world_size: int,
+        n_workers: int,
+        seed: int,
+        seq_len: int,
+        batch_size: int,
+        delivered: list[int],
+        done: list[bool],
+        first: int,
+    ) -> None:
         self.plan, self.dp_rank, self.dp_world_size, self.n_workers = plan, dp_rank, dp_world_size, n_workers
         self.seed, self.seq_len, self.batch_size = seed, seq_len, batch_size
         self.delivered, self.done, self.first = list(delivered), list(done), first
@@ -333,20 +375,30 @@ class _WorkerStreams(IterableDataset):
         if self.done[worker]:
             return
         slot = self.dp_rank * self.n_workers + worker
-        stream = _SlotStream(self.plan, slot, self.dp_world_size * self.n_workers, self.seed, self.seq_len,
-                             self.batch_size)
+        stream = _SlotStream(
+            self.plan, slot, self.dp_world_size * self.n_workers, self.seed, self.seq_len, self.batch_size
+        )
         skip = self.delivered[worker]
         try:
             for index, batch in enumerate(stream.batches()):
                 if index < skip:
                     continue
                 out: dict[str, Any] = _to_torch(batch)
-                out["_worker"], out["_skipped"], out["_epochs"] = worker, list(stream.skipped), list(stream.epochs)
+                out["_worker"], out["_skipped"], out["_epochs"] = (
+                    worker,
+                    list(stream.skipped),
+                    list(stream.epochs),
+                )
                 yield out
         except DataError as exc:  # one line in the main process, not a worker traceback
             yield {"_worker": worker, "_error": str(exc)}
             return
-        yield {"_worker": worker, "_end": True, "_skipped": list(stream.skipped), "_epochs": list(stream.epochs)}
+        yield {
+            "_worker": worker,
+            "_end": True,
+            "_skipped": list(stream.skipped),
+            "_epochs": list(stream.epochs),
+        }
 
 
 class StreamingLoader:
@@ -355,12 +407,15 @@ class StreamingLoader:
     TP ranks of one DP group build it with the same dp_rank and get identical batches.
     """
 
-    def __init__(self, plan: _Plan, *, dp_rank: int, dp_world_size: int, seed: int, micro_batch_size: int,
-                 seq_len: int) -> None:
+    def __init__(
+        self, plan: _Plan, *, dp_rank: int, dp_world_size: int, seed: int, micro_batch_size: int, seq_len: int
+    ) -> None:
         if not 0 <= dp_rank < dp_world_size:
             raise DataError(f"dp_rank: expected 0 <= dp_rank < dp_world_size={dp_world_size}, got {dp_rank}")
         if micro_batch_size < 1 or seq_len < 1:
-            raise DataError(f"micro_batch_size/seq_len: expected positive integers, got {micro_batch_size}/{seq_len}")
+            raise DataError(
+                f"micro_batch_size/seq_len: expected positive integers, got {micro_batch_size}/{seq_len}"
+            )
         self.plan, self.dp_rank, self.dp_world_size, self.seed = plan, dp_rank, dp_world_size, seed
         self.micro_batch_size, self.seq_len = micro_batch_size, seq_len
         self.num_workers = plan.cfg.num_workers
@@ -368,9 +423,11 @@ class StreamingLoader:
         n_slots = dp_world_size * self.n_logical
         for i, src in enumerate(plan.sources):
             if len(src.shards) < n_slots:
-                raise DataError(f"data.sources[{i}] ({src.path}): {len(src.shards)} shards cannot feed "
-                                f"{n_slots} streams (dp_world_size x workers); re-shard with a smaller "
-                                "--shard-size-mb")
+                raise DataError(
+                    f"data.sources[{i}] ({src.path}): {len(src.shards)} shards cannot feed "
+                    f"{n_slots} streams (dp_world_size x workers); re-shard with a smaller "
+                    "--shard-size-mb"
+                )
         self.source_names = [s.name for s in plan.sources]
         self.delivered = [0] * self.n_logical
         self.done = [False] * self.n_logical
@@ -381,15 +438,30 @@ class StreamingLoader:
         self._loader: DataLoader | None = None
 
     def _fingerprint(self) -> str:
-        spec = {"data": self.plan.cfg.to_dict(), "seed": self.seed, "micro_batch_size": self.micro_batch_size,
-                "seq_len": self.seq_len, "dp_world_size": self.dp_world_size,
-                "shards": [[e["sha256"] for e in s.shards] for s in self.plan.sources]}
+        spec = {
+            "data": self.plan.cfg.to_dict(),
+            "seed": self.seed,
+            "micro_batch_size": self.micro_batch_size,
+            "seq_len": self.seq_len,
+            "dp_world_size": self.dp_world_size,
+            "shards": [[e["sha256"] for e in s.shards] for s in self.plan.sources],
+        }
         spec["data"].pop("skip_bad_shards")
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def _start(self) -> Iterator[dict[str, Any]]:
-        dataset = _WorkerStreams(self.plan, self.dp_rank, self.dp_world_size, self.n_logical, self.seed,
-                                 self.seq_len, self.micro_batch_size, self.delivered, self.done, self.next_worker)
+        dataset = _WorkerStreams(
+            self.plan,
+            self.dp_rank,
+            self.dp_world_size,
+            self.n_logical,
+            self.seed,
+            self.seq_len,
+            self.micro_batch_size,
+            self.delivered,
+            self.done,
+            self.next_worker,
+        )
         if self.num_workers == 0:
             return iter(dataset)
         self._loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=4)
@@ -427,11 +499,20 @@ class StreamingLoader:
         self._iterator, self._loader = None, None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "fingerprint": self._fingerprint(), "dp_rank": self.dp_rank,
-                "dp_world_size": self.dp_world_size, "num_workers": self.num_workers, "seed": self.seed,
-                "batches": sum(self.delivered), "delivered": list(self.delivered), "done": list(self.done),
-                "next_worker": self.next_worker, "epochs": [list(e) for e in self.epochs],
-                "skipped_shards": list(self.skipped_shards)}
+        return {
+            "version": STATE_VERSION,
+            "fingerprint": self._fingerprint(),
+            "dp_rank": self.dp_rank,
+            "dp_world_size": self.dp_world_size,
+            "num_workers": self.num_workers,
+            "seed": self.seed,
+            "batches": sum(self.delivered),
+            "delivered": list(self.delivered),
+            "done": list(self.done),
+            "next_worker": self.next_worker,
+            "epochs": [list(e) for e in self.epochs],
+            "skipped_shards": list(self.skipped_shards),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore; refuses a state from a different data config/seed/shape (resume would not be exact)."""
@@ -441,10 +522,14 @@ class StreamingLoader:
             if state[key] != getattr(self, key):
                 raise DataError(f"loader state: {key}={state[key]} but this loader has {getattr(self, key)}")
         if state["fingerprint"] != self._fingerprint():
-            raise DataError("loader state: made with a different data config, shards, seq_len or micro batch "
-                            "size; resuming would not reproduce the batch sequence")
+            raise DataError(
+                "loader state: made with a different data config, shards, seq_len or micro batch "
+                "size; resuming would not reproduce the batch sequence"
+            )
         if state["dp_rank"] != self.dp_rank and any(state["done"]):
-            raise DataError(f"loader state: from dp_rank {state['dp_rank']} at an epoch end; load each rank's own")
+            raise DataError(
+                f"loader state: from dp_rank {state['dp_rank']} at an epoch end; load each rank's own"
+            )
         self.close()
         self.delivered = list(state["delivered"])
         self.done = list(state["done"])
@@ -453,12 +538,25 @@ class StreamingLoader:
         self.skipped_shards = list(state["skipped_shards"])
 
 
-def build_loader(cfg: DataConfig | dict, *, dp_rank: int = 0, dp_world_size: int = 1, seed: int = 0,
-                 micro_batch_size: int, seq_len: int) -> StreamingLoader:
+def build_loader(
+    cfg: DataConfig | dict,
+    *,
+    dp_rank: int = 0,
+    dp_world_size: int = 1,
+    seed: int = 0,
+    micro_batch_size: int,
+    seq_len: int,
+) -> StreamingLoader:
     """The training loader for one data-parallel rank (see StreamingLoader)."""
     cfg = cfg if isinstance(cfg, DataConfig) else DataConfig.from_dict(cfg)
-    return StreamingLoader(build_plan(cfg), dp_rank=dp_rank, dp_world_size=dp_world_size, seed=seed,
-                           micro_batch_size=micro_batch_size, seq_len=seq_len)
+    return StreamingLoader(
+        build_plan(cfg),
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+        seed=seed,
+        micro_batch_size=micro_batch_size,
+        seq_len=seq_len,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- eval
@@ -467,8 +565,15 @@ def build_loader(cfg: DataConfig | dict, *, dp_rank: int = 0, dp_world_size: int
 EVAL_SETS = ("forget", "retain", "adjacent")
 
 
-def build_eval_batches(cfg: DataConfig | dict, which: str, *, seq_len: int, batch_size: int,
-                       domain: str | None = None, max_batches: int | None = None) -> list[dict[str, torch.Tensor]]:
+def build_eval_batches(
+    cfg: DataConfig | dict,
+    which: str,
+    *,
+    seq_len: int,
+    batch_size: int,
+    domain: str | None = None,
+    max_batches: int | None = None,
+) -> list[dict[str, torch.Tensor]]:
     """Fixed batches of held-out documents whose true label is `which` ('forget' of `domain`, default
     the first domain; 'retain'; 'adjacent'), in shard order, packed like training batches; modes are
     all UNLABELLED. Held-out documents never reach the training loader (same key-hash split)."""

@@ -49,8 +49,10 @@ def input_kind(path: str | os.PathLike) -> str:
         return "text"
     if name.endswith(".parquet"):
         return "parquet"
-    raise DataError(f"{path}: unknown input type (expected .jsonl, .txt, .parquet, optionally .xz/.gz, "
-                    "or a directory written by datasets' save_to_disk)")
+    raise DataError(
+        f"{path}: unknown input type (expected .jsonl, .txt, .parquet, optionally .xz/.gz, "
+        "or a directory written by datasets' save_to_disk)"
+    )
 
 
 def _from_record(record: dict, fallback_key: str, where: str) -> Document:
@@ -58,8 +60,7 @@ def _from_record(record: dict, fallback_key: str, where: str) -> Document:
     if not isinstance(text, str):
         raise DataError(f"{where}: expected a string field 'text'")
     key = record.get("id", record.get("title", fallback_key))
-    meta = {k: v[:MAX_META_CHARS] for k, v in record.items()
-            if k != "text" and isinstance(v, str)}
+    meta = {k: v[:MAX_META_CHARS] for k, v in record.items() if k != "text" and isinstance(v, str)}
     return Document(key=str(key), text=text, meta=meta)
 
 
@@ -114,8 +115,11 @@ def _read_datasets(path: Path) -> Iterator[Document]:
     import datasets
 
     loaded = datasets.load_from_disk(str(path))
-    splits = [(name, loaded[name]) for name in sorted(loaded)] if isinstance(loaded, datasets.DatasetDict) \
+    splits = (
+        [(name, loaded[name]) for name in sorted(loaded)]
+        if isinstance(loaded, datasets.DatasetDict)
         else [("", loaded)]
+    )
     for split, dataset in splits:
         if "text" not in dataset.column_names:
             raise DataError(f"{path}: expected a column 'text', found {dataset.column_names}")

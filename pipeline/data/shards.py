@@ -57,8 +57,9 @@ class ShardDocument:
 class _ShardWriter:
     """Packs documents into seq_len+1 samples and rolls shards over at document boundaries."""
 
-    def __init__(self, out: Path, source: str, seq_len: int, dtype: np.dtype, shard_bytes: int,
-                 manifest: dict) -> None:
+    def __init__(
+        self, out: Path, source: str, seq_len: int, dtype: np.dtype, shard_bytes: int, manifest: dict
+    ) -> None:
         self.out, self.source, self.sample_len, self.dtype = out, source, seq_len + 1, dtype
         self.shard_bytes, self.manifest = shard_bytes, manifest
         self.pieces: list[tuple[int, int, np.ndarray]] = []
@@ -71,11 +72,15 @@ class _ShardWriter:
     def add(self, doc_index: int, document: Document, tokens: np.ndarray) -> None:
         if self.stats["first_doc"] is None:
             self.stats["first_doc"] = doc_index
-        self.starts[str(doc_index)] = {"key": document.key, "n_tokens": int(len(tokens)), "meta": document.meta}
+        self.starts[str(doc_index)] = {
+            "key": document.key,
+            "n_tokens": int(len(tokens)),
+            "meta": document.meta,
+        }
         offset = 0
         while offset < len(tokens):
             take = min(len(tokens) - offset, self.sample_len - self.fill)
-            self.pieces.append((doc_index, offset, tokens[offset: offset + take]))
+            self.pieces.append((doc_index, offset, tokens[offset : offset + take]))
             self.fill += take
             offset += take
             if self.fill == self.sample_len:
@@ -119,17 +124,30 @@ class _ShardWriter:
         self.writer.close()
         final = self.out / self._shard_name()
         os.replace(self.tmp_path, final)
-        entry = {"name": final.name, "bytes": final.stat().st_size, "sha256": sha256_file(final),
-                 "samples": self.stats["samples"], "tokens": self.stats["tokens"],
-                 "docs": self.stats["docs"], "first_doc": self.stats["first_doc"]}
+        entry = {
+            "name": final.name,
+            "bytes": final.stat().st_size,
+            "sha256": sha256_file(final),
+            "samples": self.stats["samples"],
+            "tokens": self.stats["tokens"],
+            "docs": self.stats["docs"],
+            "first_doc": self.stats["first_doc"],
+        }
         self.manifest["shards"].append(entry)
         atomic_write_json(self.out / MANIFEST, self.manifest)
         self.writer, self.tmp_path = None, None
         self.stats = {"samples": 0, "tokens": 0, "docs": 0, "first_doc": None, "bytes": 0}
 
 
-def write_shards(inputs: list[str], tokenizer: TextTokenizer, seq_len: int, out: str | os.PathLike,
-                 source: str | None = None, shard_size_mb: float = 16.0, progress: bool = True) -> dict:
+def write_shards(
+    inputs: list[str],
+    tokenizer: TextTokenizer,
+    seq_len: int,
+    out: str | os.PathLike,
+    source: str | None = None,
+    shard_size_mb: float = 16.0,
+    progress: bool = True,
+) -> dict:
     """Tokenize inputs into shards under `out`; restartable: completed shards are kept and skipped.
 
     The manifest is rewritten (atomically) after every shard, so a crash loses at most the shard in
@@ -151,10 +169,16 @@ def write_shards(inputs: list[str], tokenizer: TextTokenizer, seq_len: int, out:
     if not source.replace("_", "").replace("-", "").isalnum():
         raise DataError(f"--source: expected letters, digits, '-' or '_', got {source!r}")
     identity = {
-        "format": FORMAT, "source": source, "seq_len": seq_len,
+        "format": FORMAT,
+        "source": source,
+        "seq_len": seq_len,
         "dtype": token_dtype(tokenizer.vocab_size).name,
-        "tokenizer": {"spec": tokenizer.spec, "hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size,
-                      "eot_id": tokenizer.eot_id},
+        "tokenizer": {
+            "spec": tokenizer.spec,
+            "hash": tokenizer.hash,
+            "vocab_size": tokenizer.vocab_size,
+            "eot_id": tokenizer.eot_id,
+        },
         "inputs": [{"path": str(Path(p).resolve()), "bytes": _input_size(p)} for p in inputs],
         "shard_size_mb": shard_size_mb,
     }
@@ -164,8 +188,10 @@ def write_shards(inputs: list[str], tokenizer: TextTokenizer, seq_len: int, out:
         old = json.loads(manifest_path.read_text())
         differing = [k for k in identity if old.get(k) != identity[k]]
         if differing:
-            raise DataError(f"{manifest_path}: existing shards were made with different {differing}; "
-                            "use a fresh --out directory")
+            raise DataError(
+                f"{manifest_path}: existing shards were made with different {differing}; "
+                "use a fresh --out directory"
+            )
         if old.get("complete"):
             return old
         manifest = old
@@ -236,7 +262,8 @@ def check_tokenizer(manifest: dict, directory: str | os.PathLike, tokenizer: Tex
         raise DataError(
             f"{Path(directory) / MANIFEST}: tokenizer hash {manifest['tokenizer']['hash'][:12]} "
             f"({manifest['tokenizer']['spec']}) differs from the configured tokenizer {tokenizer.spec!r} "
-            f"({tokenizer.hash[:12]})")
+            f"({tokenizer.hash[:12]})"
+        )
 
 
 def _safe_name(name: str) -> str:
@@ -252,8 +279,9 @@ def iter_shard_samples(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarra
 
     def finish() -> tuple[str, np.ndarray, dict]:
         if set(parts) != {"tokens.npy", "meta.json"}:
-            raise DataError(f"{path}: sample {current_key} has members {sorted(parts)}, "
-                            "expected tokens.npy and meta.json")
+            raise DataError(
+                f"{path}: sample {current_key} has members {sorted(parts)}, expected tokens.npy and meta.json"
+            )
         tokens = np.load(io.BytesIO(parts["tokens.npy"]), allow_pickle=False)
         return current_key, tokens, json.loads(parts["meta.json"])
 
@@ -283,19 +311,25 @@ def iter_shard_documents(path: str | os.PathLike, entry: dict | None = None) -> 
             raise DataError(f"{path}: shard listed in the manifest is missing")
         size = path.stat().st_size
         if size != entry["bytes"]:
-            raise DataError(f"{path}: corrupt or truncated shard ({size} bytes, manifest says {entry['bytes']})")
+            raise DataError(
+                f"{path}: corrupt or truncated shard ({size} bytes, manifest says {entry['bytes']})"
+            )
     open_doc: dict | None = None
     samples = docs = 0
     for key, tokens, meta in iter_shard_samples(path):
         samples += 1
         boundaries = meta.get("boundaries", [])
         if not boundaries or boundaries[-1] != len(tokens) or len(boundaries) != len(meta["pieces"]) + 1:
-            raise DataError(f"{path}: corrupt sample {key} (boundaries do not match its {len(tokens)} tokens)")
+            raise DataError(
+                f"{path}: corrupt sample {key} (boundaries do not match its {len(tokens)} tokens)"
+            )
         for (doc_index, offset, n), start in zip(meta["pieces"], boundaries, strict=False):
-            piece = tokens[start: start + n]
+            piece = tokens[start : start + n]
             if offset == 0:
                 if open_doc is not None:
-                    raise DataError(f"{path}: corrupt sample {key} (document {open_doc['index']} is cut short)")
+                    raise DataError(
+                        f"{path}: corrupt sample {key} (document {open_doc['index']} is cut short)"
+                    )
                 info = meta["docs"][str(doc_index)]
                 open_doc = {"index": doc_index, "info": info, "parts": [], "filled": 0}
             elif open_doc is None or open_doc["index"] != doc_index or open_doc["filled"] != offset:
@@ -305,12 +339,17 @@ def iter_shard_documents(path: str | os.PathLike, entry: dict | None = None) -> 
             if open_doc["filled"] == open_doc["info"]["n_tokens"]:
                 docs += 1
                 info = open_doc["info"]
-                yield ShardDocument(doc_index, info["key"], info.get("meta", {}),
-                                    np.concatenate(open_doc["parts"]) if len(open_doc["parts"]) > 1
-                                    else open_doc["parts"][0])
+                yield ShardDocument(
+                    doc_index,
+                    info["key"],
+                    info.get("meta", {}),
+                    np.concatenate(open_doc["parts"]) if len(open_doc["parts"]) > 1 else open_doc["parts"][0],
+                )
                 open_doc = None
     if open_doc is not None:
         raise DataError(f"{path}: corrupt or truncated shard (ends inside document {open_doc['index']})")
     if entry is not None and (samples, docs) != (entry["samples"], entry["docs"]):
-        raise DataError(f"{path}: corrupt or truncated shard ({samples} samples/{docs} docs, "
-                        f"manifest says {entry['samples']}/{entry['docs']})")
+        raise DataError(
+            f"{path}: corrupt or truncated shard ({samples} samples/{docs} docs, "
+            f"manifest says {entry['samples']}/{entry['docs']})"
+        )

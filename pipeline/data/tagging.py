@@ -47,7 +47,9 @@ class DocModes:
 class ModeAssigner:
     """Tags + thresholds (+ simulated noise) -> a mode per document; every draw is keyed by the document."""
 
-    def __init__(self, cfg: TaggingConfig, domains: list[str], false_positive_rate: float | None = None) -> None:
+    def __init__(
+        self, cfg: TaggingConfig, domains: list[str], false_positive_rate: float | None = None
+    ) -> None:
         self.cfg, self.domains = cfg, domains
         self.fpr = cfg.false_positive_rate if false_positive_rate is None else false_positive_rate
 
@@ -117,8 +119,10 @@ class Confusion:
         modes = sorted({m for _, m in self.table})
         rows = sorted({t for t, _ in self.table})
         width = max([len(m) for m in modes] + [16])
-        lines = ["docs / tokens by true label (rows) x applied mode (columns)",
-                 f"{'true label':<16} " + " ".join(f"{m:>{width}}" for m in modes)]
+        lines = [
+            "docs / tokens by true label (rows) x applied mode (columns)",
+            f"{'true label':<16} " + " ".join(f"{m:>{width}}" for m in modes),
+        ]
         for r in rows:
             cells = [self.table.get((r, m), [0, 0]) for m in modes]
             lines.append(f"{r:<16} " + " ".join(f"{f'{c[0]}/{c[1]}':>{width}}" for c in cells))
@@ -140,10 +144,14 @@ def load_sidecar(tags_dir: str | os.PathLike, shard_entry: dict) -> dict[int, di
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: corrupt tags file ({exc})") from None
     if header.get("format") != TAGS_FORMAT or header.get("sha256") != shard_entry["sha256"]:
-        raise DataError(f"{path}: tags do not match their shard {shard_entry['name']} "
-                        f"(made for sha256 {str(header.get('sha256'))[:12]}, shard is {shard_entry['sha256'][:12]})")
+        raise DataError(
+            f"{path}: tags do not match their shard {shard_entry['name']} "
+            f"(made for sha256 {str(header.get('sha256'))[:12]}, shard is {shard_entry['sha256'][:12]})"
+        )
     if len(records) != shard_entry["docs"]:
-        raise DataError(f"{path}: {len(records)} tag records for {shard_entry['docs']} documents in the shard")
+        raise DataError(
+            f"{path}: {len(records)} tag records for {shard_entry['docs']} documents in the shard"
+        )
     return {r["doc"]: r for r in records}
 
 
@@ -164,9 +172,15 @@ def _paragraphs(tokens: np.ndarray, newlines: np.ndarray) -> list[tuple[int, int
     return [(s, e) for s, e in zip(bounds[:-1], bounds[1:], strict=True) if e > s]
 
 
-def tag_shards(shards_dir: str, classifier_spec: str, out: str, tokenizer: TextTokenizer,
-               rules: LabelRules | None = None, assigner: ModeAssigner | None = None,
-               progress: bool = True) -> dict:
+def tag_shards(
+    shards_dir: str,
+    classifier_spec: str,
+    out: str,
+    tokenizer: TextTokenizer,
+    rules: LabelRules | None = None,
+    assigner: ModeAssigner | None = None,
+    progress: bool = True,
+) -> dict:
     """Tag every document (and paragraph) of a shard directory; restartable shard by shard.
 
     `classifier_spec`: a .npz from `train-classifier`, or 'truth' (the label rules' answer with
@@ -202,26 +216,46 @@ def tag_shards(shards_dir: str, classifier_spec: str, out: str, tokenizer: TextT
             except DataError:
                 records = None
         if records is None:
-            records = _tag_one_shard(Path(shards_dir) / entry["name"], entry, classifier, classes, rules,
-                                     tokenizer, newlines)
-            header = {"format": TAGS_FORMAT, "shard": entry["name"], "sha256": entry["sha256"],
-                      "docs": entry["docs"], "classifier": str(classifier_spec), "classes": classes}
+            records = _tag_one_shard(
+                Path(shards_dir) / entry["name"], entry, classifier, classes, rules, tokenizer, newlines
+            )
+            header = {
+                "format": TAGS_FORMAT,
+                "shard": entry["name"],
+                "sha256": entry["sha256"],
+                "docs": entry["docs"],
+                "classifier": str(classifier_spec),
+                "classes": classes,
+            }
             lines = [json.dumps(header)] + [json.dumps(r, separators=(",", ":")) for r in records]
             atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
         for r in records:
             modes = assigner.assign(f"{manifest['source']}:{r['doc']}", r["true"], r)
             confusion.add(r["true"], mode_name(modes.mode, domains), r["n_tokens"])
-    summary = {"format": TAGS_FORMAT, "source": manifest["source"], "shards_dir": str(Path(shards_dir).resolve()),
-               "classifier": str(classifier_spec), "classes": classes, "domains": domains,
-               "shards": {e["name"]: e["sha256"] for e in manifest["shards"]},
-               "confusion": confusion.to_dict()}
+    summary = {
+        "format": TAGS_FORMAT,
+        "source": manifest["source"],
+        "shards_dir": str(Path(shards_dir).resolve()),
+        "classifier": str(classifier_spec),
+        "classes": classes,
+        "domains": domains,
+        "shards": {e["name"]: e["sha256"] for e in manifest["shards"]},
+        "confusion": confusion.to_dict(),
+    }
     atomic_write_json(out_dir / SUMMARY, summary)
     summary["confusion_text"] = confusion.format()
     return summary
 
 
-def _tag_one_shard(path: Path, entry: dict, classifier: HashedTextClassifier | None, classes: list[str],
-                   rules: LabelRules | None, tokenizer: TextTokenizer, newlines: np.ndarray) -> list[dict]:
+def _tag_one_shard(
+    path: Path,
+    entry: dict,
+    classifier: HashedTextClassifier | None,
+    classes: list[str],
+    rules: LabelRules | None,
+    tokenizer: TextTokenizer,
+    newlines: np.ndarray,
+) -> list[dict]:
     documents = list(iter_shard_documents(path, entry))
     texts, owners = [], []  # one row per document, then one per paragraph of multi-paragraph documents
     paragraphs = []
@@ -239,13 +273,24 @@ def _tag_one_shard(path: Path, entry: dict, classifier: HashedTextClassifier | N
         probs = np.array([[1.0 if c == truth[i] else 0.0 for c in classes] for i, _ in owners])
     else:
         probs = classifier.predict_proba(texts)
-    records = [{"doc": d.doc_index, "key": d.key, "n_tokens": int(len(d.tokens)),
-                "true": rules.role(d.meta) if rules else None, "spans": []} for d in documents]
+    records = [
+        {
+            "doc": d.doc_index,
+            "key": d.key,
+            "n_tokens": int(len(d.tokens)),
+            "true": rules.role(d.meta) if rules else None,
+            "spans": [],
+        }
+        for d in documents
+    ]
     for (i, span), p in zip(owners, probs, strict=True):
         best = int(np.argmax(p))
         if span is None:
-            records[i].update(label=classes[best], confidence=round(float(p[best]), 4),
-                              probs={c: round(float(x), 4) for c, x in zip(classes, p, strict=True)})
+            records[i].update(
+                label=classes[best],
+                confidence=round(float(p[best]), 4),
+                probs={c: round(float(x), 4) for c, x in zip(classes, p, strict=True)},
+            )
         else:
             records[i]["spans"].append([span[0], span[1], classes[best], round(float(p[best]), 4)])
     return records
