@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.data.config import DataConfig
+
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -135,6 +137,9 @@ class EngineConfig:
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
     grad_clip: float = 0.0  # 0 disables clipping
+    # per_partition: retain+joint and each forget[d] get their own norm and clip coefficient, so
+    # forget data cannot scale retain updates. global: DeepSpeed's usual clipping.
+    clip_mode: Literal["per_partition", "global"] = "per_partition"
 
     def validate(self, key: str = "engine") -> None:
         for name in ("tensor_parallel", "micro_batch_size", "grad_accum_steps"):
@@ -166,10 +171,57 @@ class OptimizerConfig:
 class TrainConfig:
     steps: int = 100
     seed: int = 0
+    log_every: int = 10
 
     def validate(self, key: str = "train") -> None:
         if self.steps <= 0:
             raise ConfigError(f"{key}.steps: must be positive, got {self.steps}")
+        if self.log_every <= 0:
+            raise ConfigError(f"{key}.log_every: must be positive, got {self.log_every}")
+
+
+@dataclass
+class CalibrationConfig:
+    """Logit calibration: fit only a per-vocabulary output bias on the ablated model's logits, on
+    loss_forget + alpha * loss_retain + beta * loss_adjacent (paper: alpha = 100; beta = 100 on
+    Wikipedia), so ablation cannot fake a high forget loss by shifting the output distribution."""
+
+    steps: int = 200
+    lr: float = 0.05
+    alpha: float = 100.0
+    beta: float = 0.0
+    batches: int = 2  # held-out batches per set used to fit the bias (disjoint from eval batches)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between evaluations; 0: only at the end
+    batches: int = 4  # held-out batches per set (forget / retain / adjacent)
+    batch_size: int = 8
+    calibrate: bool = True
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def validate(self, key: str = "eval") -> None:
+        for name in ("batches", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}: must be positive, got {getattr(self, name)}")
+        if self.every < 0:
+            raise ConfigError(f"{key}.every: must be >= 0, got {self.every}")
+        c = self.calibration
+        if c.steps < 0 or c.lr <= 0 or c.alpha < 0 or c.beta < 0 or c.batches <= 0:
+            raise ConfigError(f"{key}.calibration: steps/alpha/beta must be >= 0, lr/batches positive")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0: only at the end (and on SIGTERM)
+    keep: int = 2  # complete checkpoints kept (older ones are deleted)
+
+    def validate(self, key: str = "checkpoint") -> None:
+        if self.every < 0:
+            raise ConfigError(f"{key}.every: must be >= 0, got {self.every}")
+        if self.keep < 1:
+            raise ConfigError(f"{key}.keep: must be >= 1, got {self.keep}")
 
 
 @dataclass
@@ -180,6 +232,10 @@ class ExperimentConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run_dir: str | None = None  # default: runs/<name>
 
     def validate(self) -> ExperimentConfig:
         """Cross-section checks; the partition itself is checked by building it."""
@@ -187,6 +243,13 @@ class ExperimentConfig:
         self.engine.validate()
         self.optimizer.validate()
         self.train.validate()
+        self.eval.validate()
+        self.checkpoint.validate()
+        if self.run_dir is None:
+            self.run_dir = f"runs/{self.name}"
+        names = [d.name for d in self.sgtm.domains]
+        if self.data is not None and self.data.domains != names:
+            raise ConfigError(f"data.domains: {self.data.domains} must equal the sgtm.domains names {names}")
         tp = self.engine.tensor_parallel
         if self.model.n_heads % tp:
             raise ConfigError(
@@ -248,6 +311,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return {k: _convert(args[1] if args else Any, v, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
+        if hasattr(tp, "from_dict"):  # a section that validates itself (data)
+            try:
+                return tp.from_dict(value, key)
+            except ConfigError:
+                raise
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         return from_dict(tp, value, key)
     if tp is bool:
         if isinstance(value, bool):
@@ -377,5 +447,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for ov in overrides or []:
         apply_override(raw, ov)
     raw = _resolve_fragments(raw, base_dir)  # an override may itself name a fragment
+    if isinstance(raw.get("data"), dict) and "domains" not in raw["data"]:
+        sgtm = raw.get("sgtm") if isinstance(raw.get("sgtm"), dict) else {}
+        domains = sgtm.get("domains", [{"name": "forget"}])
+        if isinstance(domains, list) and all(isinstance(d, dict) for d in domains):
+            raw["data"] = {**raw["data"], "domains": [d.get("name", "forget") for d in domains]}
     cfg = from_dict(ExperimentConfig, raw, "")
     return cfg.validate()

@@ -54,13 +54,13 @@ def scenario_tp_grads(out: Path, archs: list[str]) -> dict:
     return result
 
 
-def scenario_isolation(out: Path, archs: list[str], steps: int) -> dict:
+def scenario_isolation(out: Path, archs: list[str], steps: int, engine: dict | None = None) -> dict:
     """Three DeepSpeed runs (TP=2, ZeRO-1) that differ only in the forget-labelled sequences."""
     result = {}
     for arch in archs:
         finals = {}
         for name, seed, mode in (("A", 1, FORGET), ("B", 2, FORGET), ("C", 2, UNLABELLED)):
-            cfg = tiny_config(arch, "sgtm", tp=2, engine={"zero_stage": 1, "micro_batch_size": 4},
+            cfg = tiny_config(arch, "sgtm", tp=2, engine={"zero_stage": 1, "micro_batch_size": 4, **(engine or {})},
                               optimizer={"lr": 3e-3, "weight_decay": 0.1}, train={"steps": steps})
             state = build_engine(cfg)
             for step in range(steps):
@@ -72,12 +72,13 @@ def scenario_isolation(out: Path, archs: list[str], steps: int) -> dict:
     return result
 
 
-def scenario_zero_losses(out: Path, runs: list[dict], steps: int) -> dict:
-    """Losses of 5 masked steps for each (tp, zero) run on the same global batches."""
+def scenario_zero_losses(out: Path, runs: list[dict], steps: int, engine: dict | None = None) -> dict:
+    """Losses of masked steps for each (tp, zero) run on the same global batches."""
     result = {}
     for run in runs:
         cfg = tiny_config("gpt-neo", "sgtm", tp=run["tp"],
-                          engine={"zero_stage": run["zero"], "micro_batch_size": 4 // (dist_world() // run["tp"])},
+                          engine={"zero_stage": run["zero"], "micro_batch_size": 4 // (dist_world() // run["tp"]),
+                                  **(engine or {})},
                           optimizer={"lr": 3e-3}, train={"steps": steps})
         state = build_engine(cfg)
         dp_rank, dp_size = state.dist.dp_rank, state.dist.dp_size

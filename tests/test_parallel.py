@@ -55,12 +55,9 @@ def test_ablation_per_shard_matches_tp1(single_process_world, tp2, arch):
         assert torch.equal(saved["ablated"][name], p.detach()), name
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_isolation_invariant_through_deepspeed(single_process_world, tmp_path_factory, arch):
-    """20 ZeRO-1 steps at TP=2: changing forget-labelled content leaves every retain and joint
-    parameter bit-identical (forget parameters differ); making those tokens unlabelled does not."""
+def _isolation_leaks(single_process_world, tmp_path_factory, arch, engine=None):
     out = tmp_path_factory.mktemp(f"iso_{arch}")
-    run_workers(2, "isolation", out, archs=[arch], steps=20)
+    run_workers(2, "isolation", out, archs=[arch], steps=20, engine=engine or {})
     saved = torch.load(out / f"isolation_{arch}.pt", weights_only=True)
     A, B, C = (saved["finals"][k] for k in "ABC")
     _, full_model = build_model(tiny_config(arch, "sgtm", tp=1), single_process_world)  # roles of full tensors
@@ -77,21 +74,45 @@ def test_isolation_invariant_through_deepspeed(single_process_world, tmp_path_fa
                 forget_changed += 1
             if cls == RETAIN and not torch.equal(pick(A[name]), pick(C[name])):
                 retain_changed_c += 1
+    return leaked, forget_changed, retain_changed_c
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_isolation_invariant_through_deepspeed(single_process_world, tmp_path_factory, arch):
+    """20 ZeRO-1 steps at TP=2: changing forget-labelled content leaves every retain and joint
+    parameter bit-identical (forget parameters differ); making those tokens unlabelled does not."""
+    leaked, forget_changed, retain_changed_c = _isolation_leaks(single_process_world, tmp_path_factory, arch)
     assert not leaked, f"retain/joint slices changed with forget content: {leaked}"
     assert forget_changed > 0
     assert retain_changed_c > 0
 
 
-def test_zero_stages_and_tp2xdp2_give_same_losses(single_process_world, tmp_path_factory):
+def test_isolation_holds_with_per_partition_clipping_not_global(single_process_world, tmp_path_factory):
+    """Clipping that binds: per-partition keeps isolation bit-exact, global clipping breaks it."""
+    clip = {"grad_clip": 0.05}
+    leaked, forget_changed, _ = _isolation_leaks(single_process_world, tmp_path_factory, "gpt-neo",
+                                                 {**clip, "clip_mode": "per_partition"})
+    assert not leaked and forget_changed > 0
+    leaked, _, _ = _isolation_leaks(single_process_world, tmp_path_factory, "gpt-neo", {**clip, "clip_mode": "global"})
+    assert leaked
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05], ids=["noclip", "per_partition_clip"])
+def test_zero_stages_and_tp2xdp2_give_same_losses(single_process_world, tmp_path_factory, clip):
+    """5 masked steps: ZeRO 0/1/2 at TP=2, DP=2 at ZeRO-2 and TP2xDP2 (4 processes) match one
+    process at ZeRO-0, also with per-partition clipping that binds (which exercises each
+    engine's gradient layout)."""
     steps = 5
     out = tmp_path_factory.mktemp("zero")
-    two = run_workers(2, "zero_losses", out / "two", steps=steps,
+    engine = {"grad_clip": clip}
+    two = run_workers(2, "zero_losses", out / "two", steps=steps, engine=engine,
                       runs=[{"tp": 2, "zero": 0}, {"tp": 2, "zero": 1}, {"tp": 2, "zero": 2}, {"tp": 1, "zero": 2}])
-    four = run_workers(4, "zero_losses", out / "four", steps=steps, runs=[{"tp": 2, "zero": 1}, {"tp": 2, "zero": 2}])
+    four = run_workers(4, "zero_losses", out / "four", steps=steps, engine=engine,
+                       runs=[{"tp": 2, "zero": 1}, {"tp": 2, "zero": 2}])
     # Baseline: one process, TP=1, ZeRO-0, the same global batches.
     from tests.dist_worker import global_batch
 
-    cfg = tiny_config("gpt-neo", "sgtm", tp=1, engine={"zero_stage": 0, "micro_batch_size": 4},
+    cfg = tiny_config("gpt-neo", "sgtm", tp=1, engine={"zero_stage": 0, "micro_batch_size": 4, **engine},
                       optimizer={"lr": 3e-3}, train={"steps": steps})
     state = build_engine(cfg)
     base = [float(train_step(state, [global_batch(s)])) for s in range(steps)]
@@ -101,3 +122,6 @@ def test_zero_stages_and_tp2xdp2_give_same_losses(single_process_world, tmp_path
     for name, losses in runs.items():
         assert losses == pytest.approx(base, abs=1e-5), name
     assert base[-1] < base[0]  # it trains
+    if clip:
+        norms = state.clipper.last_norms
+        assert norms is not None and bool((norms > clip).all())  # the clip really bound every group

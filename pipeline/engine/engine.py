@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.components.clipping import PartitionClipper
 from pipeline.config import ExperimentConfig
 from pipeline.engine.distributed import DistInfo, MegatronMPU, init_distributed
 from pipeline.model.transformer import Transformer
@@ -25,6 +26,7 @@ class TrainState:
     partition: ForgetPartition
     model: Transformer
     engine: object  # deepspeed.DeepSpeedEngine
+    clipper: PartitionClipper | None = None
 
 
 def build_model(cfg: ExperimentConfig, dist: DistInfo) -> tuple[ForgetPartition, Transformer]:
@@ -57,7 +59,8 @@ def deepspeed_config(cfg: ExperimentConfig, dist: DistInfo) -> dict:
         "optimizer": {"type": "AdamW", "params": {
             "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
             "torch_adam": True}},
-        "gradient_clipping": e.grad_clip,
+        # Per-partition clipping is ours (pipeline/components/clipping.py); DeepSpeed's is global.
+        "gradient_clipping": e.grad_clip if e.clip_mode == "global" else 0.0,
     }
     if e.precision == "bf16":
         ds["bf16"] = {"enabled": True}
@@ -78,13 +81,21 @@ def build_engine(cfg: ExperimentConfig) -> TrainState:
     dist = init_distributed(cfg.engine)
     import deepspeed
 
+    e = cfg.engine
+    if e.grad_clip > 0 and e.clip_mode == "per_partition" and e.zero_stage == 0 and e.precision == "bf16":
+        raise ValueError("engine.clip_mode: per_partition clipping with bf16 needs zero_stage 1 or 2 "
+                         "(DeepSpeed's bf16 ZeRO-0 optimizer keeps gradients out of reach)")
     partition, model = build_model(cfg, dist)
     model.to(dist.device)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optimizer.weight_decay),
         config=deepspeed_config(cfg, dist), mpu=MegatronMPU(),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg)))
-    return TrainState(cfg, dist, partition, model, engine)
+    clipper = None
+    if e.grad_clip > 0 and e.clip_mode == "per_partition":
+        clipper = PartitionClipper(model, len(partition.domains), e.grad_clip, dist.device)
+        clipper.attach(engine)
+    return TrainState(cfg, dist, partition, model, engine, clipper)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -100,10 +111,12 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> torch.Tensor:
     if len(micro_batches) != state.cfg.engine.grad_accum_steps:
         raise ValueError(f"expected {state.cfg.engine.grad_accum_steps} micro-batches, got {len(micro_batches)}")
     total = torch.zeros((), device=state.dist.device)
-    for mb in micro_batches:
+    for i, mb in enumerate(micro_batches):
         mb = to_device(mb, state.dist.device)
         loss = engine(mb["input_ids"], labels=mb["labels"], modes=mb.get("modes"), doc_ids=mb.get("doc_ids"))
         engine.backward(loss)
+        if i == len(micro_batches) - 1 and state.clipper is not None and not state.clipper.uses_zero_partition:
+            state.clipper.clip_param_grads()
         engine.step()
         total += loss.detach().float()
     total /= len(micro_batches)

@@ -221,6 +221,12 @@ def document_causal_mask(doc_ids: torch.Tensor | None) -> torch.Tensor | None:
     return (same & causal)[:, None]
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [B, S] from vocab-parallel logits; 0 where labels == -100."""
+    per_token = vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0))
+    return per_token * (labels != IGNORE_INDEX)
+
+
 class Transformer(nn.Module):
     """Decoder-only LM. ``forward`` returns the mean next-token loss (and per-token losses on demand)."""
 
@@ -268,9 +274,10 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 modes: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-                return_per_token: bool = False):
+                return_per_token: bool = False, return_hidden: bool = False):
         """Returns the mean loss over labelled positions (labels != -100), or per-token losses
-        [B, S] with ``return_per_token``, or vocab-parallel logits when ``labels`` is None."""
+        [B, S] with ``return_per_token``, or vocab-parallel logits when ``labels`` is None, or
+        the final normed hidden states with ``return_hidden`` (see :meth:`logits`)."""
         masks = self.token_masks(modes)
         B, S = input_ids.shape
         x = grad_gate(self.embedding(input_ids), _allow(masks, self.embedding_role))
@@ -284,15 +291,19 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x, masks, attn_mask, rope)
         x = self.final_norm(x, masks)
-        logits = self.lm_head(x, masks, self.embedding.weight if self.cfg.tie_embeddings else None)
+        if return_hidden:
+            return x
+        logits = self.logits(x, masks)
         if labels is None:
             return logits
-        per_token = vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0))
-        valid = labels != IGNORE_INDEX
-        per_token = per_token * valid
+        per_token = token_losses(logits, labels)
         if return_per_token:
             return per_token
-        return per_token.sum() / valid.sum().clamp(min=1)
+        return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+    def logits(self, hidden: torch.Tensor, masks: TokenMasks | None = None) -> torch.Tensor:
+        """Vocab-parallel logits [B, S, V/tp] from final hidden states."""
+        return self.lm_head(hidden, masks, self.embedding.weight if self.cfg.tie_embeddings else None)
 
     def set_ablated(self, domains: list[int]) -> None:
         for m in self.modules():

@@ -1,0 +1,1 @@
+"""Training components composed by the one train loop: checkpoint, metrics, evaluation, clipping."""
