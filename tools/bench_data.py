@@ -29,14 +29,21 @@ def measure(cfg: dict, workers: int, batches: int, micro_batch_size: int, seq_le
     seconds = time.perf_counter() - started
     state = loader.state_dict()
     loader.close()
-    resumed = build_loader({**cfg, "num_workers": workers}, micro_batch_size=micro_batch_size, seq_len=seq_len)
+    resumed = build_loader(
+        {**cfg, "num_workers": workers}, micro_batch_size=micro_batch_size, seq_len=seq_len
+    )
     resumed.load_state_dict(state)
     started = time.perf_counter()
     next(resumed)
     resume = time.perf_counter() - started
     resumed.close()
-    return {"workers": workers, "tokens_per_s": round(tokens / seconds), "first_batch_s": round(first, 2),
-            "resume_after_batches": batches + 1, "resume_first_batch_s": round(resume, 2)}
+    return {
+        "workers": workers,
+        "tokens_per_s": round(tokens / seconds),
+        "first_batch_s": round(first, 2),
+        "resume_after_batches": batches + 1,
+        "resume_first_batch_s": round(resume, 2),
+    }
 
 
 def main() -> None:
@@ -45,8 +52,12 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--training-tokens-per-s", type=float, default=4000.0,
-                        help="what the demo model consumes (assumption: 2-4k tokens/s on 2 CPU cores)")
+    parser.add_argument(
+        "--training-tokens-per-s",
+        type=float,
+        default=4000.0,
+        help="what the demo model consumes (assumption: 2-4k tokens/s on 2 CPU cores)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()

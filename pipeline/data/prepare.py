@@ -11,8 +11,10 @@ from pathlib import Path
 from pipeline.data.io import BUNDLED_DATA
 from pipeline.data.tokenizer import TextTokenizer, load_tokenizer, train_bpe
 
-TINYSTORIES = {"en": BUNDLED_DATA / "tinystories/stories_en.jsonl.xz",
-               "es": BUNDLED_DATA / "tinystories/stories_es.jsonl.xz"}
+TINYSTORIES = {
+    "en": BUNDLED_DATA / "tinystories/stories_en.jsonl.xz",
+    "es": BUNDLED_DATA / "tinystories/stories_es.jsonl.xz",
+}
 WIKI = BUNDLED_DATA / "wiki_vital/articles_en.jsonl.xz"
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "data"
 
@@ -29,9 +31,16 @@ def bilingual_tokenizer(out_dir: str | Path, vocab_size: int = 4096) -> TextToke
     return train_bpe(texts, vocab_size, path)
 
 
-def prepare_bilingual(out_dir: str | Path, *, vocab_size: int = 4096, seq_len: int = 256,
-                      shard_size_mb: float = 0.25, undiscovered_rate: float = 0.2, retain_fraction: float = 0.25,
-                      progress: bool = False) -> dict:
+def prepare_bilingual(
+    out_dir: str | Path,
+    *,
+    vocab_size: int = 4096,
+    seq_len: int = 256,
+    shard_size_mb: float = 0.25,
+    undiscovered_rate: float = 0.2,
+    retain_fraction: float = 0.25,
+    progress: bool = False,
+) -> dict:
     """Shard English and Spanish stories as two sources and return the `data:` config section for the
     paper's TinyStories setting (Spanish = forget domain 'spanish', 20% undiscovered, 25% English retain)."""
     from pipeline.data.shards import write_shards
@@ -39,20 +48,40 @@ def prepare_bilingual(out_dir: str | Path, *, vocab_size: int = 4096, seq_len: i
     out_dir = Path(out_dir)
     tokenizer = bilingual_tokenizer(out_dir, vocab_size)
     for name, path in TINYSTORIES.items():
-        write_shards([str(path)], tokenizer, seq_len, out_dir / name, source=name, shard_size_mb=shard_size_mb,
-                     progress=progress)
+        write_shards(
+            [str(path)],
+            tokenizer,
+            seq_len,
+            out_dir / name,
+            source=name,
+            shard_size_mb=shard_size_mb,
+            progress=progress,
+        )
     return {
-        "sources": [{"path": str(out_dir / "en"), "weight": 1.0, "true_label": "retain"},
-                    {"path": str(out_dir / "es"), "weight": 1.0, "true_label": "forget:spanish"}],
-        "domains": ["spanish"], "tokenizer": tokenizer.spec, "filter": "none",
-        "tagging": {"source": "simulated", "undiscovered_rate": undiscovered_rate,
-                    "retain_fraction": retain_fraction},
+        "sources": [
+            {"path": str(out_dir / "en"), "weight": 1.0, "true_label": "retain"},
+            {"path": str(out_dir / "es"), "weight": 1.0, "true_label": "forget:spanish"},
+        ],
+        "domains": ["spanish"],
+        "tokenizer": tokenizer.spec,
+        "filter": "none",
+        "tagging": {
+            "source": "simulated",
+            "undiscovered_rate": undiscovered_rate,
+            "retain_fraction": retain_fraction,
+        },
         "heldout_fraction": 0.05,
     }
 
 
-def prepare_wiki(out_dir: str | Path, *, tokenizer: str = "gpt2", seq_len: int = 512, retain_fraction: float = 0.1,
-                 progress: bool = False) -> dict:
+def prepare_wiki(
+    out_dir: str | Path,
+    *,
+    tokenizer: str = "gpt2",
+    seq_len: int = 512,
+    retain_fraction: float = 0.1,
+    progress: bool = False,
+) -> dict:
     """Shard the Wikipedia leads, train the biology classifier, tag the shards; return a `data:` section
     with classifier tagging (forget = biology, adjacent dropped by the strict filter)."""
     from pipeline.data.classifier import train_classifier
@@ -63,7 +92,9 @@ def prepare_wiki(out_dir: str | Path, *, tokenizer: str = "gpt2", seq_len: int =
 
     out_dir = Path(out_dir)
     tok = load_tokenizer(tokenizer)
-    write_shards([str(WIKI)], tok, seq_len, out_dir / "wiki", source="wiki", shard_size_mb=0.5, progress=progress)
+    write_shards(
+        [str(WIKI)], tok, seq_len, out_dir / "wiki", source="wiki", shard_size_mb=0.5, progress=progress
+    )
     classifier = out_dir / "wiki_classifier.npz"
     if not classifier.exists():
         rules = LabelRules.load(str(CONFIGS / "wiki_labels.yaml"))
@@ -72,7 +103,9 @@ def prepare_wiki(out_dir: str | Path, *, tokenizer: str = "gpt2", seq_len: int =
     tag_shards(str(out_dir / "wiki"), str(classifier), str(out_dir / "wiki_tags"), tok, progress=progress)
     return {
         "sources": [{"path": str(out_dir / "wiki"), "tags": str(out_dir / "wiki_tags")}],
-        "domains": ["biology"], "tokenizer": tokenizer, "filter": "none",
+        "domains": ["biology"],
+        "tokenizer": tokenizer,
+        "filter": "none",
         "tagging": {"source": "classifier", "retain_fraction": retain_fraction},
         "heldout_fraction": 0.05,
     }

@@ -7,6 +7,7 @@ so shards tokenized with one vocabulary are never read with another.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -89,7 +90,18 @@ def load_gpt2(directory: str | os.PathLike = GPT2_DIR) -> TextTokenizer:
 
 
 def load_tokenizer(spec: str) -> TextTokenizer:
-    """'gpt2' (bundled), a tokenizer.json written by `train_bpe`, or a dir with encoder.json/vocab.bpe."""
+    """'gpt2' (bundled), a tokenizer.json written by `train_bpe`, or a dir with encoder.json/vocab.bpe.
+
+    Cached per (spec, file modification time): every loader build checks the hash, and parsing GPT-2's
+    50k merges takes half a second.
+    """
+    path = Path(spec)
+    stamp = path.stat().st_mtime_ns if spec != "gpt2" and path.exists() else 0
+    return _load_tokenizer_cached(spec, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer_cached(spec: str, stamp: int) -> TextTokenizer:
     if spec == "gpt2":
         return load_gpt2()
     path = Path(spec)
