@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.data.config import DataConfig
 from pipeline.data.errors import DataError
@@ -80,20 +82,14 @@ def bilingual_cfg(root: Path, **overrides) -> dict:
 
 def all_documents(shard_dir: Path) -> dict[int, np.ndarray]:
     manifest = load_manifest(shard_dir)
-    return {
-        d.doc_index: d.tokens
-        for e in manifest["shards"]
-        for d in iter_shard_documents(shard_dir / e["name"], e)
-    }
+    return {d.doc_index: d.tokens for e in manifest["shards"] for d in iter_shard_documents(shard_dir / e["name"], e)}
 
 
 def reassemble(batches: list[dict]) -> dict[tuple[int, int], list[int]]:
     """(source, doc) -> tokens, from the packed batches (pieces of one doc arrive in order)."""
     docs: dict[tuple[int, int], list[int]] = defaultdict(list)
     for batch in batches:
-        ids, doc_ids, src, dix = (
-            batch[k].numpy() for k in ("input_ids", "doc_ids", "source_ids", "doc_index")
-        )
+        ids, doc_ids, src, dix = (batch[k].numpy() for k in ("input_ids", "doc_ids", "source_ids", "doc_index"))
         labels = batch["labels"].numpy()
         for r in range(ids.shape[0]):
             # the row's tokens are input_ids plus the final label (the S+1-th token)
@@ -189,9 +185,7 @@ def test_shard_samples_are_packed_sequences_with_boundaries(small, gpt2):
 
 def test_sharding_restarts_after_a_crash(tmp_path, gpt2):
     src = _subset(DATA / "tinystories/stories_en.jsonl.xz", tmp_path / "en.jsonl", 120)
-    clean = write_shards(
-        [str(src)], gpt2, SEQ, tmp_path / "clean", source="en", shard_size_mb=0.02, progress=False
-    )
+    clean = write_shards([str(src)], gpt2, SEQ, tmp_path / "clean", source="en", shard_size_mb=0.02, progress=False)
     out = tmp_path / "crashed"
     write_shards([str(src)], gpt2, SEQ, out, source="en", shard_size_mb=0.02, progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -215,17 +209,11 @@ def test_round_trip_two_ranks_two_workers_one_epoch(small):
     cfg = bilingual_cfg(small, epochs=1, num_workers=2, heldout_fraction=0.1)
     batches = []
     for rank in (0, 1):
-        batches += list(
-            build_loader(cfg, dp_rank=rank, dp_world_size=2, seed=3, micro_batch_size=4, seq_len=SEQ)
-        )
+        batches += list(build_loader(cfg, dp_rank=rank, dp_world_size=2, seed=3, micro_batch_size=4, seq_len=SEQ))
     got = reassemble(batches)
     for source_id, name in enumerate(("en", "es")):
         manifest = load_manifest(small / name)
-        keys = {
-            d.doc_index: d.key
-            for e in manifest["shards"]
-            for d in iter_shard_documents(small / name / e["name"])
-        }
+        keys = {d.doc_index: d.key for e in manifest["shards"] for d in iter_shard_documents(small / name / e["name"])}
         expected = {i: t for i, t in all_documents(small / name).items() if not is_heldout(keys[i], 0.1)}
         assert 0 < len(expected) < len(keys)
         mine = {doc: toks for (s, doc), toks in got.items() if s == source_id}
@@ -262,9 +250,7 @@ def test_exact_resume_matches_uninterrupted_run(small):
             got = next(resumed)
             assert all(torch.equal(want[key], got[key]) for key in want)
         resumed.close()
-    other = build_loader(
-        bilingual_cfg(small, num_workers=0, filter="weak"), seed=5, micro_batch_size=3, seq_len=SEQ
-    )
+    other = build_loader(bilingual_cfg(small, num_workers=0, filter="weak"), seed=5, micro_batch_size=3, seq_len=SEQ)
     with pytest.raises(DataError, match="different data config"):
         other.load_state_dict(state)
 
@@ -279,9 +265,7 @@ def test_tp_ranks_get_identical_batches_and_dp_ranks_disjoint_documents(small):
     a, b, c = take(0), take(0), take(1)
     assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
     docs = lambda bs: {
-        (int(s), int(d))
-        for x in bs
-        for s, d in zip(x["source_ids"].flatten(), x["doc_index"].flatten(), strict=True)
+        (int(s), int(d)) for x in bs for s, d in zip(x["source_ids"].flatten(), x["doc_index"].flatten(), strict=True)
     }
     assert not (docs(a) & docs(c))
 
@@ -306,9 +290,7 @@ def test_filter_policies_and_mixing_weights(small):
             {"path": str(small / "es"), "true_label": "forget:spanish", "weight": 1.0},
         ],
     )
-    en_share = sum(int((b["source_ids"] == 0).sum()) for b in mixed) / sum(
-        b["source_ids"].numel() for b in mixed
-    )
+    en_share = sum(int((b["source_ids"] == 0).sum()) for b in mixed) / sum(b["source_ids"].numel() for b in mixed)
     assert 0.70 < en_share < 0.80  # ~600 documents drawn: 0.75 +- 0.02
     wiki = {
         "sources": [{"path": str(small / "wiki"), "tags": str(small / "wiki_tags")}],
@@ -318,9 +300,7 @@ def test_filter_policies_and_mixing_weights(small):
     }
     loader = build_loader(wiki, seed=0, micro_batch_size=8, seq_len=SEQ)
     strict = [next(loader) for _ in range(30)]
-    assert all(
-        ((b["true_labels"] == TRUE_ADJACENT) | (b["true_labels"] == TRUE_FORGET)).sum() == 0 for b in strict
-    )
+    assert all(((b["true_labels"] == TRUE_ADJACENT) | (b["true_labels"] == TRUE_FORGET)).sum() == 0 for b in strict)
     loader = build_loader({**wiki, "filter": "none"}, seed=0, micro_batch_size=8, seq_len=SEQ)
     unfiltered = [next(loader) for _ in range(30)]
     assert sum(int((b["true_labels"] == TRUE_ADJACENT).sum()) for b in unfiltered) > 0
@@ -400,9 +380,7 @@ def test_wiki_classifier_f1_and_tagging_via_cli(tmp_path, small, capsys):
     bio_row = summary["confusion"]["forget:biology"]
     assert bio_row["forget:biology"]["docs"] > 0.6 * sum(c["docs"] for c in bio_row.values())
     first = load_manifest(small / "wiki")["shards"][0]["name"]
-    records = [
-        json.loads(line) for line in (tmp_path / f"tags/{first}.tags.jsonl").read_text().splitlines()[1:]
-    ]
+    records = [json.loads(line) for line in (tmp_path / f"tags/{first}.tags.jsonl").read_text().splitlines()[1:]]
     assert all(0 <= r["confidence"] <= 1 and r["label"] in r["probs"] for r in records)
     cfg = {
         "sources": [{"path": str(small / "wiki"), "tags": str(tmp_path / "tags")}],
@@ -425,9 +403,7 @@ def test_language_id_and_paragraph_spans_give_per_token_modes(tmp_path, gpt2):
 
     rules = LabelRules.load(str(ROOT / "configs/data/tinystories_labels.yaml"))
     docs = list(
-        iter_documents(
-            [str(DATA / "tinystories/stories_en.jsonl.xz"), str(DATA / "tinystories/stories_es.jsonl.xz")]
-        )
+        iter_documents([str(DATA / "tinystories/stories_en.jsonl.xz"), str(DATA / "tinystories/stories_es.jsonl.xz")])
     )
     clf, report = train_classifier(docs, rules, "chars", train_fraction=0.05)
     assert report["accuracy"] >= 0.98 and report["heldout_docs"] > 400
@@ -439,12 +415,8 @@ def test_language_id_and_paragraph_spans_give_per_token_modes(tmp_path, gpt2):
         for i, (a, b) in enumerate(zip(en, es, strict=True))
     ]
     (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(m) + "\n" for m in mixed))
-    write_shards(
-        [str(tmp_path / "mixed.jsonl")], gpt2, SEQ, tmp_path / "mixed", source="mixed", progress=False
-    )
-    tag_shards(
-        str(tmp_path / "mixed"), str(tmp_path / "lang.npz"), str(tmp_path / "tags"), gpt2, progress=False
-    )
+    write_shards([str(tmp_path / "mixed.jsonl")], gpt2, SEQ, tmp_path / "mixed", source="mixed", progress=False)
+    tag_shards(str(tmp_path / "mixed"), str(tmp_path / "lang.npz"), str(tmp_path / "tags"), gpt2, progress=False)
     cfg = {
         "sources": [{"path": str(tmp_path / "mixed"), "tags": str(tmp_path / "tags")}],
         "domains": ["spanish"],
@@ -487,9 +459,7 @@ def test_eval_batches_are_held_out_and_fixed(small):
         for s, d in zip(b["source_ids"].flatten(), b["doc_index"].flatten(), strict=True)
         if s >= 0
     }
-    loader = build_loader(
-        bilingual_cfg(small, heldout_fraction=0.1, epochs=1), micro_batch_size=8, seq_len=SEQ
-    )
+    loader = build_loader(bilingual_cfg(small, heldout_fraction=0.1, epochs=1), micro_batch_size=8, seq_len=SEQ)
     trained = {
         (int(s), int(d))
         for b in loader
@@ -545,9 +515,7 @@ def test_unsafe_tar_member_names_are_refused(tmp_path):
 def test_wrong_tokenizer_hash_names_the_manifest(small, tmp_path):
     train_bpe(["some text to train on"] * 20, 300, tmp_path / "tok.json")
     with pytest.raises(DataError) as info:
-        build_loader(
-            bilingual_cfg(small, tokenizer=str(tmp_path / "tok.json")), micro_batch_size=2, seq_len=SEQ
-        )
+        build_loader(bilingual_cfg(small, tokenizer=str(tmp_path / "tok.json")), micro_batch_size=2, seq_len=SEQ)
     assert "manifest.json" in _one_line(info.value) and "tokenizer hash" in str(info.value)
 
 
@@ -615,3 +583,33 @@ def test_demo_data_prepares_quickly_and_example_configs_validate(tmp_path):
     assert batch["input_ids"].max() < 4096 and batch["input_ids"].shape == (4, 128)
     for name in ("tinystories.yaml", "wiki.yaml"):
         DataConfig.from_dict(yaml.safe_load((ROOT / "configs/data" / name).read_text()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=25),
+    seq_len=st.integers(min_value=1, max_value=33),
+    batch_size=st.integers(min_value=1, max_value=4),
+)
+def test_packing_predicts_every_in_document_token_exactly_once(lengths, seq_len, batch_size):
+    """For any document lengths and row length: each (context token -> next token) pair of a document
+    is a training target exactly once, never across documents, and modes follow their document."""
+    from pipeline.data.loader import _collate, _Doc, pack_rows
+
+    pad = 999
+    docs, next_token = [], 0
+    for i, n in enumerate(lengths):
+        docs.append(_Doc(np.arange(next_token, next_token + n), i % 3, 0, 0, i))
+        next_token += n
+    rows = list(pack_rows(iter(docs), seq_len, pad))
+    pairs = []
+    for start in range(0, len(rows), batch_size):
+        batch = _collate(rows[start : start + batch_size])
+        ids, labels, modes, dix = batch["input_ids"], batch["labels"], batch["modes"], batch["doc_index"]
+        assert ids.shape[1] == seq_len
+        keep = labels != -100
+        pairs += list(zip(ids[keep].tolist(), labels[keep].tolist(), strict=True))
+        valid = dix >= 0
+        assert (modes[valid] == dix[valid] % 3).all()
+    expected = [(t, t + 1) for d in docs for t in d.tokens[:-1].tolist()]
+    assert sorted(pairs) == expected

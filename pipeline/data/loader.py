@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,9 +204,7 @@ class _SlotStream:
             raise DataError(f"{src.tags}: no tag for document {doc.doc_index} of {src.name}")
         true_role = src.true_label or (tag or {}).get("true")
         if true_role is not None:
-            check_role(
-                true_role, self.cfg.domains, f"{src.tags or src.path}: true label of doc {doc.doc_index}"
-            )
+            check_role(true_role, self.cfg.domains, f"{src.tags or src.path}: true label of doc {doc.doc_index}")
         uid = f"{src.name}:{doc.doc_index}"
         if self.split == "heldout":
             modes = None
@@ -269,48 +267,7 @@ class _SlotStream:
             yield buffer[i]
 
     def sequences(self, docs: Iterator[_Doc] | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Pack documents into seq_len+1 token rows; a document cut at a row end continues in the next
-        row as a new segment that starts with the row's last token again (that token was only a target
-        there), so every token but a document's first is predicted exactly once. Only a finite stream
-        ends with a padded row."""
-        rows = self.seq_len + 1
-        docs = self._shuffled_docs() if docs is None else docs
-
-        def empty() -> dict[str, np.ndarray]:
-            return {
-                "tokens": np.full(rows, self.plan.pad_id, np.int64),
-                "segment": np.zeros(rows, np.int64),
-                "mode": np.full(rows, UNLABELLED, np.int64),
-                "true": np.full(rows, TRUE_PAD, np.int64),
-                "source": np.full(rows, -1, np.int64),
-                "doc": np.full(rows, -1, np.int64),
-            }
-
-        row, fill, segment = empty(), 0, 0
-        for doc in docs:
-            n, offset = len(doc.tokens), 0
-            while offset < n:
-                take = min(n - offset, rows - fill)
-                sl = slice(fill, fill + take)
-                row["tokens"][sl] = doc.tokens[offset : offset + take]
-                row["segment"][sl] = segment
-                row["mode"][sl] = (
-                    doc.modes if isinstance(doc.modes, int) else doc.modes[offset : offset + take]
-                )
-                row["true"][sl] = doc.true_code
-                row["source"][sl] = doc.source_id
-                row["doc"][sl] = doc.doc_index
-                fill += take
-                offset += take
-                segment += 1
-                if fill == rows:
-                    yield row
-                    row, fill, segment = empty(), 0, 0
-                    if offset < n:  # continuing: repeat the last token so every next token is a target once
-                        offset -= 1
-        if fill:
-            row["segment"][fill:] = segment  # padding is its own document
-            yield row
+        return pack_rows(self._shuffled_docs() if docs is None else docs, self.seq_len, self.plan.pad_id)
 
     def batches(self, docs: Iterator[_Doc] | None = None) -> Iterator[dict[str, np.ndarray]]:
         rows: list[dict[str, np.ndarray]] = []
@@ -321,6 +278,48 @@ class _SlotStream:
                 rows = []
         if rows:
             yield _collate(rows)
+
+
+def pack_rows(docs: Iterable[_Doc], seq_len: int, pad_id: int) -> Iterator[dict[str, np.ndarray]]:
+    """Pack documents into seq_len+1 token rows; a document cut at a row end continues in the next
+    row as a new segment that starts with the row's last token again (that token was only a target
+    there), so every token but a document's first is predicted exactly once. Only a finite stream
+    ends with a padded row."""
+    rows = seq_len + 1
+
+    def empty() -> dict[str, np.ndarray]:
+        return {
+            "tokens": np.full(rows, pad_id, np.int64),
+            "segment": np.zeros(rows, np.int64),
+            "mode": np.full(rows, UNLABELLED, np.int64),
+            "true": np.full(rows, TRUE_PAD, np.int64),
+            "source": np.full(rows, -1, np.int64),
+            "doc": np.full(rows, -1, np.int64),
+        }
+
+    row, fill, segment = empty(), 0, 0
+    for doc in docs:
+        n, offset = len(doc.tokens), 0
+        while offset < n:
+            take = min(n - offset, rows - fill)
+            sl = slice(fill, fill + take)
+            row["tokens"][sl] = doc.tokens[offset : offset + take]
+            row["segment"][sl] = segment
+            row["mode"][sl] = doc.modes if isinstance(doc.modes, int) else doc.modes[offset : offset + take]
+            row["true"][sl] = doc.true_code
+            row["source"][sl] = doc.source_id
+            row["doc"][sl] = doc.doc_index
+            fill += take
+            offset += take
+            segment += 1
+            if fill == rows:
+                yield row
+                row, fill, segment = empty(), 0, 0
+                if offset < n:  # continuing: repeat the last token so every next token is a target once
+                    offset -= 1
+    if fill:
+        row["segment"][fill:] = segment  # padding is its own document
+        yield row
 
 
 def _collate(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -413,9 +412,7 @@ class StreamingLoader:
         if not 0 <= dp_rank < dp_world_size:
             raise DataError(f"dp_rank: expected 0 <= dp_rank < dp_world_size={dp_world_size}, got {dp_rank}")
         if micro_batch_size < 1 or seq_len < 1:
-            raise DataError(
-                f"micro_batch_size/seq_len: expected positive integers, got {micro_batch_size}/{seq_len}"
-            )
+            raise DataError(f"micro_batch_size/seq_len: expected positive integers, got {micro_batch_size}/{seq_len}")
         self.plan, self.dp_rank, self.dp_world_size, self.seed = plan, dp_rank, dp_world_size, seed
         self.micro_batch_size, self.seq_len = micro_batch_size, seq_len
         self.num_workers = plan.cfg.num_workers
@@ -527,9 +524,7 @@ class StreamingLoader:
                 "size; resuming would not reproduce the batch sequence"
             )
         if state["dp_rank"] != self.dp_rank and any(state["done"]):
-            raise DataError(
-                f"loader state: from dp_rank {state['dp_rank']} at an epoch end; load each rank's own"
-            )
+            raise DataError(f"loader state: from dp_rank {state['dp_rank']} at an epoch end; load each rank's own")
         self.close()
         self.delivered = list(state["delivered"])
         self.done = list(state["done"])
