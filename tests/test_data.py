@@ -613,3 +613,32 @@ def test_packing_predicts_every_in_document_token_exactly_once(lengths, seq_len,
         assert (modes[valid] == dix[valid] % 3).all()
     expected = [(t, t + 1) for d in docs for t in d.tokens[:-1].tolist()]
     assert sorted(pairs) == expected
+
+
+def test_exact_resume_in_a_finite_run_after_one_worker_finished(tmp_path, gpt2):
+    """Resume past the point where one DataLoader worker has run out: same tail, same end."""
+    src = _subset(DATA / "tinystories/stories_en.jsonl.xz", tmp_path / "en.jsonl", 12)
+    manifest = write_shards([str(src)], gpt2, SEQ, tmp_path / "en", source="en", shard_size_mb=0.03, progress=False)
+    assert len(manifest["shards"]) == 3  # dealt 2 + 1 to two workers: one runs out first
+    cfg = {
+        "sources": [{"path": str(tmp_path / "en"), "true_label": "retain"}],
+        "domains": ["spanish"],
+        "num_workers": 2,
+        "epochs": 1,
+        "heldout_fraction": 0.0,
+        "shuffle_buffer": 4,
+    }
+    full = list(build_loader(cfg, seed=2, micro_batch_size=1, seq_len=SEQ))
+    first = build_loader(cfg, seed=2, micro_batch_size=1, seq_len=SEQ)
+    k = 0
+    while not any(first.state_dict()["done"]):
+        next(first)
+        k += 1
+    state = json.loads(json.dumps(first.state_dict()))
+    first.close()
+    assert sum(state["delivered"]) == k < len(full) - 1  # one worker finished, the other has more
+    resumed = build_loader(cfg, seed=2, micro_batch_size=1, seq_len=SEQ)
+    resumed.load_state_dict(state)
+    tail = list(resumed)
+    assert len(tail) == len(full) - k
+    assert all(torch.equal(a[key], b[key]) for a, b in zip(full[k:], tail, strict=True) for key in a)
