@@ -18,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from pipeline.data.cli import register as register_data
     from pipeline.sgtm.cli import register as register_partition
+    from pipeline.train.cli import register as register_train
 
+    register_train(sub)
     register_partition(sub)
     register_data(sub)
     return parser

@@ -190,7 +190,8 @@ class CalibrationConfig:
     lr: float = 0.05
     alpha: float = 100.0
     beta: float = 0.0
-    batches: int = 2  # held-out batches per set used to fit the bias (disjoint from eval batches)
+    batches: int = 8  # held-out batches per set used to fit the bias (disjoint from eval batches)
+    tokens_per_step: int = 2048  # tokens per set in each Adam step (a seeded minibatch)
 
 
 @dataclass
@@ -208,7 +209,7 @@ class EvalConfig:
         if self.every < 0:
             raise ConfigError(f"{key}.every: must be >= 0, got {self.every}")
         c = self.calibration
-        if c.steps < 0 or c.lr <= 0 or c.alpha < 0 or c.beta < 0 or c.batches <= 0:
+        if c.steps < 0 or c.lr <= 0 or c.alpha < 0 or c.beta < 0 or c.batches <= 0 or c.tokens_per_step <= 0:
             raise ConfigError(f"{key}.calibration: steps/alpha/beta must be >= 0, lr/batches positive")
 
 

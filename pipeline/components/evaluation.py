@@ -47,23 +47,44 @@ def _logits(model: Transformer, batches: list[dict], device, ablated_domains: li
 def fit_calibration_bias(model: Transformer, calib: dict[str, list[dict]], ablated_domains: list[int],
                          cfg: CalibrationConfig, device, seed: int = 0) -> torch.Tensor:
     """Per-vocabulary bias (this TP rank's vocab shard) minimising
-    loss_forget + alpha * loss_retain + beta * loss_adjacent on the ablated model."""
+    loss_forget + alpha * loss_retain + beta * loss_adjacent on the ablated model.
+
+    The ablated model's final hidden states are computed once; each Adam step draws a seeded
+    minibatch of ``cfg.tokens_per_step`` labelled tokens per set and recomputes only the LM head,
+    so calibration can use many tokens at the cost of a few small matmuls per step (few tokens
+    over-fit a 50k-entry bias: tokens absent from them get pushed down)."""
     weights = {"forget": 1.0, "retain": cfg.alpha, "adjacent": cfg.beta}
-    cached = {name: (_logits(model, batches, device, ablated_domains), [b["labels"].to(device) for b in batches])
-              for name, batches in calib.items() if batches and weights.get(name, 0.0) > 0}
     vocab_local = model.embedding.weight.shape[0]
     bias = torch.zeros(vocab_local, device=device, requires_grad=True)
+    cached = {}
+    model.set_ablated(ablated_domains)
+    try:
+        with torch.no_grad():
+            for name, batches in calib.items():
+                w = weights.get(name.split(":")[0], 0.0)
+                if not batches or w <= 0:
+                    continue
+                hs, ys = [], []
+                for b in batches:
+                    h = model(b["input_ids"].to(device), doc_ids=b["doc_ids"].to(device), return_hidden=True)
+                    valid = (b["labels"] != IGNORE_INDEX).to(device)
+                    hs.append(h[valid])
+                    ys.append(b["labels"].to(device)[valid])
+                cached[name] = (w, torch.cat(hs), torch.cat(ys))
+    finally:
+        model.set_ablated([])
     if not cached:
         return bias.detach()
-    torch.manual_seed(seed)  # Adam is deterministic; kept for symmetry with other components
+    gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam([bias], lr=cfg.lr)
     for _ in range(cfg.steps):
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
-        for name, (logit_list, label_list) in cached.items():
-            loss_sum = sum(token_losses(lg + bias, lb).sum() for lg, lb in zip(logit_list, label_list))
-            count = sum(int((lb != IGNORE_INDEX).sum()) for lb in label_list)
-            total = total + weights[name] * loss_sum / max(count, 1)
+        for w, h, y in cached.values():
+            idx = torch.randint(0, y.numel(), (min(cfg.tokens_per_step, y.numel()),), generator=gen).to(device)
+            with torch.no_grad():
+                logits = model.logits(h[idx][None]).float()
+            total = total + w * token_losses(logits + bias, y[idx][None]).mean()
         total.backward()
         opt.step()
     return bias.detach()
@@ -90,9 +111,9 @@ def evaluate(model: Transformer, eval_sets: dict[str, list[dict]], calib_sets: d
             for b, lf, la in zip(batches, full, abl):
                 labels, valid = b["labels"].to(device), _valid(b).to(device)
                 per["full"].append(token_losses(lf, labels)[valid])
-                per["ablated"].append(token_losses(la, labels)[valid])
-                if bias is not None:
+                if bias is not None:  # before the ablated loss: token_losses consumes its logits
                     per["calibrated"].append(token_losses(la + bias, labels)[valid])
+                per["ablated"].append(token_losses(la, labels)[valid])
             cat = {k: torch.cat(v).cpu() for k, v in per.items() if v}
             results[name] = SetResult(
                 full=float(cat["full"].mean()), ablated=float(cat["ablated"].mean()),

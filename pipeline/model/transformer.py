@@ -222,7 +222,9 @@ def document_causal_mask(doc_ids: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy [B, S] from vocab-parallel logits; 0 where labels == -100."""
+    """Per-token cross-entropy [B, S] from vocab-parallel logits; 0 where labels == -100.
+
+    Consumes ``logits``: megatron's vocab-parallel cross-entropy works in place on fp32 input."""
     per_token = vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0))
     return per_token * (labels != IGNORE_INDEX)
 

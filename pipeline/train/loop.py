@@ -1,0 +1,203 @@
+"""The one training loop: compose engine, data, evaluation, checkpoints and metrics.
+
+Launched the same way by ``python``, ``torchrun``, the ``deepspeed`` launcher, ``srun`` or
+``mpirun`` (rank discovery is in :mod:`pipeline.engine.distributed`). Every rank runs this loop;
+only rank 0 writes metrics and run files.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from pipeline.components import checkpoint
+from pipeline.components.evaluation import evaluate
+from pipeline.components.metrics import MetricsLogger
+from pipeline.config import ExperimentConfig, to_dict
+from pipeline.engine.engine import TrainState, build_engine, train_step
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+class Preemption:
+    """SIGTERM (SLURM preemption, scancel, torchrun shutdown) asks for a checkpoint at the next
+    step boundary; ranks agree through an all-reduce so they stop at the same step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def package_versions() -> dict:
+    import deepspeed
+    import megatron.core
+
+    import pipeline
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "megatron-core": getattr(megatron.core, "__version__", "unknown"), "sgtm-pipeline": pipeline.__version__}
+
+
+def tp_layout(model: torch.nn.Module) -> dict[str, list[int]]:
+    """How each parameter is sharded ([partition_dim, stride]), so checkpoints can be consolidated
+    without rebuilding the model."""
+    return {n: [int(p.partition_dim), int(getattr(p, "partition_stride", 1))]
+            for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)}
+
+
+def eval_sets(cfg: ExperimentConfig) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """Held-out (eval, calibration) batches per set; disjoint, fixed, identical on every rank."""
+    from pipeline.data.loader import build_eval_batches
+
+    ev = cfg.eval
+    n_cal = ev.calibration.batches if ev.calibrate else 0
+    names = [("forget" if len(cfg.data.domains) == 1 else f"forget:{d}", "forget", d) for d in cfg.data.domains]
+    names += [("retain", "retain", None), ("adjacent", "adjacent", None)]
+    evals, calib = {}, {}
+    for name, which, domain in names:
+        batches = build_eval_batches(cfg.data, which, domain=domain, seq_len=cfg.model.max_seq_len,
+                                     batch_size=ev.batch_size, max_batches=ev.batches + n_cal)
+        if not batches:
+            continue
+        if n_cal and len(batches) > 1:
+            k = min(n_cal, len(batches) // 2)
+            calib[name], evals[name] = batches[:k], batches[k:]
+        else:
+            evals[name] = batches
+    return evals, calib
+
+
+def run_eval(state: TrainState, evals, calib, step: int, run_dir: Path, log: MetricsLogger) -> dict:
+    cfg = state.cfg
+    domains = list(range(len(state.partition.domains)))
+    results = evaluate(state.model, evals, calib if cfg.eval.calibrate else None, domains,
+                       cfg.eval.calibration if cfg.eval.calibrate else None, state.dist.device)
+    record = {"kind": "eval", "step": step}
+    for name, r in results.items():
+        record[f"{name}_full"] = r.full
+        record[f"{name}_ablated"] = r.ablated
+        if r.calibrated is not None:
+            record[f"{name}_calibrated"] = r.calibrated
+    log.log(record)
+    if state.dist.rank == 0:
+        out = run_dir / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        for name, r in results.items():
+            if name.startswith("forget"):
+                np.savez_compressed(out / f"step{step:08d}_{name.replace(':', '_')}_per_token.npz",
+                                    **{k: v.numpy().astype(np.float32) for k, v in r.per_token.items()})
+    return record
+
+
+def train(cfg: ExperimentConfig, resume: bool = False, max_steps: int | None = None) -> dict:
+    """Train to ``cfg.train.steps`` (or stop early after ``max_steps`` more steps, for tests);
+    returns the last eval record."""
+    from pipeline.data.loader import build_loader
+
+    if cfg.data is None:
+        raise ValueError("data: an experiment to train needs a data section (sources, tagging, filter)")
+    state = build_engine(cfg)
+    d = state.dist
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if d.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (run_dir / "versions.json").write_text(json.dumps(package_versions(), indent=2))
+    dist.barrier()
+
+    loader = build_loader(cfg.data, dp_rank=d.dp_rank, dp_world_size=d.dp_size, seed=cfg.train.seed,
+                          micro_batch_size=cfg.engine.micro_batch_size, seq_len=cfg.model.max_seq_len)
+    progress = Progress()
+    if resume:
+        tag = checkpoint.latest_tag(ckpt_dir)
+        if tag is None:
+            raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint to resume from")
+        client, rank_state = checkpoint.load(state.engine, ckpt_dir, tag)
+        progress = Progress(step=client["step"], tokens=client["tokens"])
+        loader.load_state_dict(rank_state["loader"])
+        checkpoint.set_rng_state(rank_state["rng"])
+        if d.rank == 0:
+            print(f"resumed from {ckpt_dir / tag} at step {progress.step}", file=sys.stderr)
+
+    evals, calib = eval_sets(cfg)
+    log = MetricsLogger(run_dir, enabled=d.rank == 0, total_steps=cfg.train.steps, start_step=progress.step)
+    preempt = Preemption()
+    tokens_per_step = cfg.engine.micro_batch_size * cfg.model.max_seq_len * cfg.engine.grad_accum_steps * d.dp_size
+
+    saved_at = [-1]
+
+    def save() -> None:
+        if saved_at[0] == progress.step:
+            return
+        saved_at[0] = progress.step
+        client = {"step": progress.step, "tokens": progress.tokens, "config": to_dict(cfg),
+                  "partition": state.partition.to_dict(), "tp_layout": tp_layout(state.model)}
+        rank_state = {"loader": loader.state_dict(), "rng": checkpoint.rng_state()}
+        checkpoint.save(state.engine, ckpt_dir, progress.step, client, rank_state, cfg.checkpoint.keep)
+
+    last_eval: dict = {}
+    stop_at = cfg.train.steps if max_steps is None else min(cfg.train.steps, progress.step + max_steps)
+    t0 = time.perf_counter()
+    try:
+        while progress.step < stop_at:
+            micro = [next(loader) for _ in range(cfg.engine.grad_accum_steps)]
+            loss = train_step(state, micro)
+            progress.step += 1
+            progress.tokens += tokens_per_step
+            step = progress.step
+            if step % cfg.train.log_every == 0 or step == stop_at:
+                lr = state.engine.get_lr()[0]
+                value = float(loss)
+                record = {"kind": "train", "step": step, "loss": value, "lr": lr, "tokens": progress.tokens,
+                          "tokens_per_s": progress.tokens / max(time.perf_counter() - t0, 1e-9)}
+                if state.clipper is not None and state.clipper.last_norms is not None:
+                    for g, n in enumerate(state.clipper.last_norms.tolist()):
+                        record["grad_norm_retain" if g == 0 else f"grad_norm_forget{g - 1}"] = n
+                log.log(record)
+                log.progress(step, progress.tokens, value, lr)
+            if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
+                last_eval = run_eval(state, evals, calib, step, run_dir, log)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                save()
+            if preempt.agreed(d.device):
+                save()
+                if d.rank == 0:
+                    print(f"SIGTERM: checkpoint written at step {step}; exiting", file=sys.stderr)
+                return {"preempted_at": step}
+        if progress.step == cfg.train.steps:
+            last_eval = run_eval(state, evals, calib, progress.step, run_dir, log)
+            if d.rank == 0:
+                (run_dir / "final.json").write_text(json.dumps(last_eval, indent=2))
+        save()
+    finally:
+        preempt.restore()
+        log.close()
+        loader.close()
+    return last_eval
