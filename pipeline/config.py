@@ -285,6 +285,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:  # Optional[X]: X's own error is the precise one
+            return _convert(arms[0], value, key)
         errors = []
         for arm in args:
             if arm is type(None):

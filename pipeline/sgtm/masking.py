@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.sgtm.modes import FORGET, RETAIN as RETAIN_MODE
+from pipeline.sgtm.modes import FORGET
+from pipeline.sgtm.modes import RETAIN as RETAIN_MODE
 from pipeline.sgtm.partition import JOINT_ALL, JOINT_NON_FORGET, RETAIN
 
 STRATEGIES = ("sgtm", "gradient_routing", "activation_masking", "none")

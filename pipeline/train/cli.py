@@ -28,6 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_ablate)
 
+    p = subparsers.add_parser("consolidate", help="merge TP shards of a checkpoint into one TP=1 model directory")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_consolidate)
+
     p = subparsers.add_parser("export-hf", help="write a HF transformers model directory (safetensors + tokenizer)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint or an ablated model directory")
     p.add_argument("--out", required=True)
@@ -58,6 +63,13 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     path = ablate_checkpoint(args.checkpoint, args.out, domains=args.domains, calibrate=args.calibrate)
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from pipeline.train.offline import consolidate_checkpoint
+
+    print(f"wrote {consolidate_checkpoint(args.checkpoint, args.out)}")
     return 0
 
 

@@ -1,0 +1,120 @@
+"""Export to a HF ``transformers`` model directory (safetensors + tokenizer), loadable offline.
+
+gpt-neo family -> ``GPT2LMHeadModel`` (learned positions, LayerNorm, exact GELU, tied embeddings,
+attention scaled by 1/sqrt(head_dim): exactly our block); llama family -> ``LlamaForCausalLM``.
+Padded vocabulary rows are dropped. HF models attend causally over the whole sequence, so
+logits match ours for sequences holding one document (packed documents need our doc mask).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.train.offline import load_any
+
+
+def _split_qkv(w: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Our QKV rows are head-major ([q_h, k_h, v_h] per head); return the q, k, v blocks."""
+    H, hd = cfg.n_heads, cfg.head_dim
+    w = w.view(H, 3, hd, *w.shape[1:])
+    return tuple(w[:, j].reshape(H * hd, *w.shape[3:]) for j in range(3))
+
+
+def gpt2_state(state: dict, cfg: ModelConfig):
+    from transformers import GPT2Config
+
+    v = cfg.vocab_size
+    hf = GPT2Config(vocab_size=v, n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layers,
+                    n_head=cfg.n_heads, n_inner=cfg.d_ff, activation_function="gelu",
+                    layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                    tie_word_embeddings=True, scale_attn_weights=True)
+    out = {"transformer.wte.weight": state["embedding.weight"][:v],
+           "transformer.wpe.weight": state["position_embedding.weight"],
+           "transformer.ln_f.weight": state["final_norm.weight"], "transformer.ln_f.bias": state["final_norm.bias"]}
+    for i in range(cfg.n_layers):
+        src, dst = f"blocks.{i}.", f"transformer.h.{i}."
+        q, k, v_ = _split_qkv(state[src + "attn.qkv.weight"], cfg)
+        qb, kb, vb = _split_qkv(state[src + "attn.qkv.bias"], cfg)
+        out.update({  # HF GPT-2 uses Conv1D: weight is [in, out]
+            dst + "ln_1.weight": state[src + "norm1.weight"], dst + "ln_1.bias": state[src + "norm1.bias"],
+            dst + "attn.c_attn.weight": torch.cat([q, k, v_]).t(),
+            dst + "attn.c_attn.bias": torch.cat([qb, kb, vb]),
+            dst + "attn.c_proj.weight": state[src + "attn.out.weight"].t(),
+            dst + "attn.c_proj.bias": state[src + "attn.out.bias"],
+            dst + "ln_2.weight": state[src + "norm2.weight"], dst + "ln_2.bias": state[src + "norm2.bias"],
+            dst + "mlp.c_fc.weight": state[src + "mlp.fc1.weight"].t(), dst + "mlp.c_fc.bias": state[src + "mlp.fc1.bias"],
+            dst + "mlp.c_proj.weight": state[src + "mlp.fc2.weight"].t(),
+            dst + "mlp.c_proj.bias": state[src + "mlp.fc2.bias"],
+        })
+    return hf, out
+
+
+def llama_state(state: dict, cfg: ModelConfig):
+    from transformers import LlamaConfig
+
+    v, f = cfg.vocab_size, cfg.d_ff
+    hf = LlamaConfig(vocab_size=v, hidden_size=cfg.d_model, intermediate_size=f, num_hidden_layers=cfg.n_layers,
+                     num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+                     max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                     rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                     tie_word_embeddings=bool(cfg.tie_embeddings), attention_bias=False, mlp_bias=False,
+                     hidden_act="silu")
+    head = state["embedding.weight"] if cfg.tie_embeddings else state["lm_head.weight"]
+    out = {"model.embed_tokens.weight": state["embedding.weight"][:v], "model.norm.weight": state["final_norm.weight"],
+           "lm_head.weight": head[:v]}
+    for i in range(cfg.n_layers):
+        src, dst = f"blocks.{i}.", f"model.layers.{i}."
+        q, k, v_ = _split_qkv(state[src + "attn.qkv.weight"], cfg)
+        fc1 = state[src + "mlp.fc1.weight"]
+        out.update({
+            dst + "input_layernorm.weight": state[src + "norm1.weight"],
+            dst + "post_attention_layernorm.weight": state[src + "norm2.weight"],
+            dst + "self_attn.q_proj.weight": q, dst + "self_attn.k_proj.weight": k, dst + "self_attn.v_proj.weight": v_,
+            dst + "self_attn.o_proj.weight": state[src + "attn.out.weight"],
+            dst + "mlp.gate_proj.weight": fc1[:f], dst + "mlp.up_proj.weight": fc1[f:],
+            dst + "mlp.down_proj.weight": state[src + "mlp.fc2.weight"],
+        })
+    return hf, out
+
+
+def save_tokenizer(spec: str, out: Path) -> None:
+    """Write HF tokenizer files for our tokenizer spec ('gpt2' or a trained tokenizer .json)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from pipeline.data.tokenizer import EOT, load_tokenizer
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=load_tokenizer(spec).tokenizer, eos_token=EOT, bos_token=EOT)
+    tok.save_pretrained(str(out))
+
+
+def export_hf(path: str | Path, out: str | Path) -> Path:
+    loaded = load_any(path)
+    cfg = loaded.cfg.model
+    hf_cfg, state = gpt2_state(loaded.state, cfg) if cfg.arch == "gpt-neo" else llama_state(loaded.state, cfg)
+    from transformers import AutoModelForCausalLM
+
+    if loaded.cfg.data is not None:
+        from pipeline.data.tokenizer import load_tokenizer
+
+        hf_cfg.bos_token_id = hf_cfg.eos_token_id = load_tokenizer(loaded.cfg.data.tokenizer).eot_id
+    model = AutoModelForCausalLM.from_config(hf_cfg)
+    missing, unexpected = model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False)
+    missing = [m for m in missing if not m.endswith(("attn.bias", "attn.masked_bias", "lm_head.weight"))]
+    if missing or unexpected:
+        raise RuntimeError(f"HF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    save_tokenizer(loaded.cfg.data.tokenizer if loaded.cfg.data is not None else "gpt2", tmp)
+    (tmp / "sgtm_meta.json").write_text(json.dumps({**loaded.meta, "arch": cfg.arch}, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
