@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipeline import __version__
@@ -36,8 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (UserError, ConfigError) as exc:
-        print(f"sgtm: error: {exc}", file=sys.stderr)
+    except (UserError, ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+        # User-facing problems (bad config values, missing files, refused inputs) are one line;
+        # SGTM_DEBUG=1 shows the traceback instead.
+        if os.environ.get("SGTM_DEBUG"):
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"sgtm: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -14,6 +14,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
     p.set_defaults(func=cmd_train)
 
+    p = subparsers.add_parser("demo", help="the bilingual SGTM vs filtering demo (CPU, ~15 min)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--methods", nargs="*", choices=["sgtm", "weak_filter", "no_filter"])
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides for every run (e.g. train.steps=200)")
+    p.set_defaults(func=cmd_demo)
+
     p = subparsers.add_parser("eval", help="evaluate a checkpoint: forget/retain/adjacent loss, full/ablated/calibrated")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (runs/X/checkpoints/stepN) or a run dir")
     p.add_argument("--data", help="data config YAML (default: the checkpoint's own data section)")
@@ -37,6 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint or an ablated model directory")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    run_demo(args.out, args.overrides, args.methods)
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -122,6 +122,12 @@ def train(cfg: ExperimentConfig, resume: bool = False, max_steps: int | None = N
 
     if cfg.data is None:
         raise ValueError("data: an experiment to train needs a data section (sources, tagging, filter)")
+    from pipeline.data.tokenizer import load_tokenizer
+
+    n_vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
+    if n_vocab > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                         f"{n_vocab} ids ({cfg.data.tokenizer})")
     state = build_engine(cfg)
     d = state.dist
     run_dir = Path(cfg.run_dir)
