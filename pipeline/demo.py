@@ -58,7 +58,8 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
 
 def table(final: dict[str, dict]) -> str:
-    head = "| method | forget full | forget ablated | forget calibrated | retain full | retain ablated | retain calibrated |"
+    head = ("| method | forget full | forget ablated | forget calibrated "
+            "| retain full | retain ablated | retain calibrated |")
     rows = [head, "|" + " --- |" * 7]
     for name, r in final.items():
         cells = [f"{r.get(f'{s}_{k}', float('nan')):.3f}" for s in ("forget", "retain")

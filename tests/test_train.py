@@ -35,7 +35,8 @@ def tiny_overrides(data_dir: Path, run_dir: Path, **extra) -> list[str]:
         "eval.every": 6, "eval.batches": 1, "eval.batch_size": 4,
         "eval.calibration": "{steps: 20, batches: 1, tokens_per_step: 128}",
         "checkpoint.every": 4, "checkpoint.keep": 2, "run_dir": str(run_dir),
-        "data.sources": f"[{{path: {data_dir}/en, true_label: retain}}, {{path: {data_dir}/es, true_label: 'forget:spanish'}}]",
+        "data.sources": f"[{{path: {data_dir}/en, true_label: retain}}, "
+                        f"{{path: {data_dir}/es, true_label: 'forget:spanish'}}]",
         "data.tokenizer": str(data_dir / "bpe1024.json"), "data.num_workers": 0,
     }
     o.update(extra)

@@ -8,7 +8,8 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train an experiment (any launcher: python, torchrun, deepspeed, srun, mpirun)")
+    p = subparsers.add_parser(
+        "train", help="train an experiment (any launcher: python, torchrun, deepspeed, srun, mpirun)")
     p.add_argument("--config", required=True, help="experiment YAML")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
@@ -20,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for every run (e.g. train.steps=200)")
     p.set_defaults(func=cmd_demo)
 
-    p = subparsers.add_parser("eval", help="evaluate a checkpoint: forget/retain/adjacent loss, full/ablated/calibrated")
+    p = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint: forget/retain/adjacent loss, full/ablated/calibrated")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (runs/X/checkpoints/stepN) or a run dir")
     p.add_argument("--data", help="data config YAML (default: the checkpoint's own data section)")
     p.add_argument("--out", help="write the results JSON here (default: <checkpoint>/eval.json)")

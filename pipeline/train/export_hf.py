@@ -47,7 +47,8 @@ def gpt2_state(state: dict, cfg: ModelConfig):
             dst + "attn.c_proj.weight": state[src + "attn.out.weight"].t(),
             dst + "attn.c_proj.bias": state[src + "attn.out.bias"],
             dst + "ln_2.weight": state[src + "norm2.weight"], dst + "ln_2.bias": state[src + "norm2.bias"],
-            dst + "mlp.c_fc.weight": state[src + "mlp.fc1.weight"].t(), dst + "mlp.c_fc.bias": state[src + "mlp.fc1.bias"],
+            dst + "mlp.c_fc.weight": state[src + "mlp.fc1.weight"].t(),
+            dst + "mlp.c_fc.bias": state[src + "mlp.fc1.bias"],
             dst + "mlp.c_proj.weight": state[src + "mlp.fc2.weight"].t(),
             dst + "mlp.c_proj.bias": state[src + "mlp.fc2.bias"],
         })
