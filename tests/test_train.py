@@ -211,3 +211,23 @@ def test_train_cli_config_errors_are_one_line(override, key):
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.startswith("sgtm: error:")]
     assert len(lines) == 1 and lines[0].startswith(f"sgtm: error: {key}:"), r.stderr[-2000:]
+
+
+def test_eval_cli_writes_json_for_a_checkpoint(data_dir, tmp_path):
+    """`sgtm eval --checkpoint RUN` prints and writes full/ablated/calibrated losses per set."""
+    from pipeline.config import load_config
+    from pipeline.train.loop import train
+
+    run_dir = tmp_path / "evalrun"
+    train(load_config(CONFIG, tiny_overrides(data_dir, run_dir, **{"train.steps": 4, "eval.every": 0})))
+    out = tmp_path / "eval.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    r = subprocess.run([sys.executable, "-m", "pipeline", "eval", "--checkpoint", str(run_dir), "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["step"] == 4 and set(report["sets"]) == {"forget", "retain"}
+    final = json.loads((run_dir / "final.json").read_text())
+    # The offline evaluation reproduces the training job's own final evaluation.
+    assert report["sets"]["forget"]["ablated"] == pytest.approx(final["forget_ablated"], abs=1e-5)
+    assert report["sets"]["retain"]["calibrated"] == pytest.approx(final["retain_calibrated"], abs=1e-5)
