@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast lint demo clean
+.PHONY: venv test test-fast test-launch lint demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +17,10 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q
+
+# Launchers for real (SLURM on localhost, torchrun multi-node, MPI, Dockerfile checks); root, ~10 min.
+test-launch: $(STAMP)
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -m launch tests/test_launch.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tools tests
