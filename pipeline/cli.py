@@ -18,12 +18,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sgtm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from pipeline.data.cli import register as register_data
+    from pipeline.experiments.cli import register as register_experiments
     from pipeline.sgtm.cli import register as register_partition
     from pipeline.train.cli import register as register_train
 
     register_train(sub)
     register_partition(sub)
     register_data(sub)
+    register_experiments(sub)
     return parser
 
 

@@ -59,6 +59,9 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank (0: read in the training process)
     epochs: int | None = None  # None: cycle forever; N: stop after N passes (then a padded last batch)
     skip_bad_shards: bool = False  # count and report corrupt shards instead of failing
+    # Keep only documents whose true label is in this list (e.g. ['forget:spanish'] for an
+    # attacker's forget-only stream); None keeps everything.
+    keep_true: list[str] | None = None
 
     @classmethod
     def from_dict(cls, raw: Any, key: str = "data") -> DataConfig:
@@ -114,6 +117,12 @@ class DataConfig:
         if tagging.precision is not None and tagging.false_positive_rate:
             raise DataError(f"{tk}.precision: give either precision or false_positive_rate, not both")
         epochs = raw.get("epochs")
+        keep_true = raw.get("keep_true")
+        if keep_true is not None:
+            if not isinstance(keep_true, list) or not keep_true:
+                raise DataError(f"{key}.keep_true: expected a non-empty list of true labels, got {keep_true!r}")
+            for i, role in enumerate(keep_true):
+                check_role(_string(role, f"{key}.keep_true[{i}]"), domains, f"{key}.keep_true[{i}]")
         config = cls(
             sources=sources,
             domains=domains,
@@ -125,6 +134,7 @@ class DataConfig:
             num_workers=_integer(raw.get("num_workers", 0), f"{key}.num_workers", minimum=0),
             epochs=None if epochs is None else _integer(epochs, f"{key}.epochs", minimum=1),
             skip_bad_shards=_boolean(raw.get("skip_bad_shards", False), f"{key}.skip_bad_shards"),
+            keep_true=None if keep_true is None else list(keep_true),
         )
         if config.tagging.source == "classifier":
             for i, src in enumerate(config.sources):

@@ -205,6 +205,8 @@ class _SlotStream:
         true_role = src.true_label or (tag or {}).get("true")
         if true_role is not None:
             check_role(true_role, self.cfg.domains, f"{src.tags or src.path}: true label of doc {doc.doc_index}")
+        if self.cfg.keep_true is not None and true_role not in self.cfg.keep_true:
+            return None
         uid = f"{src.name}:{doc.doc_index}"
         if self.split == "heldout":
             modes = None
@@ -444,6 +446,8 @@ class StreamingLoader:
             "shards": [[e["sha256"] for e in s.shards] for s in self.plan.sources],
         }
         spec["data"].pop("skip_bad_shards")
+        if spec["data"].get("keep_true") is None:  # fingerprints of configs without it are unchanged
+            spec["data"].pop("keep_true", None)
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def _start(self) -> Iterator[dict[str, Any]]:

@@ -1,0 +1,149 @@
+"""`sgtm sweep | analyze | attack | rmu | report`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sweep", help="run a grid of experiments (locally, one cell after another) or emit "
+                                            "a SLURM array job; finished cells are skipped")
+    p.add_argument("--config", required=True, help="sweep YAML or the name of one in configs/sweeps/")
+    p.add_argument("--out", default="runs/sweeps", help="cells go to OUT/cells/<key>, results to OUT/<name>/")
+    p.add_argument("--slurm", action="store_true", help="write OUT/<name>/cells.txt + sweep.sbatch instead of running")
+    p.add_argument("--dry-run", action="store_true", help="print the commands of the pending cells")
+    p.add_argument("--only", nargs="*", help="run only cells whose labels match, e.g. method=sgtm,size=d64")
+    p.set_defaults(func=cmd_sweep)
+
+    a = subparsers.add_parser("analyze", help="an analysis of sweep results or a run: JSON + PNG")
+    asub = a.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+    for name, hlp in (("tradeoff", "forget vs retain loss per method at every eval step"),
+                      ("undiscovered", "forget/retain loss vs undiscovered rate (paper Fig. 3)"),
+                      ("capacity", "forget loss vs forget MLP units and heads"),
+                      ("leakage", "dose-response baselines -> SGTM leakage per undiscovered rate and size"),
+                      ("compute-penalty", "power-law fit on no-filter runs -> equivalent compute of each method"),
+                      ("classifier", "precision/recall of the tags that reached training")):
+        q = asub.add_parser(name, help=hlp)
+        q.add_argument("--sweeps", nargs="+", required=True, help="sweep result dirs (OUT/<name>) or results.json")
+        q.add_argument("--out", required=True, help="directory for <analysis>.analysis.json and .png")
+        q.set_defaults(func=cmd_analyze)
+    q = asub.add_parser("per-token", help="per-token forget-loss distribution before/after ablation")
+    q.add_argument("--run", required=True, help="a run directory (its eval/*_per_token.npz)")
+    q.add_argument("--step", type=int, help="eval step (default: the last)")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=cmd_analyze)
+    q = asub.add_parser("gradnorm", help="per-example relative gradient norms of forget vs retain params (Fig. 4b)")
+    q.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or model dir (the full model)")
+    q.add_argument("--examples", type=int, default=48, help="held-out examples per set")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=cmd_analyze)
+
+    for name, hlp in (("attack", "adversarial fine-tuning of the deployed model on 50/50 forget/retain data"),
+                      ("rmu", "RMU unlearning of a (no-filter) model, then the fine-tuning attack")):
+        q = subparsers.add_parser(name, help=hlp)
+        q.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or model dir")
+        q.add_argument("--out", required=True)
+        q.add_argument("--reference", help="run dir (final.json) of the no-filter model: its forget loss is the target")
+        q.add_argument("--target-loss", type=float, help="forget loss counted as recovered (instead of --reference)")
+        q.add_argument("--steps", type=int, default=200, help="attack steps")
+        q.add_argument("--eval-every", type=int, default=10)
+        q.add_argument("--lr", type=float, default=1e-3, help="attack learning rate")
+        q.add_argument("--batch-size", type=int, default=8, help="sequences per attack step (half forget)")
+        q.add_argument("--eval-batches", type=int, default=4)
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--stop-at-target", action="store_true", help="stop once the target is reached")
+        if name == "attack":
+            q.add_argument("--ablate", choices=["auto", "yes", "no"], default="auto",
+                           help="auto: zero the forget parameters of SGTM/GR/AM models, not of filters")
+            q.add_argument("--name", default="attack", help="analysis name (file stem)")
+            q.set_defaults(func=cmd_attack)
+        else:
+            q.add_argument("--layer", type=int,
+                           help="steered block (default n_layers/2-1); MLPs of blocks layer-2..layer learn")
+            q.add_argument("--coeff", type=float, default=20.0, help="steering coefficient")
+            q.add_argument("--alpha", type=float, default=100.0, help="retain-preservation weight")
+            q.add_argument("--rmu-steps", type=int, default=80)
+            q.add_argument("--rmu-lr", type=float, default=5e-4)
+            q.add_argument("--no-attack", action="store_true", help="only unlearn")
+            q.set_defaults(func=cmd_rmu)
+
+    p = subparsers.add_parser("report", help="gather analyses (*.analysis.json + PNG) into one Markdown report")
+    p.add_argument("--runs", nargs="+", required=True, help="directories searched for *.analysis.json")
+    p.add_argument("--out", required=True, help="report directory (results.md + figures/)")
+    p.add_argument("--name", default="results.md")
+    p.add_argument("--title", default="SGTM results")
+    p.add_argument("--intro", help="Markdown file placed under the title")
+    p.set_defaults(func=cmd_report)
+
+
+def _cmd() -> str:
+    from pipeline.experiments.common import command_line
+
+    return command_line()
+
+
+def cmd_sweep(args) -> int:
+    from pipeline.experiments.sweep import run_sweep
+
+    res = run_sweep(args.config, args.out, slurm=args.slurm, dry_run=args.dry_run, only=args.only)
+    done = sum(c["done"] for c in res["cells"])
+    print(f"[sweep] {res['sweep']}: {done}/{len(res['cells'])} cells finished; results in "
+          f"{args.out}/{res['sweep']}/results.json")
+    return 0 if (args.slurm or args.dry_run or done == len(res["cells"])) else 1
+
+
+def cmd_analyze(args) -> int:
+    from pipeline.experiments import analyses, finetune
+
+    cmd = _cmd()
+    a = args.analysis
+    if a == "per-token":
+        res = analyses.per_token(args.run, args.out, cmd, args.step)
+    elif a == "gradnorm":
+        res = finetune.gradnorm(args.checkpoint, args.out, cmd, examples=args.examples)
+    else:
+        fn = {"tradeoff": analyses.tradeoff, "undiscovered": analyses.undiscovered, "capacity": analyses.capacity,
+              "leakage": analyses.leakage, "compute-penalty": analyses.compute_penalty_analysis,
+              "classifier": analyses.classifier}[a]
+        res = fn(args.sweeps, args.out, cmd)
+    for c in res.get("claims", []):
+        print(f"  {c['claim']}: here {c['here']} (paper: {c['paper']})")
+    print(f"[analyze] wrote {args.out}")
+    return 0
+
+
+def _attack_kwargs(args) -> dict:
+    return dict(steps=args.steps, eval_every=args.eval_every, lr=args.lr, batch_size=args.batch_size,
+                eval_batches=args.eval_batches, reference=args.reference, target_loss=args.target_loss,
+                seed=args.seed, stop_at_target=args.stop_at_target)
+
+
+def cmd_attack(args) -> int:
+    from pipeline.experiments.finetune import attack
+
+    r = attack(args.checkpoint, args.out, _cmd(), ablate=args.ablate, name=args.name, **_attack_kwargs(args))
+    print(f"[attack] forget loss {r['forget_loss_start']:.3f} -> {r['forget_loss_end']:.3f}; "
+          f"steps to threshold {r['threshold']}: {r['steps_to_threshold']}")
+    return 0
+
+
+def cmd_rmu(args) -> int:
+    from pipeline.experiments.finetune import attack, rmu
+
+    cmd = _cmd()
+    r = rmu(args.checkpoint, args.out, cmd, layer=args.layer, coeff=args.coeff, alpha=args.alpha,
+            steps=args.rmu_steps, lr=args.rmu_lr, batch_size=args.batch_size, seed=args.seed)
+    print(f"[rmu] forget {r['loss_before']['forget']:.3f} -> {r['loss_after']['forget']:.3f}; "
+          f"retain {r['loss_before']['retain']:.3f} -> {r['loss_after']['retain']:.3f}")
+    if not args.no_attack:
+        a = attack(r["model_dir"], args.out, cmd, ablate="no", name="attack_rmu", **_attack_kwargs(args))
+        print(f"[rmu] attack: steps to threshold {a['threshold']}: {a['steps_to_threshold']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pipeline.experiments.report import build_report
+
+    path = build_report(args.runs, args.out, args.title, args.intro, args.name, command=_cmd())
+    print(f"[report] wrote {path}")
+    return 0

@@ -1,0 +1,120 @@
+"""What every analysis shares: reading sweep cells, the deployed loss, writing JSON + PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+ABLATING = ("sgtm", "gradient_routing", "activation_masking")
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return "sgtm " + " ".join(shlex.quote(a) for a in args)
+
+
+def load_cells(paths: list[str | Path]) -> list[dict]:
+    """Cells of one or more sweeps (a sweep dir with results.json, or the file itself), refreshed from
+    their run dirs (a cell that finished after results.json was written counts), deduplicated."""
+    from pipeline.experiments.sweep import eval_history
+
+    seen, cells = set(), []
+    for p in paths:
+        p = Path(p)
+        f = p / "results.json" if p.is_dir() else p
+        if not f.is_file():
+            raise FileNotFoundError(f"{p}: no results.json (run `sgtm sweep` first)")
+        data = json.loads(f.read_text())
+        for c in data["cells"]:
+            run_dir = Path(c["run_dir"])
+            final = run_dir / "final.json"
+            c = dict(c, sweep=data["sweep"])
+            c["final"] = json.loads(final.read_text()) if final.is_file() else None
+            c["done"] = c["final"] is not None
+            c["history"] = eval_history(run_dir)
+            if c["key"] in seen:
+                continue
+            seen.add(c["key"])
+            cells.append(c)
+    return cells
+
+
+def method_of(cell: dict) -> str:
+    m = cell["labels"].get("method")
+    if m is not None:
+        return str(m)
+    if cell["strategy"] != "none":
+        return cell["strategy"]
+    return {"none": "no_filter", "weak": "weak_filter", "strict": "strict_filter"}[cell["filter"]]
+
+
+def deployed_kind(cell: dict) -> str:
+    """The loss that describes the deployed model: calibrated after ablation for the methods that
+    ablate, the full model for filters and plain training."""
+    return "calibrated" if cell["strategy"] in ABLATING else "full"
+
+
+def loss(record: dict | None, name: str, kind: str) -> float | None:
+    if not record:
+        return None
+    v = record.get(f"{name}_{kind}")
+    if v is None and kind == "calibrated":
+        v = record.get(f"{name}_ablated")
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def deployed(cell: dict, name: str, record: dict | None = None) -> float | None:
+    return loss(record if record is not None else cell["final"], name, deployed_kind(cell))
+
+
+def size_label(cell: dict) -> str:
+    return f"d{cell['d_model']}xL{cell['n_layers']} ({cell['n_params'] / 1e6:.2f}M)"
+
+
+def write_analysis(out: str | Path, name: str, payload: dict[str, Any], fig=None) -> Path:
+    """``<out>/<name>.analysis.json`` (+ ``<name>.png``). Payload keys the report reads: title,
+    command, table (list of rows), claims (paper claim vs measured), notes."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"analysis": name, **payload}
+    if fig is not None:
+        png = out / f"{name}.png"
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        payload["png"] = png.name
+    path = out / f"{name}.analysis.json"
+    path.write_text(json.dumps(payload, indent=2, default=_jsonable))
+    return path
+
+
+def _jsonable(v):
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return str(v)
+
+
+def figure(ncols: int = 1, width: float = 6.0, height: float = 4.2):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 10 ** -digits or abs(v) >= 1e5):
+            return f"{v:.{digits}g}" if abs(v) < 1e5 else f"{v:.3g}"
+        return f"{v:.{digits}f}"
+    return str(v)

@@ -1,0 +1,88 @@
+"""The analysis math, free of I/O so tests can check it on inputs with known answers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def nonincreasing(y: Sequence[float], w: Sequence[float] | None = None) -> np.ndarray:
+    """Least-squares non-increasing fit of ``y`` (pool adjacent violators): the dose-response of
+    forget loss in N must fall, so seed noise that makes it rise is pooled away."""
+    y = np.asarray(y, dtype=float)
+    w = np.ones_like(y) if w is None else np.asarray(w, dtype=float)
+    blocks: list[list[float]] = []  # [value, weight, count]
+    for yi, wi in zip(y, w):
+        blocks.append([yi, wi, 1])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            v2, w2, c2 = blocks.pop()
+            v1, w1, c1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+    return np.concatenate([[v] * c for v, _, c in blocks]) if blocks else y
+
+
+def dose_equivalent(doses: Sequence[float], losses: Sequence[float], target: float) -> dict:
+    """The forget-token dose N at which the dose-response curve (forget loss of plain runs trained on
+    retain data plus N forget tokens) reaches ``target``.
+
+    The curve is made non-increasing, then interpolated linearly in log N between positive doses
+    and linearly in N between dose 0 and the smallest positive dose. Returns ``{"n": N, "bound":
+    None | "below" | "above"}``: ``below`` when ``target`` is above the N=0 loss (the run forgot
+    more than the perfect filter: N = 0), ``above`` when it is below the largest dose's loss (N is at
+    least the largest dose; reported as that dose)."""
+    order = np.argsort(doses)
+    n = np.asarray(doses, dtype=float)[order]
+    y = nonincreasing(np.asarray(losses, dtype=float)[order])
+    if len(n) < 2:
+        raise ValueError("dose-response: need at least two doses")
+    if target >= y[0]:
+        return {"n": float(n[0]), "bound": "below" if target > y[0] else None}
+    if target <= y[-1]:
+        return {"n": float(n[-1]), "bound": "above" if target < y[-1] else None}
+    i = int(np.nonzero(y <= target)[0][0])  # first dose whose loss is at or below target
+    n0, n1, y0, y1 = n[i - 1], n[i], y[i - 1], y[i]
+    if y0 == y1:
+        return {"n": float(n0), "bound": None}
+    t = (y0 - target) / (y0 - y1)
+    if n0 <= 0:
+        return {"n": float(n0 + t * (n1 - n0)), "bound": None}
+    return {"n": float(math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0)))), "bound": None}
+
+
+def fit_power_law(compute: Sequence[float], loss: Sequence[float]) -> dict:
+    """Least squares of log L = log a - b log C. Returns a, b and R^2 (in log space)."""
+    x = np.log(np.asarray(compute, dtype=float))
+    y = np.log(np.asarray(loss, dtype=float))
+    if len(x) < 2 or np.ptp(x) == 0:
+        raise ValueError("power-law fit: need at least two distinct compute values")
+    slope, intercept = np.polyfit(x, y, 1)
+    pred = intercept + slope * x
+    ss = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float(((y - pred) ** 2).sum()) / ss if ss > 0 else 1.0
+    return {"a": float(math.exp(intercept)), "b": float(-slope), "r2": r2, "points": len(x)}
+
+
+def compute_for_loss(a: float, b: float, loss: float) -> float:
+    """C with a * C^-b = loss."""
+    return (loss / a) ** (-1.0 / b)
+
+
+def compute_penalty(a: float, b: float, loss: float, compute: float) -> float:
+    """1 - C_equivalent / C: the share of its compute a run gave up to reach ``loss`` (negative: it
+    did better than a plain run of the same compute; 0.99: it looks like a run with 1% of it)."""
+    return 1.0 - compute_for_loss(a, b, loss) / compute
+
+
+def steps_to_threshold(steps: Sequence[int], losses: Sequence[float], threshold: float) -> dict:
+    """First evaluated step at which ``losses`` is at or below ``threshold``, and the step linearly
+    interpolated between that evaluation and the previous one. ``None`` if never reached."""
+    for i, (s, v) in enumerate(zip(steps, losses)):
+        if v <= threshold:
+            if i == 0:
+                return {"step": int(s), "interpolated": float(s)}
+            s0, v0 = steps[i - 1], losses[i - 1]
+            frac = (v0 - threshold) / (v0 - v) if v0 != v else 1.0
+            return {"step": int(s), "interpolated": float(s0 + frac * (s - s0))}
+    return {"step": None, "interpolated": None}

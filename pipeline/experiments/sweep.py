@@ -1,0 +1,376 @@
+"""`sgtm sweep`: expand a grid of experiment overrides, run the cells one after another (or emit one
+SLURM array job), skip finished cells, and record every cell's metrics.
+
+A sweep file (``configs/sweeps/NAME.yaml``)::
+
+    name: undiscovered
+    base: experiments/demo.yaml          # experiment config (beside the sweep file or under configs/)
+    data: {prepare: bilingual, vocab_size: 4096}   # or {prepare: wiki}; or omit (base has data)
+    overrides: [model.max_seq_len=128, train.steps=300]   # every cell
+    grid:                                # the cross product of the axes
+      method:                            # a mapping axis: label -> overrides
+        sgtm: [sgtm.strategy=sgtm, data.filter=none]
+        weak_filter: [sgtm.strategy=none, data.filter=weak]
+      data.tagging.undiscovered_rate: [0.0, 0.2]   # a list axis: key -> values
+    exclude: [{method: weak_filter, data.tagging.undiscovered_rate: 0.2}]   # optional
+
+A cell's directory is ``<out>/cells/<key>`` where ``key`` hashes the fully resolved config (not the
+run dir), so the same cell in two sweeps is trained once. A cell is finished when its
+``final.json`` exists; a cell with a checkpoint but no ``final.json`` resumes. Each cell runs
+``python -m pipeline train --config <out>/<name>/base.yaml OVERRIDES run_dir=...`` in its own
+process (log in ``<cell>/train.log``); ``--slurm`` writes the same command lines as an array job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import (
+    CONFIG_ROOT,
+    ConfigError,
+    _find_fragment,
+    _read_yaml,
+    _resolve_fragments,
+    apply_override,
+    load_config,
+    to_dict,
+)
+
+SWEEP_ROOT = CONFIG_ROOT / "sweeps"
+
+
+@dataclass
+class Cell:
+    labels: dict[str, Any]  # axis -> label/value (what plots and tables group by)
+    overrides: list[str]  # key=value, no whitespace (one shell word each)
+    key: str = ""
+    run_dir: str = ""
+    config: dict = field(default_factory=dict)
+
+    def done(self) -> bool:
+        return (Path(self.run_dir) / "final.json").is_file()
+
+
+def _word(value: Any) -> str:
+    """A YAML value as one shell word that YAML parses back to the same value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        try:
+            same = yaml.safe_load(value) == value
+        except yaml.YAMLError:
+            same = False
+        if same and not any(c.isspace() for c in value) and "'" not in value and '"' not in value:
+            return value
+    return json.dumps(value, separators=(",", ":"))
+
+
+def normalize_override(override: str) -> str:
+    if "=" not in override:
+        raise ConfigError(f"{override}: override must look like key.path=value")
+    k, raw = override.split("=", 1)
+    return f"{k}={_word(yaml.safe_load(raw))}"
+
+
+def find_sweep(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (SWEEP_ROOT / name_or_path, SWEEP_ROOT / f"{name_or_path}.yaml"):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"--config: sweep {name_or_path!r} not found (give a file or a name in {SWEEP_ROOT})")
+
+
+def load_sweep(path: str | Path) -> dict:
+    path = find_sweep(str(path))
+    spec = _read_yaml(path, str(path)) or {}
+    for key in ("name", "base", "grid"):
+        if key not in spec:
+            raise ConfigError(f"{path}: sweep needs '{key}'")
+    unknown = set(spec) - {"name", "base", "data", "overrides", "grid", "exclude", "description", "analyses"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}")
+    spec["_path"] = str(path)
+    return spec
+
+
+def expand(spec: dict) -> list[Cell]:
+    """The cross product of the grid's axes, minus the excluded combinations."""
+    axes = []
+    for axis, values in spec["grid"].items():
+        if isinstance(values, dict):
+            axes.append([(axis, label, [normalize_override(o) for o in ovs]) for label, ovs in values.items()])
+        elif isinstance(values, list):
+            axes.append([(axis, v, [f"{axis}={_word(v)}"]) for v in values])
+        else:
+            raise ConfigError(f"grid.{axis}: expected a list of values or a mapping label -> overrides")
+    common = [normalize_override(o) for o in spec.get("overrides", [])]
+    excludes = spec.get("exclude", []) or []
+    cells = []
+    for combo in itertools.product(*axes):
+        labels = {axis: label for axis, label, _ in combo}
+        if any(all(labels.get(k) == v for k, v in ex.items()) for ex in excludes):
+            continue
+        cells.append(Cell(labels, common + [o for _, _, ovs in combo for o in ovs]))
+    return cells
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def prepare_data(spec: dict, out: Path) -> dict | None:
+    """Prepare the sweep's data set once (idempotent) and return its `data:` section."""
+    data = spec.get("data")
+    if not data:
+        return None
+    kind = data.get("prepare")
+    if kind == "bilingual":
+        from pipeline.data.prepare import prepare_bilingual
+
+        v = int(data.get("vocab_size", 4096))
+        return prepare_bilingual(out / "data" / f"bilingual_v{v}", vocab_size=v)
+    if kind == "wiki":
+        from pipeline.data.prepare import prepare_wiki
+
+        tok, where = data.get("tokenizer", "gpt2"), out / "data" / "wiki"
+        if data.get("vocab_size"):  # a small BPE trained on the Wikipedia leads (CPU-sized LM head)
+            v = int(data["vocab_size"])
+            where = out / "data" / f"wiki_v{v}"
+            tok = str(wiki_tokenizer(where, v).spec)
+        return prepare_wiki(where, tokenizer=tok, retain_fraction=float(data.get("retain_fraction", 0.1)))
+    raise ConfigError(f"data.prepare: expected 'bilingual' or 'wiki', got {kind!r}")
+
+
+def wiki_tokenizer(out_dir: Path, vocab_size: int):
+    from pipeline.data.io import BUNDLED_DATA  # noqa: F401  (bundled corpus location)
+    from pipeline.data.prepare import WIKI
+    from pipeline.data.readers import iter_documents
+    from pipeline.data.tokenizer import load_tokenizer, train_bpe
+
+    path = out_dir / f"bpe{vocab_size}.json"
+    if path.exists():
+        return load_tokenizer(str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return train_bpe((d.text for d in iter_documents([str(WIKI)])), vocab_size, path)
+
+
+def write_base(spec: dict, out: Path) -> Path:
+    """The sweep's base experiment with fragments resolved and the prepared data section in it."""
+    sweep_dir = Path(spec["_path"]).resolve().parent
+    base_path = _find_fragment(spec["base"], sweep_dir, "base")
+    raw = _resolve_fragments(_read_yaml(base_path, str(base_path)) or {}, base_path.resolve().parent)
+    prepared = prepare_data(spec, out)
+    if prepared is not None:
+        mine = raw.get("data") or {}
+        rest = {k: v for k, v in mine.items() if k not in ("sources", "tokenizer", "domains")}
+        merged = _deep_merge(prepared, rest)
+        merged["tagging"]["source"] = prepared["tagging"]["source"]
+        raw["data"] = merged
+    raw["name"] = spec["name"]
+    target = out / spec["name"] / "base.yaml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(raw, sort_keys=False)
+    if not target.exists() or target.read_text() != text:
+        target.write_text(text)
+    return target
+
+
+def cell_key(base: Path, overrides: list[str]) -> str:
+    """Hash of what the user wrote (the base experiment with these overrides applied, without name
+    and run_dir), not of the typed config: new config fields with defaults keep old keys valid."""
+    raw = yaml.safe_load(Path(base).read_text()) or {}
+    for o in overrides:
+        apply_override(raw, o)
+    raw = _resolve_fragments(raw, Path(base).resolve().parent)
+    raw.pop("name", None)
+    raw.pop("run_dir", None)
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def resolve(cells: list[Cell], base: Path, out: Path) -> list[Cell]:
+    """Validate every cell's config up front and give it its content-addressed run dir."""
+    for cell in cells:
+        cfg = load_config(base, cell.overrides)
+        d = to_dict(cfg)
+        d.pop("run_dir", None)
+        d.pop("name", None)
+        cell.key = cell_key(base, cell.overrides)
+        cell.run_dir = str((out / "cells" / cell.key).resolve())
+        cell.config = d
+    return cells
+
+
+def cell_command(base: Path, cell: Cell, resume: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "pipeline", "train", "--config", str(base), *cell.overrides,
+           f"run_dir={cell.run_dir}"]
+    return cmd + (["--resume"] if resume else [])
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    from pipeline.components.checkpoint import latest_tag
+
+    return (run_dir / "checkpoints").is_dir() and latest_tag(run_dir / "checkpoints") is not None
+
+
+def run_cell(base: Path, cell: Cell, log=print) -> bool:
+    run_dir = Path(cell.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = _has_checkpoint(run_dir)
+    cmd = cell_command(base, cell, resume)
+    (run_dir / "cell.json").write_text(json.dumps(
+        {"labels": cell.labels, "overrides": cell.overrides, "key": cell.key,
+         "command": " ".join(shlex.quote(c) for c in cmd)}, indent=2))
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    # One thread per cell unless told otherwise: on a shared CPU, spinning OpenMP threads waste
+    # more than they gain (SGTM_CELL_THREADS=N to change).
+    env["OMP_NUM_THREADS"] = os.environ.get("SGTM_CELL_THREADS", env.get("OMP_NUM_THREADS", "1"))
+    env.setdefault("MASTER_PORT", str(_free_port()))
+    t0 = time.perf_counter()
+    with open(run_dir / "train.log", "a") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    log(f"[sweep] cell {cell.key} {cell.labels}: rc={rc} in {time.perf_counter() - t0:.0f}s")
+    return rc == 0 and cell.done()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def eval_history(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    by_step = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("kind") == "eval":
+            by_step[r["step"]] = r  # a resumed run re-logs; keep the last
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def collect(spec: dict, cells: list[Cell], base: Path, out: Path) -> dict:
+    """results.json: every cell's labels, overrides, config summary, final and per-eval metrics."""
+    rows = []
+    for cell in cells:
+        run_dir = Path(cell.run_dir)
+        final = json.loads((run_dir / "final.json").read_text()) if cell.done() else None
+        m = cell.config["model"]
+        from pipeline.config import ModelConfig
+
+        n_params = ModelConfig(**{k: v for k, v in m.items()}).num_params()
+        e, t = cell.config["engine"], cell.config["train"]
+        tokens_per_step = e["micro_batch_size"] * e["grad_accum_steps"] * m["max_seq_len"]
+        rows.append({
+            "key": cell.key, "labels": cell.labels, "overrides": cell.overrides, "run_dir": cell.run_dir,
+            "done": final is not None, "final": final, "history": eval_history(run_dir),
+            "strategy": cell.config["sgtm"]["strategy"], "filter": cell.config["data"]["filter"],
+            "undiscovered_rate": cell.config["data"]["tagging"]["undiscovered_rate"],
+            "d_model": m["d_model"], "n_layers": m["n_layers"], "n_params": n_params,
+            "steps": t["steps"], "seed": t["seed"], "tokens_per_step": tokens_per_step,
+            "tokens": tokens_per_step * t["steps"],
+            "command": " ".join(shlex.quote(c) for c in cell_command(base, cell)),
+        })
+    result = {"sweep": spec["name"], "sweep_file": spec["_path"], "base": str(base), "cells": rows,
+              "command": f"sgtm sweep --config {spec['_path']} --out {out}"}
+    path = out / spec["name"] / "results.json"
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+SBATCH = """#!/bin/bash
+# One SLURM array task per sweep cell: task i trains line i of {cells}.
+# Submit: sbatch --array=1-{n} {script}
+#SBATCH --job-name=sgtm-{name}
+#SBATCH --output={logs}/%A_%a.out
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=04:00:00
+set -euo pipefail
+cd {root}
+LINE=$(sed -n "${{SLURM_ARRAY_TASK_ID}}p" {cells})
+RUN_DIR=$(echo "$LINE" | tr ' ' '\\n' | sed -n 's/^run_dir=//p')
+RESUME=""
+if [ -e "$RUN_DIR/checkpoints/latest" ]; then RESUME=--resume; fi
+if [ -e "$RUN_DIR/final.json" ]; then echo "finished: $RUN_DIR"; exit 0; fi
+# shellcheck disable=SC2086
+exec {python} -m pipeline train --config {base} $LINE $RESUME
+"""
+
+
+def emit_slurm(spec: dict, cells: list[Cell], base: Path, out: Path) -> tuple[Path, Path, int]:
+    """cells.txt (one line of key=value overrides per pending cell, run_dir included) and an sbatch
+    array script that trains line $SLURM_ARRAY_TASK_ID of it."""
+    d = out / spec["name"]
+    pending = [c for c in cells if not c.done()]
+    lines = [" ".join(c.overrides + [f"run_dir={c.run_dir}"]) for c in pending]
+    for c in pending:
+        for o in c.overrides:
+            if any(ch.isspace() for ch in o):
+                raise ConfigError(f"sweep: override {o!r} has whitespace; it cannot be one word of cells.txt")
+    cells_path = d / "cells.txt"
+    cells_path.write_text("".join(f"{line}\n" for line in lines))
+    script = d / "sweep.sbatch"
+    (d / "slurm_logs").mkdir(parents=True, exist_ok=True)
+    root = Path(__file__).resolve().parents[2]
+    script.write_text(SBATCH.format(cells=cells_path.resolve(), n=max(1, len(lines)), script=script.resolve(),
+                                    name=spec["name"], logs=(d / "slurm_logs").resolve(), root=root,
+                                    python=sys.executable, base=base.resolve()))
+    script.chmod(0o755)
+    return cells_path, script, len(lines)
+
+
+def run_sweep(config: str | Path, out: str | Path = "runs/sweeps", slurm: bool = False, dry_run: bool = False,
+              only: list[str] | None = None, log=print) -> dict:
+    spec = load_sweep(config)
+    out = Path(out)
+    base = write_base(spec, out)
+    cells = resolve(expand(spec), base, out)
+    if only:
+        cells = [c for c in cells if any(all(_match(c.labels, kv) for kv in sel.split(",")) for sel in only)]
+    log(f"[sweep] {spec['name']}: {len(cells)} cells, {sum(c.done() for c in cells)} finished; base {base}")
+    if slurm:
+        cells_path, script, n = emit_slurm(spec, cells, base, out)
+        log(f"[sweep] wrote {cells_path} ({n} pending cells) and {script}; submit: sbatch --array=1-{n} {script}")
+        return collect(spec, cells, base, out)
+    for cell in cells:
+        if cell.done():
+            log(f"[sweep] skip finished {cell.key} {cell.labels}")
+            continue
+        if dry_run:
+            log("[sweep] would run: " + " ".join(shlex.quote(c) for c in cell_command(base, cell)))
+            continue
+        run_cell(base, cell, log)
+        collect(spec, cells, base, out)  # results.json grows as cells finish
+    return collect(spec, cells, base, out)
+
+
+def _match(labels: dict, kv: str) -> bool:
+    k, _, v = kv.partition("=")
+    return k in labels and str(labels[k]) == v
