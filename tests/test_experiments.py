@@ -172,10 +172,12 @@ def test_tiny_sweep_analyses_attack_rmu_gradnorm_and_report(tiny_sweep, single_p
     assert p["results"]["tokens"] > 0 and (a_dir / "per_token.png").is_file()
     tok = analyses.count_tokens(cells["sgtm"]["run_dir"])
     assert 0 < tok["total"] <= 10 * 4 * 64
-    assert 0 < tok["forget_unlabelled"] < tok["forget_total"]
+    # SGTM: a forget token is forget-labelled or undiscovered (never retain mode)
+    assert tok["forget_total"] > 0 and tok["forget_labelled"] + tok["forget_unlabelled"] == tok["forget_total"]
     # weak filter: every forget token it trained on is an undiscovered one
     tw = analyses.count_tokens(cells["weak_filter"]["run_dir"])
-    assert tw["forget_labelled"] == 0 and tw["forget_total"] == tw["forget_unlabelled"] > 0
+    assert tw["forget_labelled"] == 0 and tw["forget_total"] == tw["forget_unlabelled"]
+    assert json.loads((Path(cells["sgtm"]["run_dir"]) / "tokens.json").read_text()) == tok  # cached
 
     ref = cells["weak_filter"]["run_dir"]
     atk = finetune.attack(cells["sgtm"]["run_dir"], a_dir, "sgtm attack ...", steps=4, eval_every=2, batch_size=4,

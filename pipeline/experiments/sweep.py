@@ -357,7 +357,10 @@ def run_sweep(config: str | Path, out: str | Path = "runs/sweeps", slurm: bool =
     log(f"[sweep] {spec['name']}: {len(cells)} cells, {sum(c.done() for c in cells)} finished; base {base}")
     if slurm:
         cells_path, script, n = emit_slurm(spec, cells, base, out)
-        log(f"[sweep] wrote {cells_path} ({n} pending cells) and {script}; submit: sbatch --array=1-{n} {script}")
+        log(f"[sweep] wrote {cells_path} ({n} pending cells) and {script}; submit either\n"
+            f"  sbatch --array=1-{n} {script}\n"
+            f"  sbatch --array=0-{n - 1} --export=ALL,CELLS={cells_path} launch/slurm/sweep.sbatch {base}"
+            "   (the launchers' script: same cells file, preemption + requeue)")
         return collect(spec, cells, base, out)
     for cell in cells:
         if cell.done():
