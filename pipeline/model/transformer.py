@@ -32,6 +32,7 @@ from torch import nn
 from pipeline.config import ModelConfig
 from pipeline.sgtm.masking import (
     FeatureSplit,
+    InputFeatures,
     TokenMasks,
     elementwise_affine,
     grad_gate,
@@ -87,8 +88,12 @@ class SplitRowLinear(RowParallelLinear):
         _tag(self.weight, role)
         _tag(self.bias, bias_role)
 
-    def forward(self, x: torch.Tensor, masks: TokenMasks | None) -> torch.Tensor:  # type: ignore[override]
-        y = reduce_from_tensor_model_parallel_region(selective_linear(x, self.weight, None, self.split, 1, masks))
+    def forward(self, x: torch.Tensor, masks: TokenMasks | None,  # type: ignore[override]
+                features: InputFeatures | None = None) -> torch.Tensor:
+        """``features``: the classes of ``x``'s columns, for the per-token activation masking
+        (``x`` is then edited in place: pass a fresh activation)."""
+        y = reduce_from_tensor_model_parallel_region(
+            selective_linear(x, self.weight, None, self.split, 1, masks, features))
         if self.bias is None:
             return y
         return elementwise_affine(y, None, self.bias, _allow(masks, self.bias_role))
@@ -133,10 +138,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class SplitFeatures(nn.Module):
     """Mixin state for a module whose activations are split into retain/forget features."""
 
-    def _init_features(self, feature_class: torch.Tensor) -> None:
+    def _init_features(self, feature_class: torch.Tensor, width: int = 1) -> None:
         self.register_buffer("feature_class", feature_class, persistent=False)
         self.register_buffer("ablated", None, persistent=False)
         self.has_forget = bool((feature_class >= 0).any())
+        # Column spans of each class in the row-parallel layer's input (built once, on the host).
+        self.features = InputFeatures(feature_class, width)
 
     def set_ablated(self, domains: list[int]) -> None:
         """Switch the features of ``domains`` off for every token (after ablation)."""
@@ -144,8 +151,12 @@ class SplitFeatures(nn.Module):
                                                           device=self.feature_class.device))
         self.ablated = off if bool(off.any()) else None
 
-    def _mask(self, h: torch.Tensor, masks: TokenMasks | None) -> torch.Tensor:
-        return mask_split_activation(h, self.feature_class, self.has_forget, masks, self.ablated)
+    def _ablate(self, h: torch.Tensor) -> torch.Tensor:
+        """Ablated features off for every token. The per-token masking (retain-mode tokens,
+        gradient routing) happens in the row-parallel layer, given ``self.features``."""
+        if self.ablated is None:
+            return h
+        return mask_split_activation(h, self.feature_class, self.has_forget, None, self.ablated)
 
 
 class Attention(SplitFeatures):
@@ -161,7 +172,7 @@ class Attention(SplitFeatures):
         self.out = SplitRowLinear(d, d, part.role("attn_out", layer, tp_rank),
                                   part.role("attn_out_bias", layer, tp_rank), config=mpc,
                                   init_method=out_init, bias=cfg.bias)
-        self._init_features(part.local_head_class(layer, tp_rank))
+        self._init_features(part.local_head_class(layer, tp_rank), cfg.head_dim)
 
     def forward(self, x, masks, attn_mask, rope):
         B, S, _ = x.shape
@@ -170,8 +181,10 @@ class Attention(SplitFeatures):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
-        o = self._mask(o.transpose(1, 2), masks)  # [B, S, H, hd]: per-head masking
-        return self.out(o.reshape(B, S, self.local_heads * self.head_dim), masks)
+        # [B, S, H, hd] -> [B, S, H*hd]: a fresh copy (SDPA keeps its own output for backward),
+        # which the out projection masks per head in place.
+        o = self._ablate(o.transpose(1, 2)).reshape(B, S, self.local_heads * self.head_dim)
+        return self.out(o, masks, self.features)
 
 
 class MLP(SplitFeatures):
@@ -195,7 +208,7 @@ class MLP(SplitFeatures):
             h = F.silu(gate) * up
         else:
             h = F.gelu(h)
-        return self.fc2(self._mask(h, masks), masks)
+        return self.fc2(self._ablate(h), masks, self.features)
 
 
 class Block(nn.Module):

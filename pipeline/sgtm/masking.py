@@ -15,8 +15,12 @@ DeepSpeed ZeRO (whose hooks take ``param.grad`` away before anyone could edit it
 * :class:`GradGateFn` - identity forward, per-token gated backward; for embedding lookups,
   whose only gradient is the weight gradient.
 
-Forward-time masking (retain-mode tokens switch forget heads/units off, gradient routing's
-detach, ablation) is :func:`mask_split_activation`.
+Activation masking of the features a row-parallel layer consumes (retain-mode tokens switch
+forget heads/units off; gradient routing's detach) happens inside :class:`SelectiveLinearFn` too,
+through a per-layer :class:`InputFeatures` (contiguous column spans of each feature class, built
+once) and per-batch [T, 1] token vectors (built once by :meth:`TokenMasks.build`): only the few
+forget columns are touched, in place, and no [tokens x features] mask is ever materialised.
+Ablation (features off for every token) is :func:`mask_split_activation`.
 """
 
 from __future__ import annotations
@@ -33,18 +37,30 @@ from pipeline.sgtm.partition import JOINT_ALL, JOINT_NON_FORGET, RETAIN
 STRATEGIES = ("sgtm", "gradient_routing", "activation_masking", "none")
 
 
+
+def _spans(classes: list[int], width: int = 1) -> list[tuple[int, int, int]]:
+    """Contiguous runs ``(class, start, stop)`` of a per-feature class list, in columns of ``width``."""
+    runs, start = [], 0
+    for i in range(1, len(classes) + 1):
+        if i == len(classes) or classes[i] != classes[start]:
+            runs.append((classes[start], start * width, i * width))
+            start = i
+    return runs
+
+
 @dataclass
 class TokenMasks:
     """Everything the layers need to know about one batch's modes, built once per batch.
 
     ``allow[cls]`` is a [T, 1] 0/1 tensor of which tokens may update parameters of slice class
-    ``cls`` (None: every token may). ``retain_tokens`` [B, S] marks tokens that run with forget
-    features off; ``route_domain`` [B, S] is the forget domain of each token for gradient
-    routing (-1 for non-forget tokens)."""
+    ``cls`` (None: every token may). ``retain_keep`` [T, 1] is 0 on retain-mode tokens (their
+    forget features are switched off in the forward); ``route_keep[cls]`` [T, 1] (gradient
+    routing) is 0 on the tokens whose gradient may not flow through features of class ``cls``
+    (a missing class: every token's may)."""
 
     allow: dict[int, torch.Tensor | None]
-    retain_tokens: torch.Tensor | None
-    route_domain: torch.Tensor | None
+    retain_keep: torch.Tensor | None = None
+    route_keep: dict[int, torch.Tensor] | None = None
 
     @staticmethod
     def build(modes: torch.Tensor | None, strategy: str, n_domains: int,
@@ -54,88 +70,162 @@ class TokenMasks:
         allow: dict[int, torch.Tensor | None] = {RETAIN: None, JOINT_NON_FORGET: None, JOINT_ALL: None}
         allow.update({d: None for d in range(n_domains)})
         if modes is None or strategy == "none":
-            return TokenMasks(allow, None, None)
-        modes = modes.long()
-        retain_tokens = modes == RETAIN_MODE
-        if strategy == "activation_masking":
-            return TokenMasks(allow, retain_tokens, None)
+            return TokenMasks(allow)
+        flat = modes.reshape(-1, 1).long()
         if strategy == "gradient_routing":
-            route = torch.where(modes >= FORGET, modes - FORGET, torch.full_like(modes, -1))
+            # On a forget:d token, features outside forget[d] pass no gradient.
+            non_forget = flat < FORGET
+            route = {RETAIN: non_forget.to(dtype)}
+            if n_domains > 1:
+                route.update({d: (non_forget | (flat == FORGET + d)).to(dtype) for d in range(n_domains)})
             return TokenMasks(allow, None, route)
+        retain_keep = (flat != RETAIN_MODE).to(dtype)
+        if strategy == "activation_masking":
+            return TokenMasks(allow, retain_keep)
         # sgtm
-        flat = modes.reshape(-1, 1)
         non_forget = flat < FORGET
         allow[RETAIN] = non_forget.to(dtype)
         allow[JOINT_NON_FORGET] = allow[RETAIN]
         if n_domains > 1:  # with one domain every token may update forget[0]
             for d in range(n_domains):
                 allow[d] = (non_forget | (flat == FORGET + d)).to(dtype)
-        return TokenMasks(allow, retain_tokens, None)
+        return TokenMasks(allow, retain_keep)
 
 
 class FeatureSplit:
     """The slice classes along the split side of one linear layer, grouped for fast masking.
 
     The most frequent class (normally retain) is applied as one multiply over all features; the
-    other classes (the few forget features) are re-gathered and overwritten."""
+    other classes (the few forget features, as contiguous column spans) are overwritten. With a
+    single class (the LM head, a rank that owns no forget features) the caller may mask the
+    other, smaller operand of the weight gradient instead (see :class:`SelectiveLinearFn`)."""
 
     def __init__(self, feature_class: torch.Tensor):
         classes, counts = torch.unique(feature_class, return_counts=True)
         self.base = int(classes[counts.argmax()])
-        self.groups = [(int(c), (feature_class == c).nonzero().flatten())
-                       for c in classes if int(c) != self.base]
-        self.classes = [self.base] + [c for c, _ in self.groups]
+        flat = [int(c) for c in feature_class.reshape(-1).tolist()]
+        self.spans = [(c, s, e) for c, s, e in _spans(flat) if c != self.base] if len(flat) > 1 else []
+        self.classes = [self.base] + sorted({c for c, _, _ in self.spans})
+        self.single = not self.spans
 
     def to(self, device: torch.device) -> FeatureSplit:
-        self.groups = [(c, idx.to(device)) for c, idx in self.groups]
         return self
 
     def apply(self, m: torch.Tensor, allow: dict[int, torch.Tensor | None]) -> torch.Tensor:
         """Zero the rows of ``m`` [T, F] (tokens) that may not update each feature's class."""
         base_allow = allow[self.base]
         out = m if base_allow is None else m * base_allow
-        for cls, idx in self.groups:
+        for cls, s, e in self.spans:
             a = allow[cls]
             if a is base_allow:
                 continue
-            sub = m.index_select(1, idx)
-            if a is not None:
-                sub = sub * a
-            out = out.index_copy(1, idx, sub) if out is m else out.index_copy_(1, idx, sub)
+            if out is m:
+                out = m.clone()
+            out[:, s:e] = m[:, s:e] if a is None else m[:, s:e] * a
         return out
+
+
+class InputFeatures:
+    """The feature classes of a row-parallel layer's input columns (heads x head_dim, or MLP
+    units), as contiguous column spans: what the forward activation masking touches."""
+
+    def __init__(self, feature_class: torch.Tensor, width: int = 1):
+        flat = [int(c) for c in feature_class.reshape(-1).tolist()]
+        self.spans = _spans(flat, width)
+        self.forget_spans = [(c, s, e) for c, s, e in self.spans if c >= 0]
+        self.has_forget = bool(self.forget_spans)
+
+
+def _gate_input_grad(gi: torch.Tensor, features: InputFeatures, masks: TokenMasks) -> None:
+    """In place on a fresh [T, K] input gradient: the entries the forward switched off (retain
+    tokens x forget columns) get no gradient; gradient routing's stops likewise."""
+    if masks.retain_keep is not None:
+        for _, s, e in features.forget_spans:
+            gi[:, s:e].mul_(masks.retain_keep)
+    route = masks.route_keep
+    if route is not None:
+        base = route.get(RETAIN)
+        own = [(s, e, gi[:, s:e].clone(), route.get(c)) for c, s, e in features.forget_spans]
+        if base is not None:
+            gi.mul_(base)
+        for s, e, sub, keep in own:
+            gi[:, s:e] = sub if keep is None else sub * keep
 
 
 class SelectiveLinearFn(torch.autograd.Function):
     """y = x W^T + b with per-token, per-slice weight gradients and an exact input gradient.
 
     ``split_dim`` 0: classes are on output rows (column-parallel), masking the output gradient.
-    ``split_dim`` 1: classes are on input columns (row-parallel), masking the saved input."""
+    ``split_dim`` 1: classes are on input columns (row-parallel), masking the saved input; with
+    ``features`` the input's forget columns are also switched off on retain-mode tokens (in
+    place on ``x``, which must be a fresh activation no other op saved: the caller's GELU/SwiGLU
+    output or attention output after the head merge), and the input gradient of switched-off or
+    routed entries is zeroed. When ``x`` was edited in place it is also returned (marked dirty)
+    as a second output; :func:`selective_linear` drops it."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, split: FeatureSplit | None, split_dim: int, masks: TokenMasks | None):
+    def forward(ctx, x, weight, bias, split: FeatureSplit | None, split_dim: int, masks: TokenMasks | None,
+                features: InputFeatures | None = None):
+        ctx.set_materialize_grads(False)
+        off = features is not None and masks is not None and features.has_forget and masks.retain_keep is not None
+        routed = features is not None and masks is not None and masks.route_keep is not None
+        dirty = False
+        if off:
+            if x._is_view() or not x.is_contiguous():  # never edit a tensor someone else may hold
+                x = x.clone(memory_format=torch.contiguous_format)
+            else:
+                ctx.mark_dirty(x)
+                dirty = True
+            x2 = x.view(-1, x.shape[-1])
+            for _, s, e in features.forget_spans:
+                x2[:, s:e].mul_(masks.retain_keep)
         ctx.save_for_backward(x, weight)
         ctx.split, ctx.split_dim, ctx.masks, ctx.has_bias = split, split_dim, masks, bias is not None
-        return F.linear(x, weight, bias)
+        ctx.features = features if (off or routed) else None
+        y = F.linear(x, weight, bias)
+        return (y, x) if dirty else y
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *grad_x_after):
         x, weight = ctx.saved_tensors
-        grad_in = grad_out.matmul(weight) if ctx.needs_input_grad[0] else None
+        if grad_out is None:
+            grad_out = torch.zeros(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+        grad_in = None
+        if ctx.needs_input_grad[0]:
+            grad_in = grad_out.matmul(weight)
+            if grad_x_after and grad_x_after[0] is not None:
+                grad_in = grad_in + grad_x_after[0]
+            if ctx.features is not None:
+                _gate_input_grad(grad_in.view(-1, grad_in.shape[-1]), ctx.features, ctx.masks)
         g = grad_out.reshape(-1, grad_out.shape[-1])
         xs = x.reshape(-1, x.shape[-1])
-        if ctx.split is not None and ctx.masks is not None:
-            if ctx.split_dim == 0:
-                g = ctx.split.apply(g, ctx.masks.allow)
+        bias_rows = None  # per-token weights of the bias gradient when g itself is not masked
+        split, masks = ctx.split, ctx.masks
+        if split is not None and masks is not None:
+            a = masks.allow[split.base]
+            if split.single:
+                # One class: dW = (a*g)^T x = g^T (a*x); mask the narrower operand.
+                if a is not None:
+                    if xs.shape[1] < g.shape[1]:
+                        xs = xs * a
+                        bias_rows = a
+                    else:
+                        g = g * a
+            elif ctx.split_dim == 0:
+                g = split.apply(g, masks.allow)
             else:
-                xs = ctx.split.apply(xs, ctx.masks.allow)
+                xs = split.apply(xs, masks.allow)
         grad_w = g.t().matmul(xs) if ctx.needs_input_grad[1] else None
-        grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_in, grad_w, grad_b, None, None, None
+        grad_b = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0) if bias_rows is None else bias_rows.t().matmul(g).squeeze(0)
+        return grad_in, grad_w, grad_b, None, None, None, None
 
 
 class ElementwiseAffineFn(torch.autograd.Function):
     """y = x * weight + bias (weight/bias over the last dim, either may be None), with the
-    parameter gradients summed only over tokens in ``allow`` [T, 1]."""
+    parameter gradients summed only over tokens in ``allow`` [T, 1] (as a [1, T] x [T, d]
+    product: no masked copy of the gradient)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, allow):
@@ -149,10 +239,12 @@ class ElementwiseAffineFn(torch.autograd.Function):
         x, weight, allow = ctx.saved_tensors
         grad_in = grad_out * weight if weight is not None else grad_out
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        if allow is not None:
-            g = g * allow
-        grad_w = (g * x.reshape(-1, x.shape[-1])).sum(0) if weight is not None else None
-        grad_b = g.sum(0) if ctx.has_bias else None
+        grad_w = grad_b = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            gx = g * x.reshape(-1, x.shape[-1])
+            grad_w = gx.sum(0) if allow is None else allow.t().matmul(gx).squeeze(0)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0) if allow is None else allow.t().matmul(g).squeeze(0)
         return grad_in, grad_w, grad_b, None
 
 
@@ -172,8 +264,9 @@ class GradGateFn(torch.autograd.Function):
 
 
 def selective_linear(x, weight, bias, split: FeatureSplit | None, split_dim: int,
-                     masks: TokenMasks | None) -> torch.Tensor:
-    return SelectiveLinearFn.apply(x, weight, bias, split, split_dim, masks)
+                     masks: TokenMasks | None, features: InputFeatures | None = None) -> torch.Tensor:
+    out = SelectiveLinearFn.apply(x, weight, bias, split, split_dim, masks, features)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def elementwise_affine(x, weight, bias, allow: torch.Tensor | None) -> torch.Tensor:
@@ -186,26 +279,26 @@ def grad_gate(y: torch.Tensor, allow: torch.Tensor | None) -> torch.Tensor:
 
 def mask_split_activation(h: torch.Tensor, feature_class: torch.Tensor, has_forget: bool,
                           masks: TokenMasks | None, ablated: torch.Tensor | None) -> torch.Tensor:
-    """Forward masking of split activations ``h`` [B, S, F, ...] with per-feature classes [F].
+    """Forward masking of split activations ``h`` [B, S, F, ...] with per-feature classes [F],
+    out of place (the model does the per-token part inside :class:`SelectiveLinearFn` instead):
 
+    * ``ablated`` [F] bool: features of ablated domains are zero for every token;
     * retain-mode tokens: forget features are zero (sgtm, activation_masking);
-    * gradient routing: on a forget:d token, features outside forget[d] pass no gradient;
-    * ``ablated`` [F] bool: features of ablated domains are zero for every token.
-
-    ``has_forget`` (this rank owns forget features in this layer) lets ranks and layers without
-    any skip the retain-mode masking entirely."""
+    * gradient routing: on a forget:d token, features outside forget[d] pass no gradient."""
     extra = (1,) * (h.dim() - 3)
-    is_forget = feature_class >= 0
     if ablated is not None:
         h = h.masked_fill(ablated.view(-1, *extra), 0.0)
     if masks is None:
         return h
-    if masks.retain_tokens is not None and has_forget:
-        off = masks.retain_tokens[:, :, None] & is_forget
-        h = h.masked_fill(off.view(*off.shape, *extra), 0.0)
-    if masks.route_domain is not None:
-        route = masks.route_domain[:, :, None]
-        stop = (route >= 0) & (feature_class != route)
-        stop = stop.view(*stop.shape, *extra)
-        h = torch.where(stop, h.detach(), h)
+    B, S = h.shape[:2]
+    cls = feature_class.view(-1, *extra)
+    if masks.retain_keep is not None and has_forget:
+        keep = masks.retain_keep.view(B, S, 1, *extra)
+        h = torch.where(cls >= 0, h * keep, h)
+    if masks.route_keep is not None:
+        for c in {int(c) for c in feature_class.tolist()}:
+            keep = masks.route_keep.get(c)
+            if keep is not None:
+                stop = (keep.view(B, S, 1, *extra) == 0) & (cls == c)
+                h = torch.where(stop, h.detach(), h)
     return h
