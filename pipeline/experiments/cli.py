@@ -89,7 +89,9 @@ def cmd_sweep(args) -> int:
     done = sum(c["done"] for c in res["cells"])
     print(f"[sweep] {res['sweep']}: {done}/{len(res['cells'])} cells finished; results in "
           f"{args.out}/{res['sweep']}/results.json")
-    return 0 if (args.slurm or args.dry_run or done == len(res["cells"])) else 1
+    if res.get("failed"):
+        print(f"[sweep] failed cells (see <cell>/train.log): {', '.join(res['failed'])}")
+    return 1 if res.get("failed") else 0
 
 
 def cmd_analyze(args) -> int:

@@ -351,17 +351,20 @@ def run_sweep(config: str | Path, out: str | Path = "runs/sweeps", slurm: bool =
     spec = load_sweep(config)
     out = Path(out)
     base = write_base(spec, out)
-    cells = resolve(expand(spec), base, out)
+    every = resolve(expand(spec), base, out)
+    cells = every
     if only:
-        cells = [c for c in cells if any(all(_match(c.labels, kv) for kv in sel.split(",")) for sel in only)]
+        cells = [c for c in every if any(all(_match(c.labels, kv) for kv in sel.split(",")) for sel in only)]
     log(f"[sweep] {spec['name']}: {len(cells)} cells, {sum(c.done() for c in cells)} finished; base {base}")
     if slurm:
         cells_path, script, n = emit_slurm(spec, cells, base, out)
+        collect(spec, every, base, out)
         log(f"[sweep] wrote {cells_path} ({n} pending cells) and {script}; submit either\n"
             f"  sbatch --array=1-{n} {script}\n"
             f"  sbatch --array=0-{n - 1} --export=ALL,CELLS={cells_path} launch/slurm/sweep.sbatch {base}"
             "   (the launchers' script: same cells file, preemption + requeue)")
-        return collect(spec, cells, base, out)
+        return collect(spec, every, base, out)
+    failed: list[str] = []
     for cell in cells:
         if cell.done():
             log(f"[sweep] skip finished {cell.key} {cell.labels}")
@@ -369,9 +372,10 @@ def run_sweep(config: str | Path, out: str | Path = "runs/sweeps", slurm: bool =
         if dry_run:
             log("[sweep] would run: " + " ".join(shlex.quote(c) for c in cell_command(base, cell)))
             continue
-        run_cell(base, cell, log)
-        collect(spec, cells, base, out)  # results.json grows as cells finish
-    return collect(spec, cells, base, out)
+        if not run_cell(base, cell, log):
+            failed.append(cell.key)
+        collect(spec, every, base, out)  # results.json grows as cells finish
+    return {**collect(spec, every, base, out), "failed": failed}
 
 
 def _match(labels: dict, kv: str) -> bool:
