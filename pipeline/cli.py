@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sgtm", description="Selective Gradient Masking pretraining")
     parser.add_argument("--version", action="version", version=f"sgtm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from pipeline.bench.cli import register as register_bench
     from pipeline.data.cli import register as register_data
     from pipeline.experiments.cli import register as register_experiments
     from pipeline.sgtm.cli import register as register_partition
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_train(sub)
     register_partition(sub)
     register_data(sub)
+    register_bench(sub)
     register_experiments(sub)
     return parser
 

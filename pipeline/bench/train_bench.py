@@ -1,18 +1,13 @@
 """Training throughput: strategies ``none`` / ``sgtm`` / ``gradient_routing`` on the same engine and
 the same batches, at several sizes and TP degrees, against an independent reference
-(``tools/reference_sgtm.py``), with repetitions interleaved.
+(``tools/reference_sgtm.py``: HF GPT-Neo, plain AdamW, the official code's homogeneous-batch
+gradient zeroing), and peak memory of each configuration.
 
-Each measured configuration is one process tree started from here (TP ranks are separate
-processes), in this order per repetition: for each size, for each TP, every strategy; then the
-reference (plain, then SGTM) at that size. Per configuration and repetition the figure is
-tokens per step / the median step time of the timed steps (after warm-up); across repetitions
-the median and the range are reported. Ratios are computed per repetition (same repetition,
-back to back) and their median is reported.
-
-Peak memory is the peak resident set size (``getrusage`` ``ru_maxrss``) of the measured
-process, summed over TP ranks; it includes the interpreter and the imports (torch, DeepSpeed,
-megatron-core), so the table also shows the growth over the resident size after set-up
-(engine built, batches loaded), which is what training itself adds.
+Speed: per size and TP degree, one process tree (:mod:`pipeline.bench.worker`, one process per
+TP rank) runs rounds of one optimizer step per variant on the same batch, the order rotated every
+round, so load drift on a shared machine hits every variant alike; ratios are medians of the
+per-round paired ratios. Memory: every configuration in its own process tree; peak memory is
+``ru_maxrss`` summed over TP ranks (plus the growth over the post-set-up RSS).
 """
 
 from __future__ import annotations
@@ -37,6 +32,9 @@ REFERENCE = ROOT / "tools" / "reference_sgtm.py"
 SIZES: dict[str, dict] = {
     "tiny-1m": {"base": "models/tiny-1m.yaml"},  # d=128, 4 blocks, 8 heads, d_ff 512: 1.3M params
     "small-4m": {"base": "models/tiny-1m.yaml", "d_model": 256, "d_ff": 1024},  # 4 blocks: 4.2M params
+    # for smoke tests only
+    "micro": {"base": "models/tiny-1m.yaml", "n_layers": 2, "d_model": 64, "n_heads": 4, "d_ff": 256,
+              "vocab_size": 512},
 }
 STRATEGIES = ("none", "sgtm", "gradient_routing")
 SHORT = {"none": "none", "sgtm": "sgtm", "gradient_routing": "gr", "activation_masking": "am"}
@@ -105,11 +103,12 @@ def bilingual_batches(n: int, micro_batch: int, seq_len: int, workdir: str) -> l
 # ---------------------------------------------------------------------------------- launching
 
 
-def _env(nprocs: int, threads: int | None) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+def _env(nprocs: int, threads: int | None, device: str = "cpu") -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if device == "cpu":  # DeepSpeed's CPU accelerator; never set on a GPU machine
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
@@ -125,11 +124,12 @@ def run_pipeline(spec: dict, nprocs: int, threads: int | None, timeout: float = 
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     procs = []
+    device = spec["config"]["engine"].get("device", "cpu")
     for rank in range(nprocs):
-        env = _env(nprocs, threads)
+        env = _env(nprocs, threads, device)
         env.update(RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
-        if spec["config"]["engine"].get("device") == "cpu":
+        if device == "cpu":
             env["GLOO_SOCKET_IFNAME"] = "lo"
         log = open(out / f"rank{rank}.log", "w")
         procs.append((subprocess.Popen([sys.executable, "-m", "pipeline.bench.worker", json.dumps(spec)],
@@ -154,16 +154,12 @@ def run_pipeline(spec: dict, nprocs: int, threads: int | None, timeout: float = 
 
 
 def run_reference(model: dict, strategy: str, batches: str, out: Path, warmup: int, steps: int,
-                  threads: int | None, forget_heads: int = 1, forget_units: int = 64,
-                  timeout: float = 900) -> dict:
+                  threads: int | None, timeout: float = 900) -> dict:
+    """``tools/reference_sgtm.py`` alone in its own process (for its peak memory)."""
     out.mkdir(parents=True, exist_ok=True)
     result = out / "reference.json"
-    cmd = [sys.executable, str(REFERENCE), "--batches", batches, "--json", str(result), "--strategy", strategy,
-           "--d-model", str(model["d_model"]), "--n-layers", str(model["n_layers"]),
-           "--n-heads", str(model["n_heads"]), "--d-ff", str(model["d_ff"]),
-           "--vocab", str(model["padded_vocab_size"]), "--seq-len", str(model["max_seq_len"]),
-           "--forget-heads", str(forget_heads), "--forget-units", str(forget_units),
-           "--warmup", str(warmup), "--steps", str(steps)]
+    cmd = [sys.executable, str(REFERENCE), *reference_args(model, batches), "--json", str(result),
+           "--strategy", strategy, "--warmup", str(warmup), "--steps", str(steps)]
     with open(out / "reference.log", "w") as log:
         rc = subprocess.run(cmd, env=_env(1, threads), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             timeout=timeout).returncode
@@ -178,25 +174,11 @@ def resolved_model(model: dict) -> dict:
 
     cfg = load_config(None, [], data={"model": model}).model
     return {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_ff": cfg.d_ff,
-            "padded_vocab_size": cfg.padded_vocab_size, "max_seq_len": cfg.max_seq_len,
+            "vocab_size": cfg.vocab_size, "padded_vocab_size": cfg.padded_vocab_size, "max_seq_len": cfg.max_seq_len,
             "params": cfg.num_params()}
 
 
 # -------------------------------------------------------------------------------- measurement
-
-
-def measurement(ranks: list[dict]) -> dict:
-    """One repetition of one configuration, from its ranks' reports."""
-    r0 = ranks[0]
-    step = statistics.median(r0["step_times"])
-    return {
-        "tokens_per_s": r0["tokens_per_step"] / step,
-        "step_s": step,
-        "peak_rss_mib": sum(r["peak_rss_mib"] for r in ranks),
-        "train_rss_mib": sum(r["peak_rss_mib"] - r["setup_rss_mib"] for r in ranks),
-        "threads": r0["threads"], "params": r0["params"], "losses": r0["losses"],
-        **({"peak_gpu_mib": max(r["peak_gpu_mib"] for r in ranks)} if "peak_gpu_mib" in r0 else {}),
-    }
 
 
 def machine() -> str:
@@ -219,19 +201,36 @@ def load_average() -> str:
         return "?"
 
 
-def benchmark(sizes: list[str], tps: list[int], strategies: list[str], reps: int, warmup: int, steps: int,
-              micro_batch: int, seq_len: int, data: str = "bilingual", reference: bool = True,
-              doc_mask: bool = True, log=print, workdir: str | None = None) -> dict:
-    """Run the interleaved benchmark; returns raw measurements and the summary."""
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], statistics.median(values), q[2]
+
+
+def model_section(size: str) -> dict:
+    """A benchmark size name (``SIZES``) or a model fragment under configs/models (``wiki-254m``)."""
+    if size in SIZES:
+        return SIZES[size]
+    name = size if size.endswith((".yaml", ".yml")) else f"models/{size}.yaml"
+    return {"base": name}
+
+
+def benchmark(sizes: list[str], tps: list[int], strategies: list[str], rounds: int, warmup: int, reps: int,
+              mem_steps: int, micro_batch: int, seq_len: int, data: str = "bilingual", reference: bool = True,
+              doc_mask: bool = True, memory: bool = True, log=print, workdir: str | None = None,
+              device: str = "cpu", precision: str = "fp32") -> dict:
+    """Run the benchmark (speed processes, then memory processes); returns raw data and summary."""
     cores = os.cpu_count() or 1
     started = time.time()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        n = warmup + steps
+        n = max(warmup + rounds, 2 + mem_steps)
         t0 = time.perf_counter()
         if data == "bilingual":
             batches = bilingual_batches(n, micro_batch, seq_len, tmp)
         else:
-            batches = synthetic_batches(n, micro_batch, seq_len, 4096)
+            vocab = min(resolved_model({**model_section(s), "max_seq_len": seq_len})["vocab_size"] for s in sizes)
+            batches = synthetic_batches(n, micro_batch, seq_len, vocab)
         import torch
 
         modes = torch.cat([b["modes"].reshape(-1) for b in batches])
@@ -241,107 +240,157 @@ def benchmark(sizes: list[str], tps: list[int], strategies: list[str], reps: int
         torch.save(batches, batch_file)
         log(f"batches: {n} x [{micro_batch}, {seq_len}] ({data}) in {time.perf_counter() - t0:.1f}s; "
             f"token modes {', '.join(f'{k} {v:.0%}' for k, v in mode_share.items())}")
-        raw: dict[str, list[dict]] = {}
+        speed: dict[str, list[float]] = {}  # key -> step times (pooled over repetitions, in round order)
+        cpu: dict[str, list[float]] = {}  # key -> process CPU seconds per step, same order
+        info: dict[str, dict] = {}
         job = 0
         for rep in range(reps):
             for size in sizes:
-                model = SIZES[size]
+                model = model_section(size)
+                resolved = resolved_model({**model, "max_seq_len": seq_len})
+                for tp in tps:
+                    spec = {"mode": "speed", "strategies": strategies, "batches": batch_file, "warmup": warmup,
+                            "rounds": rounds, "doc_mask": doc_mask, "out": str(Path(tmp) / f"job{job}"),
+                            "config": experiment(size, strategies[0], tp, micro_batch, seq_len, device, precision,
+                                                 model=model)}
+                    if reference and tp == 1:
+                        spec["reference_args"] = reference_args(resolved, batch_file)
+                    t1 = time.perf_counter()
+                    r0 = run_pipeline(spec, tp, max(1, cores // tp))[0]
+                    job += 1
+                    for variant, times in r0["step_times"].items():
+                        impl, strategy = variant.split("|")
+                        key = f"{size}|{impl}|tp{tp}|{strategy}"
+                        speed.setdefault(key, []).extend(times)
+                        cpu.setdefault(key, []).extend(r0["cpu_times"][variant])
+                        info[key] = {"tokens_per_step": r0["tokens_per_step"], "threads": r0["threads"],
+                                     "params": r0["params"] if impl == "pipeline" else r0["reference_params"]}
+                    summary = ", ".join(f"{v.split('|')[0][:3]} {v.split('|')[1]} "
+                                        f"{r0['tokens_per_step'] / statistics.median(t):,.0f}"
+                                        for v, t in r0["step_times"].items())
+                    log(f"speed rep {rep + 1}/{reps} {size} TP={tp} ({time.perf_counter() - t1:.0f}s): "
+                        f"tokens/s {summary}")
+        mem: dict[str, dict] = {}
+        if memory:
+            for size in sizes:
+                model = model_section(size)
                 for tp in tps:
                     for strategy in strategies:
                         key = f"{size}|pipeline|tp{tp}|{strategy}"
-                        spec = {"config": experiment(size, strategy, tp, micro_batch, seq_len, model=model),
-                                "batches": batch_file, "warmup": warmup, "steps": steps, "doc_mask": doc_mask,
-                                "out": str(Path(tmp) / f"job{job}")}
-                        m = measurement(run_pipeline(spec, tp, max(1, cores // tp)))
-                        raw.setdefault(key, []).append(m)
+                        spec = {"mode": "memory", "batches": batch_file, "warmup": 2, "steps": mem_steps,
+                                "doc_mask": doc_mask, "out": str(Path(tmp) / f"job{job}"),
+                                "config": experiment(size, strategy, tp, micro_batch, seq_len, device, precision,
+                                                     model=model)}
+                        ranks = run_pipeline(spec, tp, max(1, cores // tp))
                         job += 1
-                        log(f"rep {rep + 1}/{reps} {key}: {m['tokens_per_s']:,.0f} tokens/s, "
-                            f"peak RSS {m['peak_rss_mib']:,.0f} MiB (+{m['train_rss_mib']:,.0f} training)")
+                        mem[key] = _memory(ranks)
+                        log(f"memory {key}: peak RSS {mem[key]['peak_rss_mib']:,.0f} MiB "
+                            f"(+{mem[key]['train_rss_mib']:,.0f} training)")
                 if reference:
                     resolved = resolved_model({**model, "max_seq_len": seq_len})
                     for strategy in ("none", "sgtm"):
                         key = f"{size}|reference|tp1|{strategy}"
-                        r = run_reference(resolved, strategy, batch_file, Path(tmp) / f"job{job}", warmup, steps,
+                        r = run_reference(resolved, strategy, batch_file, Path(tmp) / f"job{job}", 2, mem_steps,
                                           cores)
-                        m = measurement([r])
-                        raw.setdefault(key, []).append(m)
                         job += 1
-                        log(f"rep {rep + 1}/{reps} {key}: {m['tokens_per_s']:,.0f} tokens/s, "
-                            f"peak RSS {m['peak_rss_mib']:,.0f} MiB (+{m['train_rss_mib']:,.0f} training)")
-    settings = {"sizes": sizes, "tp": tps, "strategies": strategies, "reps": reps, "warmup": warmup,
-                "steps": steps, "micro_batch": micro_batch, "seq_len": seq_len, "data": data,
-                "doc_mask": doc_mask, "reference": reference, "mode_share": mode_share}
+                        mem[key] = _memory([r])
+                        log(f"memory {key}: peak RSS {mem[key]['peak_rss_mib']:,.0f} MiB "
+                            f"(+{mem[key]['train_rss_mib']:,.0f} training)")
+    settings = {"sizes": sizes, "tp": tps, "strategies": strategies, "reps": reps, "rounds": rounds,
+                "warmup": warmup, "mem_steps": mem_steps, "micro_batch": micro_batch, "seq_len": seq_len,
+                "data": data, "doc_mask": doc_mask, "reference": reference, "mode_share": mode_share,
+                "device": device, "precision": precision}
     result = {"settings": settings, "machine": machine(), "load_average_after": load_average(),
               "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "seconds": round(time.time() - started, 1),
-              "raw": raw}
-    result.update(summarize(raw, sizes, tps, strategies, reference))
+              "raw": {"step_times": speed, "cpu_times": cpu, "memory": mem, "info": info}}
+    result.update(summarize(speed, mem, info, sizes, tps, strategies, cpu))
     return result
+
+
+def _memory(ranks: list[dict]) -> dict:
+    out = {"peak_rss_mib": sum(r["peak_rss_mib"] for r in ranks),
+           "train_rss_mib": sum(r["peak_rss_mib"] - r["setup_rss_mib"] for r in ranks)}
+    if "peak_gpu_mib" in ranks[0]:
+        out["peak_gpu_mib"] = max(r["peak_gpu_mib"] for r in ranks)
+    return out
+
+
+def reference_args(model: dict, batches: str, forget_heads: int = 1, forget_units: int = 64) -> list[str]:
+    return ["--batches", batches, "--d-model", str(model["d_model"]), "--n-layers", str(model["n_layers"]),
+            "--n-heads", str(model["n_heads"]), "--d-ff", str(model["d_ff"]),
+            "--vocab", str(model["padded_vocab_size"]), "--seq-len", str(model["max_seq_len"]),
+            "--forget-heads", str(forget_heads), "--forget-units", str(forget_units)]
 
 
 # ------------------------------------------------------------------------------------ summary
 
 
-def _spread(values: list[float]) -> tuple[float, float, float]:
-    return statistics.median(values), min(values), max(values)
-
-
-def _paired(raw: dict, a: str, b: str, field: str) -> list[float]:
-    return [x[field] / y[field] for x, y in zip(raw[a], raw[b])]
-
-
-def summarize(raw: dict, sizes: list[str], tps: list[int], strategies: list[str], reference: bool) -> dict:
+def summarize(speed: dict, mem: dict, info: dict, sizes: list[str], tps: list[int], strategies: list[str],
+              cpu: dict | None = None) -> dict:
     rows = []
-    for key, ms in raw.items():
+    for key, times in speed.items():
         size, impl, tp, strategy = key.split("|")
-        tok = _spread([m["tokens_per_s"] for m in ms])
-        rows.append({"size": size, "impl": impl, "tp": int(tp[2:]), "strategy": strategy,
-                     "params": ms[0]["params"], "threads": ms[0]["threads"],
-                     "tokens_per_s": tok[0], "tokens_per_s_min": tok[1], "tokens_per_s_max": tok[2],
-                     "peak_rss_mib": statistics.median(m["peak_rss_mib"] for m in ms),
-                     "train_rss_mib": statistics.median(m["train_rss_mib"] for m in ms),
-                     **({"peak_gpu_mib": statistics.median(m["peak_gpu_mib"] for m in ms)}
-                        if "peak_gpu_mib" in ms[0] else {}),
-                     "reps": len(ms)})
+        tokens = info[key]["tokens_per_step"]
+        q1, med, q3 = _quartiles(times)
+        row = {"size": size, "impl": impl, "tp": int(tp[2:]), "strategy": strategy, "params": info[key]["params"],
+               "threads": info[key]["threads"], "steps": len(times), "step_s": round(med, 4),
+               "tokens_per_s": round(tokens / med, 1), "tokens_per_s_q1": round(tokens / q3, 1),
+               "tokens_per_s_q3": round(tokens / q1, 1)}
+        row.update({k: round(v, 1) for k, v in mem.get(key, {}).items()})
+        rows.append(row)
     ratios = []
+
+    def add(what: str, size: str, tp: int, num: str, den: str) -> None:
+        """Speed ratio num/den from paired steps (same round: same batch, seconds apart)."""
+        if num not in speed or den not in speed:
+            return
+        paired = [d / n for n, d in zip(speed[num], speed[den])]
+        q1, med, q3 = _quartiles(paired)
+        row = {"size": size, "tp": tp, "what": what, "tokens_per_s": round(med, 4),
+               "tokens_per_s_q1": round(q1, 4), "tokens_per_s_q3": round(q3, 4),
+               "of_medians": round(statistics.median(speed[den]) / statistics.median(speed[num]), 4)}
+        if cpu and num in cpu and den in cpu:
+            row["cpu_time"] = round(statistics.median([d / n for n, d in zip(cpu[num], cpu[den])]), 4)
+        if num in mem and den in mem:
+            row["peak_rss"] = round(mem[num]["peak_rss_mib"] / mem[den]["peak_rss_mib"], 4)
+            row["train_rss"] = round(mem[num]["train_rss_mib"] / max(mem[den]["train_rss_mib"], 1e-9), 4)
+            if "peak_gpu_mib" in mem[num]:
+                row["peak_gpu"] = round(mem[num]["peak_gpu_mib"] / mem[den]["peak_gpu_mib"], 4)
+        ratios.append(row)
+
     for size in sizes:
         for tp in tps:
-            base = f"{size}|pipeline|tp{tp}|none"
             for strategy in strategies:
-                if strategy == "none" or base not in raw:
-                    continue
-                key = f"{size}|pipeline|tp{tp}|{strategy}"
-                ratios.append(_ratio_row(raw, key, base, f"{SHORT.get(strategy, strategy)} / none", size, tp))
-        if reference:
-            for strategy in ("none", "sgtm"):
-                ours, ref = f"{size}|pipeline|tp1|{strategy}", f"{size}|reference|tp1|{strategy}"
-                if ours in raw and ref in raw:
-                    ratios.append(_ratio_row(raw, ours, ref, f"pipeline TP=1 {strategy} / reference {strategy}",
-                                             size, 1))
+                if strategy != "none":
+                    add(f"{SHORT.get(strategy, strategy)} / none", size, tp, f"{size}|pipeline|tp{tp}|{strategy}",
+                        f"{size}|pipeline|tp{tp}|none")
+        add("reference sgtm / reference none", size, 1, f"{size}|reference|tp1|sgtm", f"{size}|reference|tp1|none")
+        for strategy in ("none", "sgtm"):
+            add(f"pipeline TP=1 {strategy} / reference {strategy}", size, 1, f"{size}|pipeline|tp1|{strategy}",
+                f"{size}|reference|tp1|{strategy}")
     out: dict = {"rows": rows, "ratios": ratios}
     sgtm = [r for r in ratios if r["what"] == "sgtm / none"]
     if sgtm:  # headline figures: the worst case over sizes and TP degrees
-        out["sgtm_vs_none_tokens_per_s"] = round(min(r["tokens_per_s"] for r in sgtm), 4)
-        out["sgtm_vs_none_peak_mem"] = round(max(r["peak_rss"] for r in sgtm), 4)
-        out["sgtm_vs_none_train_mem"] = round(max(r["train_rss"] for r in sgtm), 4)
+        out["sgtm_vs_none_tokens_per_s"] = min(r["tokens_per_s"] for r in sgtm)
+        if all("peak_rss" in r for r in sgtm):
+            out["sgtm_vs_none_peak_mem"] = max(r["peak_rss"] for r in sgtm)
+            out["sgtm_vs_none_train_mem"] = max(r["train_rss"] for r in sgtm)
+        if all("peak_gpu" in r for r in sgtm):
+            out["sgtm_vs_none_peak_gpu_mem"] = max(r["peak_gpu"] for r in sgtm)
     gr = [r for r in ratios if r["what"] == "gr / none"]
     if gr:
-        out["gr_vs_none_tokens_per_s"] = round(min(r["tokens_per_s"] for r in gr), 4)
-    vs_ref = [r for r in ratios if r["what"].startswith("pipeline TP=1 sgtm / reference")]
+        out["gr_vs_none_tokens_per_s"] = min(r["tokens_per_s"] for r in gr)
+    vs_ref = [r for r in ratios if r["what"] == "pipeline TP=1 sgtm / reference sgtm"]
     if vs_ref:
-        out["pipeline_vs_reference_tokens_per_s"] = round(min(r["tokens_per_s"] for r in vs_ref), 4)
+        out["pipeline_vs_reference_tokens_per_s"] = min(r["tokens_per_s"] for r in vs_ref)
     return out
 
 
-def _ratio_row(raw: dict, a: str, b: str, what: str, size: str, tp: int) -> dict:
-    tok = _spread(_paired(raw, a, b, "tokens_per_s"))
-    mem = _paired(raw, a, b, "peak_rss_mib")
-    train = _paired(raw, a, b, "train_rss_mib")
-    return {"size": size, "tp": tp, "what": what, "tokens_per_s": round(tok[0], 4),
-            "tokens_per_s_min": round(tok[1], 4), "tokens_per_s_max": round(tok[2], 4),
-            "peak_rss": round(statistics.median(mem), 4), "train_rss": round(statistics.median(train), 4)}
-
-
 # ----------------------------------------------------------------------------------- markdown
+
+
+def _fmt(x, spec=",.0f") -> str:
+    return "-" if x is None else format(x, spec)
 
 
 def markdown(result: dict, command: str) -> str:
@@ -350,28 +399,36 @@ def markdown(result: dict, command: str) -> str:
     lines = [
         f"### {result['date']}: `{command}`",
         "",
-        f"Machine: {result['machine']}; load average after the run {result['load_average_after']}. "
-        f"Batches: {s['micro_batch']} x {s['seq_len']} tokens ({s['data']} data, token modes {share}; "
-        f"document-masked attention {'on' if s['doc_mask'] else 'off'}), the same batches for every row. "
-        f"{s['reps']} interleaved repetitions of {s['warmup']} warm-up + {s['steps']} timed steps, each in a "
-        f"fresh process tree; tokens/s = tokens per step / median step time; median over repetitions "
-        f"[min-max]. Peak RSS: max resident set size of the benchmark process(es) (summed over TP ranks), "
-        f"including ~0.5 GiB per process of interpreter and imports; \"+train\": growth over the RSS after "
-        f"set-up (engine built, batches loaded). Wall time {result['seconds'] / 60:.1f} min.",
+        f"Machine: {result['machine']}; load average after the run {result['load_average_after']} "
+        f"(wall time {result['seconds'] / 60:.1f} min). Batches: {s['micro_batch']} x {s['seq_len']} tokens "
+        f"({s['data']} data; token modes {share}; document-masked attention "
+        f"{'on' if s['doc_mask'] else 'off'}), the same batch for every variant of a round.",
+        f"Speed: {s['reps']} process(es) per size and TP, each {s['warmup']} warm-up + {s['rounds']} timed rounds; "
+        f"a round is one optimizer step of every variant (strategies switched on one engine; at TP=1 also "
+        f"the reference, plain and SGTM) on the same batch, order rotated each round. tokens/s = tokens per "
+        f"step / median step time [quartiles]. Ratios: median over rounds of the paired step-time ratio "
+        f"[quartiles] ('of medians': ratio of the median step times; 'CPU-time speed': the same paired ratio "
+        f"of process CPU seconds per step, less disturbed by other load).",
+        f"Memory: one process (tree) per configuration, 2 + {s['mem_steps']} steps; peak RSS = getrusage "
+        f"ru_maxrss of the process, summed over TP ranks, including ~0.5 GiB per process of interpreter and "
+        f"imports (torch, DeepSpeed, megatron-core / transformers); '+train' = peak minus the RSS after "
+        f"set-up (model, optimizer and batches loaded).",
         "",
-        "| size | implementation | TP | strategy | threads/rank | tokens/s | peak RSS MiB | +train MiB |",
+        "| size | implementation | TP | strategy | threads/rank | tokens/s [quartiles] | peak RSS MiB | +train MiB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
         lines.append(f"| {r['size']} ({r['params'] / 1e6:.2f}M) | {r['impl']} | {r['tp']} | {r['strategy']} | "
-                     f"{r['threads']} | {r['tokens_per_s']:,.0f} [{r['tokens_per_s_min']:,.0f}-"
-                     f"{r['tokens_per_s_max']:,.0f}] | {r['peak_rss_mib']:,.0f} | {r['train_rss_mib']:,.0f} |")
-    lines += ["", "Ratios (per repetition, median [min-max]; memory: median):", "",
-              "| size | TP | ratio | tokens/s | peak RSS | +train RSS |", "| --- | --- | --- | --- | --- | --- |"]
+                     f"{r['threads']} | {r['tokens_per_s']:,.0f} [{r['tokens_per_s_q1']:,.0f}-"
+                     f"{r['tokens_per_s_q3']:,.0f}] | {_fmt(r.get('peak_rss_mib'))} | "
+                     f"{_fmt(r.get('train_rss_mib'))} |")
+    lines += ["", "| size | TP | ratio | tokens/s [quartiles] | of medians | CPU-time speed | peak RSS | +train RSS |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["ratios"]:
         lines.append(f"| {r['size']} | {r['tp']} | {r['what']} | {r['tokens_per_s']:.3f} "
-                     f"[{r['tokens_per_s_min']:.3f}-{r['tokens_per_s_max']:.3f}] | {r['peak_rss']:.3f} | "
-                     f"{r['train_rss']:.3f} |")
+                     f"[{r['tokens_per_s_q1']:.3f}-{r['tokens_per_s_q3']:.3f}] | {r['of_medians']:.3f} | "
+                     f"{_fmt(r.get('cpu_time'), '.3f')} | "
+                     f"{_fmt(r.get('peak_rss'), '.3f')} | {_fmt(r.get('train_rss'), '.3f')} |")
     return "\n".join(lines) + "\n"
 
 
