@@ -79,8 +79,9 @@ class ModelConfig:
             raise ConfigError(f"{key}.n_heads: {self.n_heads} does not divide d_model={self.d_model}")
         if self.arch == "llama" and self.head_dim % 2:
             raise ConfigError(f"{key}.n_heads: RoPE needs an even head_dim, got {self.head_dim}")
-        if self.norm_eps <= 0 or self.init_std <= 0:
-            raise ConfigError(f"{key}.norm_eps/init_std: must be positive")
+        for name in ("norm_eps", "init_std", "rope_theta"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}: must be positive, got {getattr(self, name)}")
 
     def num_params(self) -> int:
         """Parameters of the unpadded model (what the size names in configs/models count)."""
@@ -140,6 +141,9 @@ class EngineConfig:
     # per_partition: retain+joint and each forget[d] get their own norm and clip coefficient, so
     # forget data cannot scale retain updates. global: DeepSpeed's usual clipping.
     clip_mode: Literal["per_partition", "global"] = "per_partition"
+    # Process-group timeout: a rank blocked in a collective whose peer died gives up after this
+    # many seconds with an error naming the timeout (torch's default is 30 minutes).
+    dist_timeout_s: float = 1800.0
 
     def validate(self, key: str = "engine") -> None:
         for name in ("tensor_parallel", "micro_batch_size", "grad_accum_steps"):
@@ -147,6 +151,8 @@ class EngineConfig:
                 raise ConfigError(f"{key}.{name}: must be positive, got {getattr(self, name)}")
         if self.grad_clip < 0:
             raise ConfigError(f"{key}.grad_clip: must be >= 0, got {self.grad_clip}")
+        if not 0 < self.dist_timeout_s < float("inf"):
+            raise ConfigError(f"{key}.dist_timeout_s: must be positive, got {self.dist_timeout_s}")
 
 
 @dataclass
@@ -159,12 +165,15 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
 
     def validate(self, key: str = "optimizer") -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"{key}.lr: must be positive, got {self.lr}")
+        if not 0 < self.lr < float("inf"):
+            raise ConfigError(f"{key}.lr: must be positive and finite, got {self.lr}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"{key}.betas: each must be in [0, 1), got {list(self.betas)}")
-        if self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ConfigError(f"{key}.weight_decay/warmup_steps: must be >= 0")
+        for name in ("weight_decay", "warmup_steps", "min_lr_ratio"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.eps <= 0:
+            raise ConfigError(f"{key}.eps: must be positive, got {self.eps}")
 
 
 @dataclass
@@ -172,12 +181,18 @@ class TrainConfig:
     steps: int = 100
     seed: int = 0
     log_every: int = 10
+    # A step whose loss or gradients are not finite is never applied. 'stop': the run stops with
+    # the step number and the batch's sources (resume from the last checkpoint); 'skip': the
+    # step is skipped, counted (metrics `nonfinite` records, checkpointed) and training goes on.
+    nonfinite: Literal["skip", "stop"] = "stop"
 
     def validate(self, key: str = "train") -> None:
         if self.steps <= 0:
             raise ConfigError(f"{key}.steps: must be positive, got {self.steps}")
         if self.log_every <= 0:
             raise ConfigError(f"{key}.log_every: must be positive, got {self.log_every}")
+        if self.seed < 0:
+            raise ConfigError(f"{key}.seed: must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -209,8 +224,12 @@ class EvalConfig:
         if self.every < 0:
             raise ConfigError(f"{key}.every: must be >= 0, got {self.every}")
         c = self.calibration
-        if c.steps < 0 or c.lr <= 0 or c.alpha < 0 or c.beta < 0 or c.batches <= 0 or c.tokens_per_step <= 0:
-            raise ConfigError(f"{key}.calibration: steps/alpha/beta must be >= 0, lr/batches positive")
+        for name in ("steps", "alpha", "beta"):
+            if getattr(c, name) < 0:
+                raise ConfigError(f"{key}.calibration.{name}: must be >= 0, got {getattr(c, name)}")
+        for name in ("lr", "batches", "tokens_per_step"):
+            if getattr(c, name) <= 0:
+                raise ConfigError(f"{key}.calibration.{name}: must be positive, got {getattr(c, name)}")
 
 
 @dataclass
@@ -332,7 +351,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:  # not NaN
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:

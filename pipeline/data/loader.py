@@ -590,10 +590,14 @@ def build_eval_batches(
         for source_id, src in enumerate(plan.sources):
             for entry in src.shards:
                 tags = load_sidecar(src.tags, entry) if src.tags is not None else None
-                for doc in iter_shard_documents(Path(src.path) / entry["name"], entry):
-                    made = stream._make_doc(source_id, src, doc, tags)
-                    if made is not None and made.true_code == wanted:
-                        yield made
+                try:
+                    for doc in iter_shard_documents(Path(src.path) / entry["name"], entry):
+                        made = stream._make_doc(source_id, src, doc, tags)
+                        if made is not None and made.true_code == wanted:
+                            yield made
+                except DataError:
+                    if not cfg.skip_bad_shards:  # as in training: skip (the same shards every run)
+                        raise
 
     batches = []
     for batch in stream.batches(docs()):

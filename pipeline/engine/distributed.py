@@ -139,8 +139,12 @@ def init_distributed(cfg: EngineConfig) -> DistInfo:
         raise ValueError(f"engine.tensor_parallel: {cfg.tensor_parallel} does not divide the world size {world}")
     if device.type == "cpu":
         _skip_shm_build()
+    timeout_s = float(getattr(cfg, "dist_timeout_s", 1800.0))
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        from datetime import timedelta
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=timedelta(seconds=timeout_s))
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         device = torch.device("cuda", torch.cuda.current_device())
@@ -148,7 +152,8 @@ def init_distributed(cfg: EngineConfig) -> DistInfo:
         if ps.get_tensor_model_parallel_world_size() != cfg.tensor_parallel:
             ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor_parallel)
+        ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor_parallel,
+                                     distributed_timeout_minutes=timeout_s / 60)
     return DistInfo(
         rank=torch.distributed.get_rank(), world_size=world, local_rank=int(os.environ["LOCAL_RANK"]),
         tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),

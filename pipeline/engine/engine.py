@@ -27,6 +27,7 @@ class TrainState:
     model: Transformer
     engine: object  # deepspeed.DeepSpeedEngine
     clipper: PartitionClipper | None = None
+    last_step_finite: bool = True  # False: the last train_step saw a non-finite loss/gradient and skipped
 
 
 def build_model(cfg: ExperimentConfig, dist: DistInfo) -> tuple[ForgetPartition, Transformer]:
@@ -102,21 +103,93 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def train_step(state: TrainState, micro_batches: list[dict]) -> torch.Tensor:
+def _local_grads_finite(engine) -> torch.Tensor:
+    """Are this rank's gradients finite (a bool tensor)? ZeRO-1/2 hold this rank's partition in the optimizer's
+    ``averaged_gradients`` after the boundary backward; otherwise they are in ``param.grad``."""
+    ag = getattr(engine.optimizer, "averaged_gradients", None)
+    if ag is not None:
+        groups = ag.values() if isinstance(ag, dict) else ag
+        tensors = [t for g in groups if g is not None for t in ((g,) if torch.is_tensor(g) else g) if t is not None]
+    else:
+        tensors = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def _all_true(flag: torch.Tensor) -> bool:
+    """One scalar all-reduce (the only host sync this check adds to a step)."""
+    bad = (~flag).float().reshape(1)
+    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return not bool(bad.item())
+
+
+def _skipped_step(engine) -> None:
+    """``engine.step()`` at the boundary without applying the update: gradients are dropped, the
+    weights and Adam moments stay as they were, the LR schedule advances by one step (so it keeps
+    following the loop's step count). Uses DeepSpeed's own overflow path where it has one."""
+    opt = engine.optimizer
+    if hasattr(opt, "averaged_gradients") and hasattr(opt, "check_grad_overflow"):  # ZeRO-1/2
+        check = opt.check_grad_overflow
+        opt.check_grad_overflow = True
+        opt.has_overflow = lambda *a, **k: True  # all ranks agreed already
+        try:
+            engine.step()
+        finally:
+            del opt.has_overflow
+            opt.check_grad_overflow = check
+    elif hasattr(opt, "clear_hp_grads") and hasattr(opt, "clear_lp_grads"):  # bf16 ZeRO-0
+        def skip(closure=None):  # noqa: ARG001
+            opt.overflow = True
+            opt.clear_hp_grads()
+            opt.clear_lp_grads()
+        opt.step = skip
+        try:
+            engine.step()
+        finally:
+            del opt.step
+    else:  # a plain torch optimizer (ZeRO-0 fp32) skips parameters without gradients
+        for p in engine.module.parameters():
+            p.grad = None
+        engine.step()
+    if getattr(opt, "overflow", False) and engine.lr_scheduler is not None:
+        engine.lr_scheduler.step()  # DeepSpeed does not advance the schedule on overflow
+
+
+def train_step(state: TrainState, micro_batches: list[dict], step: int | None = None) -> torch.Tensor:
     """One optimizer step over ``grad_accum_steps`` micro-batches (modes may mix freely).
 
     Returns the step's mean loss averaged over micro-batches and data-parallel ranks (a tensor:
-    the caller decides when to sync it to the host)."""
+    the caller decides when to sync it to the host). If any rank's loss or gradients are not
+    finite, no rank applies the update (``state.last_step_finite`` is then False); the caller
+    decides whether to continue (``train.nonfinite``). ``step`` (1-based) only arms test faults."""
+    from pipeline.components import faults
+
     engine = state.engine
     if len(micro_batches) != state.cfg.engine.grad_accum_steps:
         raise ValueError(f"expected {state.cfg.engine.grad_accum_steps} micro-batches, got {len(micro_batches)}")
     total = torch.zeros((), device=state.dist.device)
+    finite = torch.ones((), dtype=torch.bool, device=state.dist.device)
     for i, mb in enumerate(micro_batches):
         mb = to_device(mb, state.dist.device)
         loss = engine(mb["input_ids"], labels=mb["labels"], modes=mb.get("modes"), doc_ids=mb.get("doc_ids"))
+        last = i == len(micro_batches) - 1
+        if i == 0 and faults.armed("kill_in_step", step):
+            faults.kill_self()
+        if last and faults.armed("nan_loss", step):
+            loss = loss * float("nan")
+        if last and faults.armed("nan_grad", step):
+            loss.register_hook(lambda g: g * float("nan"))
+        finite = finite & torch.isfinite(loss.detach()).all()
         engine.backward(loss)
-        if i == len(micro_batches) - 1 and state.clipper is not None and not state.clipper.uses_zero_partition:
-            state.clipper.clip_param_grads()
+        if last:
+            state.last_step_finite = _all_true(finite & _local_grads_finite(engine).to(finite.device))
+            if not state.last_step_finite:
+                _skipped_step(engine)
+                total += loss.detach().float()
+                break
+            if state.clipper is not None and not state.clipper.uses_zero_partition:
+                state.clipper.clip_param_grads()
         engine.step()
         total += loss.detach().float()
     total /= len(micro_batches)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import signal
 import sys
 import time
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from pipeline.components import checkpoint
+from pipeline.components import checkpoint, faults
 from pipeline.components.evaluation import evaluate
 from pipeline.components.metrics import MetricsLogger
 from pipeline.config import ExperimentConfig, to_dict
@@ -32,6 +33,44 @@ class Progress:
     step: int = 0
     tokens: int = 0
     losses: list[float] = field(default_factory=list)
+    nonfinite_steps: list[int] = field(default_factory=list)  # skipped (train.nonfinite: skip)
+
+
+class NonFiniteError(ValueError):
+    """A step with a non-finite loss or gradient under ``train.nonfinite: stop`` (one line)."""
+
+
+class PeerLostError(SystemExit):
+    """A collective failed: another rank died or stopped answering. A ``SystemExit`` whose code
+    is the one-line message: the process prints it and exits 1 (no traceback, ``finally`` blocks
+    run), whatever launched it; checkpoints are untouched (the last complete one is named)."""
+
+    def __str__(self) -> str:
+        return str(self.code)
+
+
+def _is_comm_failure(exc: BaseException) -> bool:
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out", "Gloo",
+        "gloo", "NCCL", "Broken pipe", "ProcessGroup"))
+
+
+def batch_sources(micro: list[dict], source_names: list[str]) -> str:
+    """Which documents a (rank's) step read: source names and document indices (a few)."""
+    parts = []
+    for mb in micro:
+        src, doc = mb.get("source_ids"), mb.get("doc_index")
+        if src is None or doc is None:
+            continue
+        pairs = sorted({(int(s), int(d)) for s, d in zip(src.flatten().tolist(), doc.flatten().tolist()) if s >= 0})
+        parts += [f"{source_names[s] if s < len(source_names) else s}#{d}" for s, d in pairs]
+    if not parts:
+        return "unknown documents"
+    more = f" (+{len(parts) - 8} more)" if len(parts) > 8 else ""
+    return "documents " + ", ".join(parts[:8]) + more
 
 
 class Preemption:
@@ -128,10 +167,14 @@ def train(cfg: ExperimentConfig, resume: bool = False, max_steps: int | None = N
     if n_vocab > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                          f"{n_vocab} ids ({cfg.data.tokenizer})")
-    state = build_engine(cfg)
-    d = state.dist
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
+    # Before anything expensive: can the run write one checkpoint? (every rank probes)
+    checkpoint.preflight(ckpt_dir, checkpoint.estimate_bytes(cfg.model.num_params(), cfg.engine.precision))
+    if resume and checkpoint.latest_tag(ckpt_dir) is None:
+        raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint to resume from")
+    state = build_engine(cfg)
+    d = state.dist
     if d.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -146,7 +189,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, max_steps: int | None = N
         if tag is None:
             raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint to resume from")
         client, rank_state = checkpoint.load(state.engine, ckpt_dir, tag)
-        progress = Progress(step=client["step"], tokens=client["tokens"])
+        progress = Progress(step=client["step"], tokens=client["tokens"],
+                            nonfinite_steps=list(client.get("nonfinite_steps", [])))
         loader.load_state_dict(rank_state["loader"])
         checkpoint.set_rng_state(rank_state["rng"])
         if d.rank == 0:
@@ -163,7 +207,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, max_steps: int | None = N
         if saved_at[0] == progress.step:
             return
         saved_at[0] = progress.step
-        client = {"step": progress.step, "tokens": progress.tokens, "config": to_dict(cfg),
+        client = {"step": progress.step, "tokens": progress.tokens, "nonfinite_steps": progress.nonfinite_steps,
+                  "config": to_dict(cfg),
                   "partition": state.partition.to_dict(), "tp_layout": tp_layout(state.model)}
         rank_state = {"loader": loader.state_dict(), "rng": checkpoint.rng_state()}
         checkpoint.save(state.engine, ckpt_dir, progress.step, client, rank_state, cfg.checkpoint.keep)
@@ -174,24 +219,42 @@ def train(cfg: ExperimentConfig, resume: bool = False, max_steps: int | None = N
     try:
         while progress.step < stop_at:
             micro = [next(loader) for _ in range(cfg.engine.grad_accum_steps)]
-            loss = train_step(state, micro)
+            loss = train_step(state, micro, step=progress.step + 1)
             progress.step += 1
             progress.tokens += tokens_per_step
             step = progress.step
+            if not state.last_step_finite:
+                where = batch_sources(micro, loader.source_names)
+                if cfg.train.nonfinite == "stop":
+                    raise NonFiniteError(
+                        f"train.nonfinite: non-finite loss or gradients at step {step} (rank {d.rank} read {where}); "
+                        f"the update was not applied; stopping (resume from {checkpoint.latest_tag(ckpt_dir)} "
+                        f"or set train.nonfinite=skip)")
+                progress.nonfinite_steps.append(step)
+                log.log({"kind": "nonfinite", "step": step, "action": "skipped", "batch": where,
+                         "skipped_total": len(progress.nonfinite_steps)})
+                if d.rank == 0:
+                    print(f"step {step}: non-finite loss or gradients; update skipped "
+                          f"({len(progress.nonfinite_steps)} so far; rank 0 read {where})", file=sys.stderr)
             if step % cfg.train.log_every == 0 or step == stop_at:
                 lr = state.engine.get_lr()[0]
-                value = float(loss)
+                value = float(loss) if state.last_step_finite else None
                 record = {"kind": "train", "step": step, "loss": value, "lr": lr, "tokens": progress.tokens,
-                          "tokens_per_s": progress.tokens / max(time.perf_counter() - t0, 1e-9)}
+                          "tokens_per_s": progress.tokens / max(time.perf_counter() - t0, 1e-9),
+                          "nonfinite_total": len(progress.nonfinite_steps)}
+                if loader.skipped_shards:  # data.skip_bad_shards: counted, listed in the checkpoint
+                    record["skipped_shards"] = len(loader.skipped_shards)
                 if state.clipper is not None and state.clipper.last_norms is not None:
                     for g, n in enumerate(state.clipper.last_norms.tolist()):
                         record["grad_norm_retain" if g == 0 else f"grad_norm_forget{g - 1}"] = n
                 log.log(record)
-                log.progress(step, progress.tokens, value, lr)
+                log.progress(step, progress.tokens, value if value is not None else float("nan"), lr)
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
                 last_eval = run_eval(state, evals, calib, step, run_dir, log)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 save()
+            if faults.armed("sigterm_at", step):
+                faults.kill_self(signal.SIGTERM)
             if preempt.agreed(d.device):
                 save()
                 if d.rank == 0:
@@ -202,6 +265,15 @@ def train(cfg: ExperimentConfig, resume: bool = False, max_steps: int | None = N
             if d.rank == 0:
                 (run_dir / "final.json").write_text(json.dumps(last_eval, indent=2))
         save()
+    except RuntimeError as exc:
+        if not _is_comm_failure(exc):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", detail).split(". This is typically")[0][:200]
+        raise PeerLostError(
+            f"sgtm: error: rank {d.rank}: lost a peer after step {progress.step} (collective failed: {detail}; "
+            f"engine.dist_timeout_s={cfg.engine.dist_timeout_s:g}); the job stops; restart all ranks with "
+            f"--resume (last complete checkpoint: {checkpoint.latest_tag(ckpt_dir)})") from None
     finally:
         preempt.restore()
         log.close()

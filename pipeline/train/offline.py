@@ -8,8 +8,9 @@ A *model directory* is this project's deployable format, written by ``sgtm ablat
     meta.json                      step, source checkpoint, partition, ablated domains
     calibration_bias.safetensors   optional: the calibrated per-vocabulary output bias
 
-Checkpoints are read with ``torch.load(weights_only=True)`` (model states only); model
-directories with safetensors.
+Checkpoints are read with ``torch.load(weights_only=True)`` (model states only, through
+:func:`pipeline.components.checkpoint.safe_torch_load`: a crafted pickle is refused with one
+line naming the file); model directories with safetensors; configs with ``yaml.safe_load``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def consolidate(tag_dir: Path) -> LoadedModel:
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{tag_dir}: no mp_rank_*_model_states.pt files")
-    shards = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    shards = [ckpt.safe_torch_load(f, map_location="cpu") for f in files]  # weights_only=True
     first = shards[0]
     for key in ("config", "tp_layout", "partition", "step"):
         if key not in first:
