@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -23,9 +22,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import ROOT, free_port
-from tests.test_train import CONFIG, data_dir, losses, tiny_overrides  # noqa: F401  (data_dir is a fixture)
+from tests.test_train import CONFIG, losses, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The bilingual demo data with a 1024-token BPE (as tests/test_train.py prepares it)."""
+    from pipeline.data.prepare import prepare_bilingual
+
+    out = tmp_path_factory.mktemp("data")
+    prepare_bilingual(out, vocab_size=1024)
+    return out
+
 
 # 8 steps, checkpoints every 2; no calibration (the final eval still runs and is compared)
 CHAIN = {"engine.tensor_parallel": 2, "engine.dist_timeout_s": 30, "train.steps": 8, "checkpoint.every": 2,
@@ -77,7 +89,7 @@ def error_lines(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def chain(data_dir, tmp_path_factory):  # noqa: F811
+def chain(data_dir, tmp_path_factory):
     """2 processes at TP=2, 8 steps, checkpoints every 2 steps:
 
     full    uninterrupted
@@ -165,7 +177,7 @@ def test_resumed_chain_reproduces_the_uninterrupted_run_bitwise(chain):
 # ------------------------------------------------------------------------------ in-process helpers
 
 
-def _cfg(data_dir, run_dir, **extra):  # noqa: F811
+def _cfg(data_dir, run_dir, **extra):
     from pipeline.config import load_config
 
     return load_config(CONFIG, tiny_overrides(data_dir, run_dir, **{"eval.every": 0, "eval.calibrate": False,
@@ -217,7 +229,7 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 def test_disk_full_or_read_only_checkpoint_dir_is_refused_before_training(
-        single_process_world, data_dir, tmp_path, monkeypatch):  # noqa: F811
+        single_process_world, data_dir, tmp_path, monkeypatch):
     """Preflight: free space for one checkpoint (parameters x (weights + Adam states)) and
     writability are checked before the engine is built; nothing else is written."""
     from pipeline.components import checkpoint
@@ -251,7 +263,7 @@ def test_disk_full_or_read_only_checkpoint_dir_is_refused_before_training(
 
 
 def test_disk_full_during_checkpoint_save_leaves_latest_loadable(
-        single_process_world, data_dir, tmp_path, monkeypatch):  # noqa: F811
+        single_process_world, data_dir, tmp_path, monkeypatch):
     """A tmpfs with room for one checkpoint: the step-2 checkpoint is written, the step-4 one hits
     ENOSPC; the run stops with one line, the partial directory is removed and ``latest`` still
     names step 2, which loads."""
@@ -285,7 +297,7 @@ def test_disk_full_during_checkpoint_save_leaves_latest_loadable(
 
 
 def test_nonfinite_loss_stops_with_step_and_batch_source(single_process_world, data_dir, tmp_path,
-                                                        monkeypatch):  # noqa: F811
+                                                        monkeypatch):
     from pipeline.components.checkpoint import latest_tag
     from pipeline.train.loop import NonFiniteError, train
 
@@ -302,7 +314,7 @@ def test_nonfinite_loss_stops_with_step_and_batch_source(single_process_world, d
 
 @pytest.mark.parametrize("zero, fault", [(0, "nan_grad@3"), (2, "nan_grad@3")])
 def test_nonfinite_step_is_skipped_counted_and_never_applied(single_process_world, data_dir, tmp_path,
-                                                             monkeypatch, zero, fault):  # noqa: F811
+                                                             monkeypatch, zero, fault):
     """train.nonfinite=skip: the bad step leaves weights and Adam states bit-identical (checkpoints
     of steps 2 and 3 equal), is counted in metrics and checkpoints, and training goes on."""
     from pipeline.components.checkpoint import safe_torch_load
@@ -433,8 +445,6 @@ def test_configs_are_parsed_with_a_safe_yaml_loader(tmp_path):
 
 # ------------------------------------------------------------------------------ config fuzzing
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 POSITIVE_INT = ["model.n_layers", "model.d_model", "model.n_heads", "model.d_ff", "model.vocab_size",
                 "model.max_seq_len", "engine.micro_batch_size", "engine.grad_accum_steps", "engine.tensor_parallel",
@@ -517,7 +527,7 @@ def test_fuzz_reaches_the_cli_as_one_line_exit_2(capsys):
 
 
 def test_bad_shards_and_tokenizer_mismatch_stop_sgtm_train_with_one_line(single_process_world, data_dir,
-                                                                        tmp_path, capsys):  # noqa: F811
+                                                                        tmp_path, capsys):
     """Truncated shards, missing shards and a manifest made with another tokenizer: `sgtm train`
     prints one line naming the file and exits 2; with data.skip_bad_shards the bad shards are
     skipped, counted in the metrics and the checkpointed loader state, and training finishes."""
@@ -587,7 +597,8 @@ def _isolation_worker(out: Path) -> None:
     from tests.fixtures import isolation_batch, tiny_config
 
     for zero in (0, 1, 2):
-        cfg = tiny_config("gpt-neo", "sgtm", tp=2, engine={"zero_stage": zero, "micro_batch_size": 4, "grad_clip": 0.05},
+        engine = {"zero_stage": zero, "micro_batch_size": 4, "grad_clip": 0.05}
+        cfg = tiny_config("gpt-neo", "sgtm", tp=2, engine=engine,
                           optimizer={"lr": 3e-3, "weight_decay": 0.1}, train={"steps": ISO_STEPS})
         finals = {}
         for name, seed in (("A", 1), ("B", 2)):
