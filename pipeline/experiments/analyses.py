@@ -96,7 +96,9 @@ def tradeoff(sweeps: list[str], out: str, command: str) -> dict:
         claims.append({"claim": "SGTM's retain loss costs little against no filtering",
                        "paper": "a few percent (compute penalty 5% on Wikipedia)",
                        "here": f"retain {s['retain_deployed']:.3f} vs {n['retain_deployed']:.3f} "
-                               f"({100 * (s['retain_deployed'] / n['retain_deployed'] - 1):+.1f}%)",
+                               f"({100 * (s['retain_deployed'] / n['retain_deployed'] - 1):+.1f}%); uncalibrated "
+                               f"ablated {s['retain_ablated']:.3f} "
+                               f"({100 * (s['retain_ablated'] / n['retain_deployed'] - 1):+.1f}%)",
                        "holds": None})
     payload = {"title": "Retain/forget trade-off", "command": command, "inputs": [str(s) for s in sweeps],
                "table": rows, "curves": curves, "claims": claims,
@@ -306,16 +308,24 @@ def leakage(sweeps: list[str], out: str, command: str) -> dict:
 # ------------------------------------------------------------------------------- compute penalty
 
 
-def compute_penalty_analysis(sweeps: list[str], out: str, command: str) -> dict:
+def compute_penalty_analysis(sweeps: list[str], out: str, command: str, from_history: bool = False) -> dict:
     """Fit loss = a * C^-b on the no-filter runs of several sizes (C = 6 * params * tokens), per set,
-    and express every other run's deployed loss as the compute fraction it gave up."""
+    and express every other run's deployed loss as the compute fraction it gave up.
+
+    ``from_history`` also uses every intermediate evaluation of the no-filter runs as a (C, loss)
+    point (C from the tokens seen by then): a one-size stand-in when several sizes are not
+    available; the points before the end of the cosine schedule are not converged."""
     cells = [c for c in load_cells(sweeps) if c["done"]]
     plain = [c for c in cells if c["strategy"] == "none" and c["filter"] == "none"]
     compute = {c["key"]: 6.0 * c["n_params"] * c["tokens"] for c in cells}
     fits, rows = {}, []
     fig, axes = figure(3, width=5)
     for ax, s in zip(axes, SETS):
-        pts = [(compute[c["key"]], loss(c["final"], s, "full")) for c in plain]
+        if from_history:
+            pts = [(6.0 * c["n_params"] * c["tokens_per_step"] * r["step"], loss(r, s, "full"))
+                   for c in plain for r in c["history"]]
+        else:
+            pts = [(compute[c["key"]], loss(c["final"], s, "full")) for c in plain]
         pts = [p for p in pts if p[1] is not None]
         if len({p[0] for p in pts}) < 2:
             ax.set_visible(False)
@@ -356,7 +366,9 @@ def compute_penalty_analysis(sweeps: list[str], out: str, command: str) -> dict:
                "notes": ["penalty = 1 - C_equivalent / C: C_equivalent is the compute at which the no-filter fit "
                          "reaches the run's deployed loss. Positive: the method costs compute on that set; "
                          "on the forget set a large penalty is the goal.",
-                         "Fit on no-filter runs of several sizes at a fixed step count (not 20 tokens/param)."]}
+                         "Fit on no-filter runs of several sizes at a fixed step count (not 20 tokens/param)."
+                         if not from_history else "Fit on the intermediate evaluations of the no-filter run(s) "
+                         "(--from-history): compute varies by tokens seen, not by model size."]}
     write_analysis(out, "compute_penalty", payload, fig)
     return payload
 

@@ -26,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q = asub.add_parser(name, help=hlp)
         q.add_argument("--sweeps", nargs="+", required=True, help="sweep result dirs (OUT/<name>) or results.json")
         q.add_argument("--out", required=True, help="directory for <analysis>.analysis.json and .png")
+        if name == "compute-penalty":
+            q.add_argument("--from-history", action="store_true",
+                           help="also fit on the no-filter runs' intermediate evaluations (one size suffices)")
         q.set_defaults(func=cmd_analyze)
     q = asub.add_parser("per-token", help="per-token forget-loss distribution before/after ablation")
     q.add_argument("--run", required=True, help="a run directory (its eval/*_per_token.npz)")
@@ -107,7 +110,8 @@ def cmd_analyze(args) -> int:
         fn = {"tradeoff": analyses.tradeoff, "undiscovered": analyses.undiscovered, "capacity": analyses.capacity,
               "leakage": analyses.leakage, "compute-penalty": analyses.compute_penalty_analysis,
               "classifier": analyses.classifier}[a]
-        res = fn(args.sweeps, args.out, cmd)
+        extra = {"from_history": True} if getattr(args, "from_history", False) else {}
+        res = fn(args.sweeps, args.out, cmd, **extra)
     for c in res.get("claims", []):
         print(f"  {c['claim']}: here {c['here']} (paper: {c['paper']})")
     print(f"[analyze] wrote {args.out}")
