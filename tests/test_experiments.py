@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,12 @@ def test_tiny_sweep_records_cells_skips_finished_and_emits_slurm(tiny_sweep):
         run_sweep(path, out, slurm=True, log=lambda m: None)
         lines = (out / "tiny" / "cells.txt").read_text().splitlines()
         assert len(lines) == 1 and lines[0].endswith(f"run_dir={victim}")
+        # both our script (bash eval) and launch/slurm/sweep.sbatch (shlex) get the overrides back
+        words = res["cells"][0]["overrides"] + [f"run_dir={victim}"]
+        assert shlex.split(lines[0]) == words
+        echo = subprocess.run(["bash", "-c", 'eval "set -- $1"; printf "%s\\n" "$@"', "_", lines[0]],
+                              capture_output=True, text=True)
+        assert echo.stdout.splitlines() == words
         script = (out / "tiny" / "sweep.sbatch").read_text()
         assert 'sed -n "${SLURM_ARRAY_TASK_ID}p"' in script and "pipeline train --config" in script
         assert subprocess.run(["bash", "-n", str(out / "tiny" / "sweep.sbatch")]).returncode == 0

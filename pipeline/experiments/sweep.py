@@ -315,25 +315,23 @@ SBATCH = """#!/bin/bash
 set -euo pipefail
 cd {root}
 LINE=$(sed -n "${{SLURM_ARRAY_TASK_ID}}p" {cells})
-RUN_DIR=$(echo "$LINE" | tr ' ' '\\n' | sed -n 's/^run_dir=//p')
-RESUME=""
-if [ -e "$RUN_DIR/checkpoints/latest" ]; then RESUME=--resume; fi
+eval "set -- $LINE"   # the line is shell-quoted words (key=value overrides, run_dir last)
+RUN_DIR=""
+for word in "$@"; do case "$word" in run_dir=*) RUN_DIR=${{word#run_dir=}};; esac; done
+RESUME=()
+if [ -e "$RUN_DIR/checkpoints/latest" ]; then RESUME=(--resume); fi
 if [ -e "$RUN_DIR/final.json" ]; then echo "finished: $RUN_DIR"; exit 0; fi
-# shellcheck disable=SC2086
-exec {python} -m pipeline train --config {base} $LINE $RESUME
+exec {python} -m pipeline train --config {base} "$@" "${{RESUME[@]}}"
 """
 
 
 def emit_slurm(spec: dict, cells: list[Cell], base: Path, out: Path) -> tuple[Path, Path, int]:
-    """cells.txt (one line of key=value overrides per pending cell, run_dir included) and an sbatch
-    array script that trains line $SLURM_ARRAY_TASK_ID of it."""
+    """cells.txt (one line of shell-quoted key=value overrides per pending cell, run_dir included)
+    and an sbatch array script that trains line $SLURM_ARRAY_TASK_ID of it."""
     d = out / spec["name"]
     pending = [c for c in cells if not c.done()]
-    lines = [" ".join(c.overrides + [f"run_dir={c.run_dir}"]) for c in pending]
-    for c in pending:
-        for o in c.overrides:
-            if any(ch.isspace() for ch in o):
-                raise ConfigError(f"sweep: override {o!r} has whitespace; it cannot be one word of cells.txt")
+    # shell words, quoted where needed: launch/slurm/sweep.sbatch splits lines with shlex
+    lines = [" ".join(shlex.quote(o) for o in c.overrides + [f"run_dir={c.run_dir}"]) for c in pending]
     cells_path = d / "cells.txt"
     cells_path.write_text("".join(f"{line}\n" for line in lines))
     script = d / "sweep.sbatch"
