@@ -655,7 +655,60 @@ def test_isolation_holds_after_checkpoint_resume_at_zero_0_1_2(single_process_wo
     print(f"isolation after resume, ZeRO 0/1/2: {seconds:.0f} s")
 
 
+# ------------------------------------------------------------------------------ a hung (not dead) peer
+
+
+def _timeout_worker(out: Path) -> None:
+    """Rank 1 stops answering (sleeps, sockets open: no connection reset); rank 0's collectives
+    on the world and on megatron's TP group must fail after engine.dist_timeout_s."""
+    from megatron.core import parallel_state as ps
+
+    from pipeline.config import EngineConfig
+    from pipeline.engine.distributed import init_distributed
+    from pipeline.train.loop import _is_comm_failure
+
+    d = init_distributed(EngineConfig(tensor_parallel=2, dist_timeout_s=4))
+    if d.rank == 1:
+        time.sleep(300)  # the test kills us
+    result = {}
+    for name, group in (("world", None), ("tp", ps.get_tensor_model_parallel_group())):
+        t0 = time.time()
+        try:
+            torch.distributed.all_reduce(torch.ones(1), group=group)
+            result[name] = {"error": None}
+        except Exception as exc:  # noqa: BLE001
+            result[name] = {"error": str(exc).splitlines()[0][:300], "seconds": time.time() - t0,
+                            "comm_failure": _is_comm_failure(exc)}
+    (out / "timeout.json").write_text(json.dumps(result))
+    os._exit(0)
+
+
+def test_a_hung_peer_is_given_up_after_the_dist_timeout(tmp_path):
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+                   PYTHONPATH=str(ROOT))
+        log = open(tmp_path / f"timeout.rank{rank}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.test_reliability", "timeout", str(tmp_path)],
+                                      env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        assert procs[0].wait(timeout=240) == 0, (tmp_path / "timeout.rank0.log").read_text()[-3000:]
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    result = json.loads((tmp_path / "timeout.json").read_text())
+    for name in ("world", "tp"):
+        r = result[name]
+        assert r["error"] and r["comm_failure"] and 3 < r["seconds"] < 60, (name, r)
+    print(f"hung peer: world collective gave up after {result['world']['seconds']:.1f} s, TP group after "
+          f"{result['tp']['seconds']:.1f} s (engine.dist_timeout_s=4): {result['world']['error'][:120]}")
+
+
 if __name__ == "__main__":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if sys.argv[1] == "isolation":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         _isolation_worker(Path(sys.argv[2]))
+    elif sys.argv[1] == "timeout":
+        _timeout_worker(Path(sys.argv[2]))
