@@ -191,6 +191,8 @@ def test_tiny_sweep_analyses_attack_rmu_gradnorm_and_report(tiny_sweep, single_p
                           eval_batches=1, reference=ref)
     assert atk["ablated"] and [h["step"] for h in atk["history"]] == [0, 2, 4]
     assert atk["threshold"] == json.loads((Path(ref) / "final.json").read_text())["forget_full"]
+    both = analyses.attacks([a_dir], a_dir, "sgtm analyze attacks ...", thresholds=[100.0])
+    assert both["table"][0]["steps_to_100.000"] == 0  # any loss is below 100 at step 0
     g = finetune.gradnorm(cells["sgtm"]["run_dir"], a_dir, "sgtm analyze gradnorm ...", examples=4)
     assert all(r["n"] > 0 for r in g["table"])
     rm = finetune.rmu(cells["weak_filter"]["run_dir"], a_dir, "sgtm rmu ...", steps=3, batch_size=2, layer=1)

@@ -460,3 +460,54 @@ def classifier(sweeps: list[str], out: str, command: str) -> dict:
                "claims": []}
     write_analysis(out, "classifier", payload, None)
     return payload
+
+
+# -------------------------------------------------------------------------------------- attacks
+
+
+def attacks(runs: list[str], out: str, command: str, thresholds: list[float] | None = None) -> dict:
+    """All fine-tuning attack results (``attack*.analysis.json`` under ``runs``) on one plot, with
+    steps to reach each threshold: the no-filter model's forget loss (the paper's criterion) and
+    any extra ``thresholds`` (useful when short attacks never get all the way back)."""
+    from pipeline.experiments.stats import steps_to_threshold
+
+    found = sorted({p.resolve() for r in runs for p in Path(r).rglob("attack*.analysis.json")
+                    if p.name != "attacks.analysis.json"})
+    if not found:
+        raise FileNotFoundError("attacks: no attack*.analysis.json under " + ", ".join(map(str, runs)))
+    results = {json.loads(p.read_text())["analysis"]: json.loads(p.read_text())["results"] for p in found}
+    ref = next((r["threshold"] for r in results.values() if r.get("threshold") is not None), None)
+    levels = ([ref] if ref is not None else []) + list(thresholds or [])
+    fig, (ax,) = figure(1, width=7.5)
+    rows = []
+    for name, r in sorted(results.items()):
+        h = r["history"]
+        steps, fl = [x["step"] for x in h], [x["forget_loss"] for x in h]
+        ax.plot(steps, fl, "o-", ms=3, label=name.removeprefix("attack_"),
+                color=COLORS.get(name.removeprefix("attack_"), None))
+        row = {"attack": name, "start_forget": fl[0], "end_forget": fl[-1], "steps_run": steps[-1],
+               "tokens_per_step": r["tokens_per_step"], "retain_start": h[0]["retain_loss"],
+               "retain_end": h[-1]["retain_loss"]}
+        for lv in levels:
+            hit = steps_to_threshold(steps, fl, lv)
+            row[f"steps_to_{lv:.3f}"] = hit["step"] if hit["step"] is not None else f">{steps[-1]}"
+        rows.append(row)
+    for i, lv in enumerate(levels):
+        ax.axhline(lv, color="k", ls="--" if i == 0 else ":", lw=1,
+                   label="no-filter model's forget loss" if i == 0 and ref is not None else f"threshold {lv:.3f}")
+    ax.set(title="fine-tuning attack: held-out forget loss", xlabel="attack step", ylabel="forget loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    claims = []
+    by = {r["attack"]: r for r in rows}
+    if ref is not None and "attack_sgtm" in by and "attack_rmu" in by:
+        k = f"steps_to_{ref:.3f}"
+        claims.append({"claim": "SGTM resists fine-tuning longer than RMU", "paper": "RMU 50 steps; SGTM 350 (~7x)",
+                       "here": f"RMU {by['attack_rmu'][k]} steps, SGTM {by['attack_sgtm'][k]} steps",
+                       "holds": None})
+    payload = {"title": "Fine-tuning attacks compared", "command": command, "inputs": [str(p) for p in found],
+               "table": rows, "claims": claims,
+               "notes": ["steps_to_X: first evaluated attack step whose held-out forget loss is <= X "
+                         "(>N: not reached in the N steps run)"]}
+    write_analysis(out, "attacks", payload, fig)
+    return payload

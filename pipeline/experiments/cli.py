@@ -30,6 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             q.add_argument("--from-history", action="store_true",
                            help="also fit on the no-filter runs' intermediate evaluations (one size suffices)")
         q.set_defaults(func=cmd_analyze)
+    q = asub.add_parser("attacks", help="all fine-tuning attack results under DIRs on one plot, steps to thresholds")
+    q.add_argument("--runs", nargs="+", required=True, help="directories searched for attack*.analysis.json")
+    q.add_argument("--thresholds", nargs="*", type=float, help="extra forget-loss levels to count steps to")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=cmd_analyze)
     q = asub.add_parser("per-token", help="per-token forget-loss distribution before/after ablation")
     q.add_argument("--run", required=True, help="a run directory (its eval/*_per_token.npz)")
     q.add_argument("--step", type=int, help="eval step (default: the last)")
@@ -102,7 +107,9 @@ def cmd_analyze(args) -> int:
 
     cmd = _cmd()
     a = args.analysis
-    if a == "per-token":
+    if a == "attacks":
+        res = analyses.attacks(args.runs, args.out, cmd, args.thresholds)
+    elif a == "per-token":
         res = analyses.per_token(args.run, args.out, cmd, args.step)
     elif a == "gradnorm":
         res = finetune.gradnorm(args.checkpoint, args.out, cmd, examples=args.examples)

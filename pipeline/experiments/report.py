@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.experiments.common import fmt
 
-ORDER = ["tradeoff", "undiscovered", "leakage", "compute_penalty", "capacity", "classifier", "attack", "rmu",
+ORDER = ["tradeoff", "undiscovered", "leakage", "compute_penalty", "capacity", "classifier", "attacks", "attack", "rmu",
          "gradnorm", "per_token"]
 SKIP_COLUMNS = {"run_dir", "confusion", "checkpoint"}
 
