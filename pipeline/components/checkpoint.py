@@ -195,7 +195,9 @@ class _WriteGuard:
 
 
 def _agree(failed: bool) -> bool:
-    flag = torch.tensor([1.0 if failed else 0.0])
+    """Did any rank fail? (NCCL reduces CUDA tensors only.)"""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([1.0 if failed else 0.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
