@@ -16,6 +16,8 @@ workers is rotated so that the next batch comes from the worker that was next.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
@@ -572,11 +574,20 @@ def build_eval_batches(
     batch_size: int,
     domain: str | None = None,
     max_batches: int | None = None,
+    split: str = "heldout",
 ) -> list[dict[str, torch.Tensor]]:
-    """Fixed batches of held-out documents whose true label is `which` ('forget' of `domain`, default
-    the first domain; 'retain'; 'adjacent'), in shard order, packed like training batches; modes are
-    all UNLABELLED. Held-out documents never reach the training loader (same key-hash split)."""
+    """Fixed batches of documents whose true label is `which` ('forget' of `domain`, default the first
+    domain; 'retain'; 'adjacent'), in shard order, packed like training batches; modes are all
+    UNLABELLED. Held-out documents never reach the training loader (same key-hash split).
+
+    `split="train"` draws from the training split instead, ignoring the filter policy (the logit
+    calibration fits its bias on training-distribution text, as the paper does: the small held-out
+    split would let a per-vocabulary bias over-fit)."""
     cfg = cfg if isinstance(cfg, DataConfig) else DataConfig.from_dict(cfg)
+    if split not in ("heldout", "train"):
+        raise DataError(f"eval set: split must be 'heldout' or 'train', got {split!r}")
+    if split == "train":
+        cfg = dataclasses.replace(cfg, filter="none")
     if which not in EVAL_SETS:
         raise DataError(f"eval set: expected one of {list(EVAL_SETS)}, got {which!r}")
     domain = domain or cfg.domains[0]
@@ -584,7 +595,7 @@ def build_eval_batches(
         raise DataError(f"eval set: domain {domain!r} is not in data.domains {cfg.domains}")
     wanted = true_code(f"forget:{domain}" if which == "forget" else which, cfg.domains)
     plan = build_plan(cfg)
-    stream = _SlotStream(plan, 0, 1, 0, seq_len, batch_size, split="heldout")
+    stream = _SlotStream(plan, 0, 1, 0, seq_len, batch_size, split=split)
 
     def docs() -> Iterator[_Doc]:
         for source_id, src in enumerate(plan.sources):
@@ -601,7 +612,9 @@ def build_eval_batches(
 
     batches = []
     for batch in stream.batches(docs()):
-        batches.append(_to_torch(batch))
+        batch = _to_torch(batch)
+        batch["modes"] = torch.zeros_like(batch["modes"])  # UNLABELLED for either split
+        batches.append(batch)
         if max_batches is not None and len(batches) >= max_batches:
             break
     return batches

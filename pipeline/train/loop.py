@@ -111,24 +111,23 @@ def tp_layout(model: torch.nn.Module) -> dict[str, list[int]]:
 
 
 def eval_sets(cfg: ExperimentConfig) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
-    """Held-out (eval, calibration) batches per set; disjoint, fixed, identical on every rank."""
+    """Held-out eval batches and calibration batches per set; fixed and identical on every rank.
+    Calibration data comes from the training split by default (``eval.calibration.split``)."""
     from pipeline.data.loader import build_eval_batches
 
-    ev = cfg.eval
-    n_cal = ev.calibration.batches if ev.calibrate else 0
+    ev, cal = cfg.eval, cfg.eval.calibration
     names = [("forget" if len(cfg.data.domains) == 1 else f"forget:{d}", "forget", d) for d in cfg.data.domains]
     names += [("retain", "retain", None), ("adjacent", "adjacent", None)]
     evals, calib = {}, {}
     for name, which, domain in names:
-        batches = build_eval_batches(cfg.data, which, domain=domain, seq_len=cfg.model.max_seq_len,
-                                     batch_size=ev.batch_size, max_batches=ev.batches + n_cal)
-        if not batches:
-            continue
-        if n_cal and len(batches) > 1:
-            k = min(n_cal, len(batches) // 2)
-            calib[name], evals[name] = batches[:k], batches[k:]
-        else:
+        kw = dict(domain=domain, seq_len=cfg.model.max_seq_len, batch_size=ev.batch_size)
+        batches = build_eval_batches(cfg.data, which, max_batches=ev.batches, **kw)
+        if batches:
             evals[name] = batches
+        if ev.calibrate:
+            fit = build_eval_batches(cfg.data, which, max_batches=cal.batches, split=cal.split, **kw)
+            if fit:
+                calib[name] = fit
     return evals, calib
 
 
