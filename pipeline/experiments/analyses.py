@@ -343,8 +343,11 @@ def compute_penalty_analysis(sweeps: list[str], out: str, command: str, from_his
                 continue
             m = method_of(c)
             pen = compute_penalty(fit["a"], fit["b"], v, compute[c["key"]])
+            raw = loss(c["final"], s, "ablated") if deployed_kind(c) == "calibrated" else v
             rows.append({"set": s, "method": m, "size": size_label(c), "undiscovered_rate": c["undiscovered_rate"],
-                         "seed": c["seed"], "compute_flops": compute[c["key"]], "loss": v, "penalty": pen})
+                         "seed": c["seed"], "compute_flops": compute[c["key"]], "loss": v, "penalty": pen,
+                         "loss_uncalibrated": raw,
+                         "penalty_uncalibrated": compute_penalty(fit["a"], fit["b"], raw, compute[c["key"]])})
             ax.plot([compute[c["key"]]], [v], "o", color=COLORS.get(m, "tab:olive"), ms=5)
         ax.set(xscale="log", yscale="log", title=f"{s} loss vs compute", xlabel="C = 6 N D (FLOPs)",
                ylabel="loss (deployed model)")
@@ -352,14 +355,17 @@ def compute_penalty_analysis(sweeps: list[str], out: str, command: str, from_his
         ax.legend(fontsize=7)
     summary = defaultdict(list)
     for r in rows:
-        summary[(r["set"], r["method"])].append(r["penalty"])
-    table = [{"set": s, "method": m, "penalty_mean": float(np.mean(v)), "runs": len(v)}
+        summary[(r["set"], r["method"])].append((r["penalty"], r["penalty_uncalibrated"]))
+    table = [{"set": s, "method": m, "penalty_mean": float(np.mean([x[0] for x in v])),
+              "penalty_uncalibrated_mean": float(np.mean([x[1] for x in v])), "runs": len(v)}
              for (s, m), v in sorted(summary.items())]
     paper = {("retain", "sgtm"): "5%", ("retain", "weak_filter"): "-10%", ("retain", "strict_filter"): "-15%",
              ("forget", "sgtm"): "99%", ("forget", "weak_filter"): "95%", ("forget", "strict_filter"): "96%"}
     claims = [{"claim": f"compute penalty on {r['set']} for {r['method']}",
                "paper": paper[(r["set"], r["method"])] + " (Wikipedia 254M; retain = general knowledge)",
-               "here": f"{100 * r['penalty_mean']:.0f}%", "holds": None}
+               "here": f"{100 * r['penalty_mean']:.0f}%" + (
+                   f" (uncalibrated ablated: {100 * r['penalty_uncalibrated_mean']:.0f}%)"
+                   if r["penalty_uncalibrated_mean"] != r["penalty_mean"] else ""), "holds": None}
               for r in table if (r["set"], r["method"]) in paper]
     payload = {"title": "Compute penalty", "command": command, "inputs": [str(s) for s in sweeps],
                "fits": fits, "table": table, "runs": rows, "claims": claims,
