@@ -20,8 +20,6 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.data.config import DataConfig
-
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -292,6 +290,121 @@ class ExperimentConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# Data section (consumed by pipeline/data: loader, tagging)
+# --------------------------------------------------------------------------------------------
+
+
+def _fraction(value: float | None, key: str, open_low: bool = False) -> None:
+    if value is not None and not (0 < value <= 1 if open_low else 0 <= value <= 1):
+        raise ConfigError(f"{key}: expected a number in {'(0' if open_low else '[0'}, 1], got {value!r}")
+
+
+@dataclass
+class SourceConfig:
+    path: str  # shard directory (manifest.json + tars) written by `sgtm data shard`
+    weight: float = 1.0  # share of tokens drawn from this source (before filtering), relative
+    tags: str | None = None  # sidecar directory written by `sgtm data tag` (needed for classifier tagging)
+    true_label: str | None = None  # ground truth for every document of the source, e.g. 'forget:spanish'
+
+
+@dataclass
+class TaggingConfig:
+    """How per-document tags become modes.
+
+    source=classifier: the tag sidecars' probabilities go through the thresholds.
+    source=simulated: true labels plus the paper's controlled noise (per document, seeded by `seed`).
+    Both: a confident-retain document gets RETAIN with probability `retain_fraction`, else UNLABELLED.
+    """
+
+    source: Literal["simulated", "classifier"] = "simulated"
+    forget_threshold: float = 0.5  # P(forget:d) >= this -> forget:d
+    retain_threshold: float = 0.5  # P(retain) >= this -> retain candidate
+    adjacent_threshold: float = 0.5  # P(adjacent) >= this -> dropped by the strict filter
+    retain_fraction: float = 0.25  # share of confident-retain docs put in RETAIN mode (paper: 0.10-0.25)
+    undiscovered_rate: float = 0.0  # simulated: share of true forget docs left UNLABELLED (1 - recall)
+    false_positive_rate: float = 0.0  # simulated: share of true non-forget docs tagged forget
+    precision: float | None = None  # simulated: alternative to false_positive_rate (converted with counts)
+    granularity: Literal["document", "paragraph"] = "document"  # paragraph: classifier spans set modes
+    seed: int = 0  # seeds every per-document draw (independent of the loader's shuffling seed)
+
+    def validate(self, key: str) -> None:
+        for name in ("forget_threshold", "retain_threshold", "adjacent_threshold", "retain_fraction",
+                     "undiscovered_rate", "false_positive_rate"):
+            _fraction(getattr(self, name), f"{key}.{name}")
+        _fraction(self.precision, f"{key}.precision", open_low=True)
+        if self.seed < 0:
+            raise ConfigError(f"{key}.seed: expected an integer >= 0, got {self.seed}")
+        if self.precision is not None and self.false_positive_rate:
+            raise ConfigError(f"{key}.precision: give either precision or false_positive_rate, not both")
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig]
+    domains: list[str]  # forget domains, in the order of sgtm.domains (mode FORGET+d); filled from sgtm
+    tokenizer: str = "gpt2"  # 'gpt2' or a tokenizer .json; must match every manifest's hash
+    filter: Literal["none", "weak", "strict"] = "none"  # weak: drop forget-tagged; strict: also adjacent
+    tagging: TaggingConfig = field(default_factory=TaggingConfig)
+    heldout_fraction: float = 0.05  # documents held out of training (by key hash) for evaluation
+    shuffle_buffer: int = 2048  # documents in each worker's shuffle buffer
+    num_workers: int = 0  # DataLoader worker processes per rank (0: read in the training process)
+    epochs: int | None = None  # None: cycle forever; N: stop after N passes (then a padded last batch)
+    skip_bad_shards: bool = False  # count and report corrupt shards instead of failing
+    # Keep only documents whose true label is in this list (e.g. ['forget:spanish'] for an
+    # attacker's forget-only stream); None keeps everything.
+    keep_true: list[str] | None = None
+
+    @classmethod
+    def from_dict(cls, raw: Any, key: str = "data") -> DataConfig:
+        """Typed construction plus the checks below; every error is one line naming the key."""
+        if isinstance(raw, DataConfig):
+            return raw
+        if isinstance(raw, dict):
+            for name in ("sources", "domains"):
+                if not isinstance(raw.get(name), list) or not raw.get(name):
+                    raise ConfigError(f"{key}.{name}: expected a non-empty list")
+        cfg = from_dict(cls, raw, key, hook=False)
+        cfg.validate(key)
+        return cfg
+
+    def validate(self, key: str = "data") -> None:
+        from pipeline.data.errors import DataError
+        from pipeline.data.labels import check_role
+
+        if len(set(self.domains)) != len(self.domains):
+            raise ConfigError(f"{key}.domains: duplicate names in {self.domains}")
+        for name in ("tokenizer",):
+            if not getattr(self, name):
+                raise ConfigError(f"{key}.{name}: expected a non-empty string")
+        try:
+            for i, src in enumerate(self.sources):
+                if not src.path:
+                    raise ConfigError(f"{key}.sources[{i}].path: expected a non-empty string")
+                if not src.weight > 0:
+                    raise ConfigError(f"{key}.sources[{i}].weight: expected a positive number, got {src.weight:g}")
+                if src.true_label is not None:
+                    check_role(src.true_label, self.domains, f"{key}.sources[{i}].true_label")
+                if self.tagging.source == "classifier" and src.tags is None:
+                    raise ConfigError(f"{key}.sources[{i}].tags: required when {key}.tagging.source is 'classifier'")
+            for i, role in enumerate(self.keep_true or []):
+                check_role(role, self.domains, f"{key}.keep_true[{i}]")
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.keep_true is not None and not self.keep_true:
+            raise ConfigError(f"{key}.keep_true: expected a non-empty list of true labels")
+        self.tagging.validate(f"{key}.tagging")
+        _fraction(self.heldout_fraction, f"{key}.heldout_fraction")
+        for name, low in (("shuffle_buffer", 1), ("num_workers", 0)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{key}.{name}: expected an integer >= {low}, got {getattr(self, name)}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"{key}.epochs: expected an integer >= 1, got {self.epochs}")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+# --------------------------------------------------------------------------------------------
 # Generic typed construction from plain dicts
 # --------------------------------------------------------------------------------------------
 
@@ -339,13 +452,6 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return {k: _convert(args[1] if args else Any, v, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        if hasattr(tp, "from_dict"):  # a section that validates itself (data)
-            try:
-                return tp.from_dict(value, key)
-            except ConfigError:
-                raise
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
         return from_dict(tp, value, key)
     if tp is bool:
         if isinstance(value, bool):
@@ -366,10 +472,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
 
 
-def from_dict(cls: type, data: Any, key: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+def from_dict(cls: type, data: Any, key: str, hook: bool = True) -> Any:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys, missing required keys and
+    wrong types. A section class with its own ``from_dict`` (extra checks) is used when ``hook``."""
     if isinstance(data, cls):
         return data
+    if hook and "from_dict" in vars(cls):
+        return cls.from_dict(data, key)
     if not isinstance(data, dict):
         raise ConfigError(f"{key}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -380,6 +489,9 @@ def from_dict(cls: type, data: Any, key: str) -> Any:
         if name not in fields:
             raise ConfigError(f"{sub}: unknown key (expected one of {sorted(fields)})")
         kwargs[name] = _convert(hints[name], value, sub)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}.{name}: required" if key else f"{name}: required")
     try:
         return cls(**kwargs)
     except ConfigError:

@@ -18,6 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.config import ConfigError
 from pipeline.data.config import DataConfig
 from pipeline.data.errors import DataError
 from pipeline.data.labels import TRUE_ADJACENT, TRUE_FORGET, TRUE_PAD, TRUE_RETAIN, LabelRules, is_heldout
@@ -563,7 +564,7 @@ def test_config_errors_name_the_key():
         ({**base, "sauces": []}, "data.sauces: unknown key"),
     ]
     for raw, message in cases:
-        with pytest.raises(DataError) as info:
+        with pytest.raises(ConfigError) as info:
             DataConfig.from_dict(raw)
         assert _one_line(info.value).startswith(message.split(":")[0]) and message in str(info.value)
 

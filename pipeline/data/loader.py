@@ -17,7 +17,6 @@ workers is rotated so that the next batch comes from the worker that was next.
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
