@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-QUICK = {"sizes": ["tiny-1m"], "tp": [1], "rounds": 8, "warmup": 1, "mem_steps": 2}
+QUICK = {"sizes": ["tiny-1m"], "tp": [1], "rounds": 6, "warmup": 1, "mem_steps": 1}
 FULL = {"sizes": ["tiny-1m", "small-4m"], "tp": [1, 2], "rounds": 12, "warmup": 2, "mem_steps": 4}
 THROUGHPUT = "## Training throughput"
 PROFILE = "## Profile"
