@@ -123,6 +123,7 @@ def undiscovered(sweeps: list[str], out: str, command: str) -> dict:
             row[f"{s}_deployed"] = _mean(deployed(c, s) for c in cs)
         row["forget_ablated"] = _mean(loss(c["final"], "forget", "ablated") for c in cs)
         row["forget_full"] = _mean(loss(c["final"], "forget", "full") for c in cs)
+        row["retain_ablated"] = _mean(loss(c["final"], "retain", "ablated") for c in cs)
         rows.append(row)
     fig, (ax1, ax2) = figure(2)
     for m in sorted({r["method"] for r in rows}):

@@ -84,7 +84,11 @@ def build_report(runs: list[str | Path], out: str | Path, title: str = "SGTM res
             sec += [_table(a["table"]), ""]
         for note in a.get("notes", []):
             sec += [f"*{note}*", ""]
-        sec += [f"Data: `{f}`", ""]
+        try:
+            shown = f.relative_to(Path.cwd())
+        except ValueError:
+            shown = f
+        sec += [f"Data: `{shown}`", ""]
         sections.append("\n".join(sec))
     if summary:
         mark = {True: "holds", False: "does not hold", None: "compare"}
