@@ -258,7 +258,17 @@ def leakage(sweeps: list[str], out: str, command: str) -> dict:
         ys = [float(np.mean(agg[x])) for x in xs]
         size = size_label(cs[0])
         curves[size] = {"forget_tokens": xs, "forget_loss": ys}
-        line = ax1.plot([max(x, 1) for x in xs], ys, "o-", label=f"plain + N forget tokens, {size}")[0]
+        line = ax1.plot([max(x, 1) for x in xs], ys, "o", label=f"plain + N forget tokens, {size}")[0]
+        from pipeline.experiments.stats import nonincreasing
+
+        mono = nonincreasing(ys)
+        for i in range(1, len(xs)):  # the interpolation actually used: linear in N from 0, in log N after
+            grid = np.geomspace(max(xs[i - 1], 1), xs[i], 30)
+            if xs[i - 1] <= 0:
+                yy = mono[i - 1] + (mono[i] - mono[i - 1]) * grid / xs[i]
+            else:
+                yy = mono[i - 1] + (mono[i] - mono[i - 1]) * np.log(grid / xs[i - 1]) / np.log(xs[i] / xs[i - 1])
+            ax1.plot(grid, yy, "-", color=line.get_color())
         for c in sgtm:
             tok = count_tokens(c["run_dir"])
             target = loss(c["final"], "forget", "ablated")
