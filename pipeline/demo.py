@@ -89,6 +89,8 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, methods: list[
         print(f"[demo] training {name} ({cfg.train.steps} steps) -> {run_dir}", flush=True)
         final[name] = train(cfg)
         timings[name] = time.perf_counter() - t
+        if "preempted_at" in final[name]:  # SIGTERM: the run checkpointed; rerunning resumes nothing here
+            raise SystemExit(f"[demo] stopped by SIGTERM during {name} (step {final[name]['preempted_at']})")
         history[name] = eval_history(run_dir)
     plot(history, out / "loss_curves.png")
     results = {"final": final, "history": history, "seconds": timings, "total_seconds": time.perf_counter() - t0,
