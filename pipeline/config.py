@@ -200,9 +200,10 @@ class CalibrationConfig:
     Wikipedia), so ablation cannot fake a high forget loss by shifting the output distribution."""
 
     steps: int = 150
-    # Adam moves a rarely seen token's bias by ~lr every step whatever its gradient's size, so a
-    # large lr drags unseen tokens down and hurts held-out loss; 0.01 was measured to generalise.
-    lr: float = 0.01
+    # sgd: momentum 0.9 on the weight-normalised loss (the default; see fit_calibration_bias).
+    # adam: what docs/results.md's sweeps used (lr 0.05); it over-fits rare tokens at CPU scale.
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 5.0
     alpha: float = 100.0
     beta: float = 0.0
     batches: int = 16  # batches per set used to fit the bias
