@@ -62,7 +62,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     if result and int(__import__("os").environ.get("RANK", "0")) == 0:
         print(json.dumps(result), file=sys.stderr)
+    shutdown_process_group()
     return 0
+
+
+def shutdown_process_group() -> None:
+    """Leave together: without it rank 0 (the rendezvous store's host) may exit while another rank's
+    store thread is still running, which aborts that rank ('terminate called without an active
+    exception', exit -6) after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
