@@ -712,3 +712,20 @@ if __name__ == "__main__":
         _isolation_worker(Path(sys.argv[2]))
     elif sys.argv[1] == "timeout":
         _timeout_worker(Path(sys.argv[2]))
+
+
+def test_engine_builds_again_after_shutdown_in_the_same_process(single_process_world):
+    """`sgtm train` called in-process (a notebook, a sweep driver) tears the world down on exit; the
+    next run in that process must get live groups, not megatron's handles on the destroyed one."""
+    from pipeline.config import EngineConfig
+    from pipeline.engine.distributed import init_distributed, shutdown_distributed
+    from pipeline.engine.engine import build_engine, train_step
+    from tests.fixtures import mixed_batch, tiny_config
+
+    shutdown_distributed()
+    assert not torch.distributed.is_initialized()
+    os.environ["MASTER_PORT"] = str(free_port())
+    init_distributed(EngineConfig(tensor_parallel=1))
+    state = build_engine(tiny_config("gpt-neo", "sgtm", tp=1))
+    loss = train_step(state, [mixed_batch()])
+    assert torch.isfinite(torch.as_tensor(loss))

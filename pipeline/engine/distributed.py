@@ -143,6 +143,9 @@ def init_distributed(cfg: EngineConfig) -> DistInfo:
     if not torch.distributed.is_initialized():
         from datetime import timedelta
 
+        # Groups built on an earlier (destroyed) default group are dead handles: rebuild them.
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=timedelta(seconds=timeout_s))
     if device.type == "cuda":
@@ -159,3 +162,20 @@ def init_distributed(cfg: EngineConfig) -> DistInfo:
         tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
         device=device, backend=backend)
+
+
+def shutdown_distributed() -> None:
+    """Leave together, then tear down every group.
+
+    Without the barrier rank 0 (the rendezvous store's host) may exit while another rank's store
+    thread still runs, which aborts that rank ('terminate called without an active exception',
+    exit -6) after a successful run. Megatron's groups go too, so a later ``init_distributed`` in
+    the same process (a notebook, a test) builds fresh ones instead of reusing dead handles.
+    """
+    from megatron.core import parallel_state as ps
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        torch.distributed.destroy_process_group()

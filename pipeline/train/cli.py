@@ -56,25 +56,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
+    from pipeline.engine.distributed import shutdown_distributed
     from pipeline.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume)
     if result and int(__import__("os").environ.get("RANK", "0")) == 0:
         print(json.dumps(result), file=sys.stderr)
-    shutdown_process_group()
+    shutdown_distributed()
     return 0
-
-
-def shutdown_process_group() -> None:
-    """Leave together: without it rank 0 (the rendezvous store's host) may exit while another rank's
-    store thread is still running, which aborts that rank ('terminate called without an active
-    exception', exit -6) after a successful run."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
