@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipeline.engine.distributed import free_port
+
 
 def _profile(spec: dict) -> dict:
     import torch
@@ -64,7 +66,7 @@ def profile_markdown(size: str, micro_batch: int, seq_len: int, steps: int, data
                 "batches": str(Path(tmp) / "batches.pt"), "steps": steps, "out": str(Path(tmp) / "profile.json")}
         env = train_bench._env(1, os.cpu_count())
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(train_bench._free_port()), GLOO_SOCKET_IFNAME="lo")
+                   MASTER_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo")
         log(f"profiling {size}, {steps} steps of none and sgtm ...")
         subprocess.run([sys.executable, "-m", "pipeline.bench.profile", json.dumps(spec)], env=env,
                        cwd=train_bench.ROOT, check=True, stdout=subprocess.DEVNULL)

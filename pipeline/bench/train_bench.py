@@ -16,13 +16,14 @@ import datetime as _dt
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pipeline.engine.distributed import spawn_local_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "tools" / "reference_sgtm.py"
@@ -112,44 +113,15 @@ def _env(nprocs: int, threads: int | None, device: str = "cpu") -> dict:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_pipeline(spec: dict, nprocs: int, threads: int | None, timeout: float = 900) -> list[dict]:
     """Run ``pipeline.bench.worker`` on ``nprocs`` local ranks (loopback gloo, or NCCL on GPU)."""
     out = Path(spec["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    procs = []
     device = spec["config"]["engine"].get("device", "cpu")
-    for rank in range(nprocs):
-        env = _env(nprocs, threads, device)
-        env.update(RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
-        if device == "cpu":
-            env["GLOO_SOCKET_IFNAME"] = "lo"
-        log = open(out / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, "-m", "pipeline.bench.worker", json.dumps(spec)],
-                                       env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
-    failed = []
-    for rank, (p, log) in enumerate(procs):
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            rc = "timeout"
-        log.close()
-        if rc != 0:
-            failed.append(rank)
-    if failed:
-        for p, _ in procs:
-            if p.poll() is None:
-                p.kill()
-        tail = (out / f"rank{failed[0]}.log").read_text()[-3000:]
-        raise RuntimeError(f"benchmark worker failed ({spec['config']['name']}, ranks {failed}):\n{tail}")
+    try:
+        spawn_local_ranks([sys.executable, "-m", "pipeline.bench.worker", json.dumps(spec)], nprocs, out,
+                          env=_env(nprocs, threads, device), cwd=ROOT, timeout=timeout, device=device)
+    except RuntimeError as e:
+        raise RuntimeError(f"benchmark worker failed ({spec['config']['name']}): {e}") from None
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nprocs)]
 
 

@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,10 +31,47 @@ class DistInfo:
     backend: str
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that was free on loopback a moment ago (for a local rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn_local_ranks(argv: list[str], nprocs: int, log_dir: Path, env: dict[str, str] | None = None,
+                      cwd: Path | None = None, timeout: float = 900, device: str = "cpu") -> None:
+    """Run ``argv`` as ``nprocs`` ranks of one world on this machine (what torchrun does, without
+    its agent): the benchmark and the multi-process tests start their workers here. Each rank's
+    output goes to ``log_dir/rank{i}.log``; if any rank fails or times out, all are killed and the
+    error carries the first failing rank's log tail."""
+    import subprocess
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    port = str(free_port())
+    procs = []
+    for rank in range(nprocs):
+        rank_env = dict(os.environ if env is None else env, RANK=str(rank), WORLD_SIZE=str(nprocs),
+                        LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        if device == "cpu":
+            rank_env["GLOO_SOCKET_IFNAME"] = "lo"
+        log = open(log_dir / f"rank{rank}.log", "w")
+        procs.append((subprocess.Popen(argv, env=rank_env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT), log))
+    failed = []
+    for rank, (p, log) in enumerate(procs):
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            rc = "timeout"
+        log.close()
+        if rc != 0:
+            failed.append((rank, rc))
+    if failed:
+        for p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+        tail = (log_dir / f"rank{failed[0][0]}.log").read_text()[-4000:]
+        raise RuntimeError(f"local ranks failed (rank, exit code) {failed}: {' '.join(argv[:4])}\n{tail}")
 
 
 def discover_ranks() -> None:
@@ -58,7 +96,7 @@ def discover_ranks() -> None:
     else:
         env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = "0", "1", "0"
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
 

@@ -246,20 +246,14 @@ def run_cell(base: Path, cell: Cell, log=print) -> bool:
     # One thread per cell unless told otherwise: on a shared CPU, spinning OpenMP threads waste
     # more than they gain (SGTM_CELL_THREADS=N to change).
     env["OMP_NUM_THREADS"] = os.environ.get("SGTM_CELL_THREADS", env.get("OMP_NUM_THREADS", "1"))
-    env.setdefault("MASTER_PORT", str(_free_port()))
+    from pipeline.engine.distributed import free_port
+
+    env.setdefault("MASTER_PORT", str(free_port()))
     t0 = time.perf_counter()
     with open(run_dir / "train.log", "a") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     log(f"[sweep] cell {cell.key} {cell.labels}: rc={rc} in {time.perf_counter() - t0:.0f}s")
     return rc == 0 and cell.done()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def eval_history(run_dir: Path) -> list[dict]:
