@@ -95,34 +95,46 @@ class TokenMasks:
 class FeatureSplit:
     """The slice classes along the split side of one linear layer, grouped for fast masking.
 
-    The most frequent class (normally retain) is applied as one multiply over all features; the
-    other classes (the few forget features, as contiguous column spans) are overwritten. With a
-    single class (the LM head, a rank that owns no forget features) the caller may mask the
-    other, smaller operand of the weight gradient instead (see :class:`SelectiveLinearFn`)."""
+    The most frequent class (normally retain) is the base, masked for the whole weight at once;
+    the other classes (the few forget features) are kept as contiguous spans and recomputed."""
 
     def __init__(self, feature_class: torch.Tensor):
         classes, counts = torch.unique(feature_class, return_counts=True)
         self.base = int(classes[counts.argmax()])
         flat = [int(c) for c in feature_class.reshape(-1).tolist()]
         self.spans = [(c, s, e) for c, s, e in _spans(flat) if c != self.base] if len(flat) > 1 else []
-        self.classes = [self.base] + sorted({c for c, _, _ in self.spans})
-        self.single = not self.spans
 
-    def to(self, device: torch.device) -> FeatureSplit:
-        return self
+    def weight_grads(self, g: torch.Tensor, xs: torch.Tensor, split_dim: int, allow: dict[int, torch.Tensor | None],
+                     want_w: bool, want_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """dW = sum over tokens of g_t x_t^T, each slice summed only over the tokens allowed to
+        update its class (``g`` [T, out], ``xs`` [T, in]; the bias follows the output rows).
 
-    def apply(self, m: torch.Tensor, allow: dict[int, torch.Tensor | None]) -> torch.Tensor:
-        """Zero the rows of ``m`` [T, F] (tokens) that may not update each feature's class."""
-        base_allow = allow[self.base]
-        out = m if base_allow is None else m * base_allow
+        The base class's token mask goes on the narrower operand of one full-size matmul, so no
+        [T, wide] masked copy is made; the few other slices (forget rows or columns) are then
+        recomputed from their own tokens, one small matmul each."""
+        a = allow[self.base]
+        if a is None:
+            gb, xb = g, xs
+        elif xs.shape[1] <= g.shape[1]:
+            gb, xb = g, xs * a
+        else:
+            gb, xb = g * a, xs
+        grad_w = gb.t().matmul(xb) if want_w else None
+        grad_b = (g.sum(0) if a is None else a.t().matmul(g).squeeze(0)) if want_b else None
         for cls, s, e in self.spans:
-            a = allow[cls]
-            if a is base_allow:
+            c = allow[cls]
+            if c is a:
                 continue
-            if out is m:
-                out = m.clone()
-            out[:, s:e] = m[:, s:e] if a is None else m[:, s:e] * a
-        return out
+            if split_dim == 0:
+                gs = g[:, s:e]
+                if grad_w is not None:
+                    grad_w[s:e] = (gs if c is None else gs * c).t().matmul(xs)
+                if grad_b is not None:
+                    grad_b[s:e] = gs.sum(0) if c is None else c.t().matmul(gs).squeeze(0)
+            elif grad_w is not None:
+                xsl = xs[:, s:e]
+                grad_w[:, s:e] = g.t().matmul(xsl if c is None else xsl * c)
+        return grad_w, grad_b
 
 
 class InputFeatures:
@@ -199,26 +211,12 @@ class SelectiveLinearFn(torch.autograd.Function):
                 _gate_input_grad(grad_in.view(-1, grad_in.shape[-1]), ctx.features, ctx.masks)
         g = grad_out.reshape(-1, grad_out.shape[-1])
         xs = x.reshape(-1, x.shape[-1])
-        bias_rows = None  # per-token weights of the bias gradient when g itself is not masked
-        split, masks = ctx.split, ctx.masks
-        if split is not None and masks is not None:
-            a = masks.allow[split.base]
-            if split.single:
-                # One class: dW = (a*g)^T x = g^T (a*x); mask the narrower operand.
-                if a is not None:
-                    if xs.shape[1] < g.shape[1]:
-                        xs = xs * a
-                        bias_rows = a
-                    else:
-                        g = g * a
-            elif ctx.split_dim == 0:
-                g = split.apply(g, masks.allow)
-            else:
-                xs = split.apply(xs, masks.allow)
-        grad_w = g.t().matmul(xs) if ctx.needs_input_grad[1] else None
-        grad_b = None
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(0) if bias_rows is None else bias_rows.t().matmul(g).squeeze(0)
+        want_w, want_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.split is not None and ctx.masks is not None:
+            grad_w, grad_b = ctx.split.weight_grads(g, xs, ctx.split_dim, ctx.masks.allow, want_w, want_b)
+        else:
+            grad_w = g.t().matmul(xs) if want_w else None
+            grad_b = g.sum(0) if want_b else None
         return grad_in, grad_w, grad_b, None, None, None, None
 
 
