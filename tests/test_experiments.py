@@ -136,6 +136,17 @@ def test_tiny_sweep_records_cells_skips_finished_and_emits_slurm(tiny_sweep):
     r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "--config", str(path), "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.count("skip finished") == 2 and "rc=" not in r.stdout
+    # scripts name a cell by its labels; an ambiguous selector is a one-line error
+    for c in res["cells"]:
+        r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "--config", str(path), "--out", str(out),
+                            "--cell", f"method={c['labels']['method']}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == c["run_dir"], r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "--config", str(path), "--out", str(out),
+                        "--cell", "data.tagging.undiscovered_rate=0.2"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    err = [line for line in r.stderr.splitlines() if line.startswith("sgtm: error:")]
+    assert r.returncode == 2 and len(err) == 1 and "found 2" in err[0], r.stderr[-2000:]
     # SLURM: a finished sweep has nothing pending; with one cell's final.json gone, one line
     from pipeline.experiments.sweep import run_sweep
 

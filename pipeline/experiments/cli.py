@@ -13,6 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--slurm", action="store_true", help="write OUT/<name>/cells.txt + sweep.sbatch instead of running")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the pending cells")
     p.add_argument("--only", nargs="*", help="run only cells whose labels match, e.g. method=sgtm,size=d64")
+    p.add_argument("--cell", metavar="LABELS", help="print the run directory of the one cell matching LABELS "
+                                                    "(e.g. method=sgtm,data.tagging.undiscovered_rate=0.2) and exit")
     p.set_defaults(func=cmd_sweep)
 
     a = subparsers.add_parser("analyze", help="an analysis of sweep results or a run: JSON + PNG")
@@ -91,8 +93,11 @@ def _cmd() -> str:
 
 
 def cmd_sweep(args) -> int:
-    from pipeline.experiments.sweep import run_sweep
+    from pipeline.experiments.sweep import find_cell, run_sweep
 
+    if args.cell:
+        print(find_cell(args.config, args.cell, args.out))
+        return 0
     res = run_sweep(args.config, args.out, slurm=args.slurm, dry_run=args.dry_run, only=args.only)
     done = sum(c["done"] for c in res["cells"])
     print(f"[sweep] {res['sweep']}: {done}/{len(res['cells'])} cells finished; results in "

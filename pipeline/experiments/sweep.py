@@ -370,6 +370,20 @@ def run_sweep(config: str | Path, out: str | Path = "runs/sweeps", slurm: bool =
     return {**collect(spec, every, base, out), "failed": failed}
 
 
+def find_cell(config: str | Path, selector: str, out: str | Path = "runs/sweeps") -> Path:
+    """The run directory of the one cell whose labels match ``selector`` (``k=v,k2=v2``), so
+    scripts name cells by what they are instead of by hash."""
+    spec = load_sweep(config)
+    base = write_base(spec, Path(out))
+    hits = [c for c in resolve(expand(spec), base, Path(out))
+            if all(_match(c.labels, kv) for kv in selector.split(","))]
+    if len(hits) != 1:
+        labels = [c.labels for c in resolve(expand(spec), base, Path(out))]
+        raise ValueError(f"--cell {selector}: expected one matching cell of {spec['name']}, found {len(hits)} "
+                         f"(cells: {labels})")
+    return hits[0].run_dir
+
+
 def _match(labels: dict, kv: str) -> bool:
     k, _, v = kv.partition("=")
     return k in labels and str(labels[k]) == v
