@@ -167,6 +167,15 @@ def test_tiny_sweep_records_cells_skips_finished_and_emits_slurm(tiny_sweep):
         script = (out / "tiny" / "sweep.sbatch").read_text()
         assert 'sed -n "${SLURM_ARRAY_TASK_ID}p"' in script and "pipeline train --config" in script
         assert subprocess.run(["bash", "-n", str(out / "tiny" / "sweep.sbatch")]).returncode == 0
+        # a second sweep process leaves alone the cell that another one is training
+        import fcntl
+
+        with open(Path(victim) / ".sweep.lock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            logged: list[str] = []
+            res2 = run_sweep(path, out, log=logged.append)
+        assert res2["failed"] == [] and not final.exists(), logged
+        assert any("another sweep process is training it" in m for m in logged), logged
     finally:
         final.write_text(saved)
 

@@ -233,9 +233,30 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / "checkpoints").is_dir() and latest_tag(run_dir / "checkpoints") is not None
 
 
-def run_cell(base: Path, cell: Cell, log=print) -> bool:
+def run_cell(base: Path, cell: Cell, log=print) -> bool | None:
+    """Train one cell in its own process: True when it finished, False when it failed, None when
+    another sweep process (a second shell on the same sweep) is training it right now."""
+    import fcntl
+
     run_dir = Path(cell.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Held for the cell's lifetime and dropped by the kernel if this process dies: no stale locks.
+    lock = open(run_dir / ".sweep.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        log(f"[sweep] skip {cell.key} {cell.labels}: another sweep process is training it")
+        return None
+    try:
+        if cell.done():  # finished by that other process while we waited for our turn
+            return True
+        return _run_locked(base, cell, run_dir, log)
+    finally:
+        lock.close()
+
+
+def _run_locked(base: Path, cell: Cell, run_dir: Path, log) -> bool:
     resume = _has_checkpoint(run_dir)
     cmd = cell_command(base, cell, resume)
     (run_dir / "cell.json").write_text(json.dumps(
@@ -364,7 +385,7 @@ def run_sweep(config: str | Path, out: str | Path = "runs/sweeps", slurm: bool =
         if dry_run:
             log("[sweep] would run: " + " ".join(shlex.quote(c) for c in cell_command(base, cell)))
             continue
-        if not run_cell(base, cell, log):
+        if run_cell(base, cell, log) is False:
             failed.append(cell.key)
         collect(spec, every, base, out)  # results.json grows as cells finish
     return {**collect(spec, every, base, out), "failed": failed}
