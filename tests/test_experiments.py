@@ -224,3 +224,14 @@ def test_tiny_sweep_analyses_attack_rmu_gradnorm_and_report(tiny_sweep, single_p
     assert (out / "report" / "figures" / "analysis_tradeoff.png").is_file()
     assert "Paper claims at a glance" in text
 
+
+
+def test_verdicts_respect_the_noise_margin():
+    from pipeline.experiments.analyses import beats, dominates
+
+    assert beats(8.3, 5.5, noise=0.1) is True and beats(5.5, 8.3, noise=0.1) is False
+    assert beats(5.93, 5.86, noise=0.1) == "within noise"
+    # clearly better on forget, retain within noise: dominates; worse on one axis: does not
+    assert dominates(beats(8.3, 6.0, 0.1), beats(4.83, 4.85, 0.1)) is True
+    assert dominates(beats(8.3, 6.0, 0.1), beats(4.5, 4.85, 0.1)) is False
+    assert dominates(beats(5.93, 5.90, 0.1), beats(5.67, 5.67, 0.1)) == "within noise"

@@ -19,10 +19,11 @@ cell() { $SGTM sweep --config "$1" --cell "$2"; }
 want() { [[ $STAGE == all || $STAGE == "$1" ]]; }
 
 if want sweeps; then
-  for s in tradeoff undiscovered leakage scaling capacity tradeoff_wiki; do $SGTM sweep --config "$s"; done
+  for s in tradeoff seeds undiscovered leakage scaling capacity tradeoff_wiki; do $SGTM sweep --config "$s"; done
 fi
 
 if want analyses; then
+  $SGTM analyze seeds --sweeps runs/sweeps/seeds --out $A
   $SGTM analyze tradeoff --sweeps runs/sweeps/tradeoff --out $A
   $SGTM analyze undiscovered --sweeps runs/sweeps/undiscovered --out $A
   $SGTM analyze leakage --sweeps runs/sweeps/undiscovered runs/sweeps/leakage runs/sweeps/scaling --out $A
@@ -39,9 +40,9 @@ if want attacks; then
   attack=(--reference "$nofilter" --steps 200 --eval-every 10 --batch-size 8 --stop-at-target --out $A)
   [[ -f $A/attack_sgtm.analysis.json ]] || $SGTM attack --checkpoint "$(cell tradeoff method=sgtm)" --name attack_sgtm "${attack[@]}"
   [[ -f $A/attack_weak_filter.analysis.json ]] || $SGTM attack --checkpoint "$(cell tradeoff method=weak_filter)" --name attack_weak_filter "${attack[@]}"
+  [[ -f $A/attack_rmu.analysis.json ]] || $SGTM rmu --checkpoint "$nofilter" --rmu-steps 100 --rmu-lr 1e-3 "${attack[@]}"
   [[ -f $A/attack_perfect_filter.analysis.json ]] || $SGTM attack \
     --checkpoint "$(cell undiscovered method=weak_filter,data.tagging.undiscovered_rate=0.0)" --name attack_perfect_filter "${attack[@]}"
-  [[ -f $A/attack_rmu.analysis.json ]] || $SGTM rmu --checkpoint "$nofilter" --rmu-steps 100 --rmu-lr 1e-3 "${attack[@]}"
   $SGTM analyze attacks --runs $A --out $A
 fi
 

@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       ("capacity", "forget loss vs forget MLP units and heads"),
                       ("leakage", "dose-response baselines -> SGTM leakage per undiscovered rate and size"),
                       ("compute-penalty", "power-law fit on no-filter runs -> equivalent compute of each method"),
-                      ("classifier", "precision/recall of the tags that reached training")):
+                      ("classifier", "precision/recall of the tags that reached training"),
+                      ("seeds", "seed-to-seed spread of the deployed losses (the noise level of one-seed verdicts)")):
         q = asub.add_parser(name, help=hlp)
         q.add_argument("--sweeps", nargs="+", required=True, help="sweep result dirs (OUT/<name>) or results.json")
         q.add_argument("--out", required=True, help="directory for <analysis>.analysis.json and .png")
@@ -121,7 +122,7 @@ def cmd_analyze(args) -> int:
     else:
         fn = {"tradeoff": analyses.tradeoff, "undiscovered": analyses.undiscovered, "capacity": analyses.capacity,
               "leakage": analyses.leakage, "compute-penalty": analyses.compute_penalty_analysis,
-              "classifier": analyses.classifier}[a]
+              "classifier": analyses.classifier, "seeds": analyses.seeds}[a]
         extra = {"from_history": True} if getattr(args, "from_history", False) else {}
         res = fn(args.sweeps, args.out, cmd, **extra)
     for c in res.get("claims", []):

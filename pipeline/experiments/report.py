@@ -9,8 +9,9 @@ from pathlib import Path
 
 from pipeline.experiments.common import fmt
 
-ORDER = ["tradeoff", "undiscovered", "leakage", "compute_penalty", "capacity", "classifier", "attacks", "attack", "rmu",
-         "gradnorm", "per_token"]
+VERDICT = {True: "holds", False: "does not hold", None: "compare", "within noise": "within noise"}
+ORDER = ["seeds", "tradeoff", "undiscovered", "leakage", "compute_penalty", "capacity", "classifier", "attacks",
+         "attack", "rmu", "gradnorm", "per_token"]
 SKIP_COLUMNS = {"run_dir", "confusion", "checkpoint"}
 
 
@@ -41,10 +42,9 @@ def _table(rows: list[dict], limit: int = 40) -> str:
 def _claims(claims: list[dict]) -> str:
     if not claims:
         return ""
-    mark = {True: "holds", False: "does not hold", None: "compare"}
     lines = ["| claim | paper | here | verdict |", "| --- | --- | --- | --- |"]
     for c in claims:
-        lines.append(f"| {c['claim']} | {c['paper']} | {c['here']} | {mark[c.get('holds')]} |")
+        lines.append(f"| {c['claim']} | {c['paper']} | {c['here']} | {VERDICT[c.get('holds')]} |")
     return "\n".join(lines)
 
 
@@ -91,10 +91,10 @@ def build_report(runs: list[str | Path], out: str | Path, title: str = "SGTM res
         sec += [f"Data: `{shown}`", ""]
         sections.append("\n".join(sec))
     if summary:
-        mark = {True: "holds", False: "does not hold", None: "compare"}
         parts += ["## Paper claims at a glance", "", "| analysis | claim | paper | here | verdict |",
                   "| --- | --- | --- | --- | --- |"]
-        parts += [f"| {h} | {c['claim']} | {c['paper']} | {c['here']} | {mark[c.get('holds')]} |" for h, c in summary]
+        parts += [f"| {h} | {c['claim']} | {c['paper']} | {c['here']} | {VERDICT[c.get('holds')]} |"
+                  for h, c in summary]
         parts.append("")
     text = "\n".join(parts) + "\n" + "\n".join(sections)
     out.mkdir(parents=True, exist_ok=True)
