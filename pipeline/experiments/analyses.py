@@ -25,10 +25,11 @@ from pipeline.experiments.stats import compute_penalty, dose_equivalent, fit_pow
 COLORS = {"sgtm": "tab:red", "weak_filter": "tab:blue", "strict_filter": "tab:cyan", "no_filter": "tab:gray",
           "gradient_routing": "tab:green", "activation_masking": "tab:purple", "rmu": "tab:orange"}
 SETS = ("forget", "retain", "adjacent")
-# Two single-seed losses closer than this are "within noise": the seed-to-seed spread (max - min
-# over seeds 0-2) of a cell's deployed loss at CPU scale, measured by `sgtm analyze seeds` (see
-# docs/results.md, section "Seed-to-seed spread"). Verdicts compare against it, not against 0.
-NOISE_NATS = 0.1
+# Two single-seed losses closer than this are "within noise". It covers the largest seed-to-seed
+# spread (max - min over seeds 0-2) of a deployed loss measured at CPU scale, 0.153 nats (SGTM's
+# forget loss; `sgtm analyze seeds`, docs/results.md "Seed-to-seed spread"), and ~2 standard
+# deviations of the difference of two single runs (sd <= 0.081 each). Verdicts compare against it.
+NOISE_NATS = 0.2
 
 
 def beats(a: float, b: float, noise: float = NOISE_NATS) -> bool | str:
