@@ -44,6 +44,14 @@ if want attacks; then
   [[ -f $A/attack_perfect_filter.analysis.json ]] || $SGTM attack \
     --checkpoint "$(cell undiscovered method=weak_filter,data.tagging.undiscovered_rate=0.0)" --name attack_perfect_filter "${attack[@]}"
   $SGTM analyze attacks --runs $A --out $A
+  # Wikipedia: the same attacks on the classifier-tagged models (biology = forget)
+  wnofilter=$(cell tradeoff_wiki method=no_filter)
+  wattack=(--reference "$wnofilter" --steps 200 --eval-every 10 --batch-size 8 --stop-at-target --out $W)
+  for m in sgtm weak_filter strict_filter; do
+    [[ -f $W/attack_$m.analysis.json ]] || $SGTM attack --checkpoint "$(cell tradeoff_wiki method=$m)" --name attack_$m "${wattack[@]}"
+  done
+  [[ -f $W/attack_rmu.analysis.json ]] || $SGTM rmu --checkpoint "$wnofilter" --rmu-steps 100 --rmu-lr 1e-3 "${wattack[@]}"
+  $SGTM analyze attacks --runs $W --out $W
 fi
 
 if want mechanisms; then
