@@ -8,8 +8,9 @@ DeepSpeed ZeRO (whose hooks take ``param.grad`` away before anyone could edit it
 * :class:`SelectiveLinearFn` - a split linear layer. The weight gradient is a sum over tokens of
   outer products, so the gradient of each slice (rows of a column-parallel weight, columns of a
   row-parallel one) is computed from the tokens allowed to update that slice's class, while the
-  input gradient passed upstream stays the true one. Same matmuls as plain training; the mask is
-  one elementwise multiply of the split side plus a small gather/scatter for forget features.
+  input gradient passed upstream stays the true one. Same matmuls as plain training, with the
+  mask on the narrower operand, plus one small matmul per forget slice to redo its gradient from
+  its own tokens.
 * :class:`ElementwiseAffineFn` - ``x * weight + bias`` for norm gains/biases and the output
   biases of row-parallel layers, with per-token masking of the parameter gradients.
 * :class:`GradGateFn` - identity forward, per-token gated backward; for embedding lookups,
