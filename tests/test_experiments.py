@@ -235,3 +235,25 @@ def test_verdicts_respect_the_noise_margin():
     assert dominates(beats(8.3, 6.0, 0.1), beats(4.83, 4.85, 0.1)) is True
     assert dominates(beats(8.3, 6.0, 0.1), beats(4.5, 4.85, 0.1)) is False
     assert dominates(beats(5.93, 5.90, 0.1), beats(5.67, 5.67, 0.1)) == "within noise"
+
+
+def test_seeds_analysis_reports_spread_per_method(tmp_path):
+    """Synthetic cells with known losses: the spread and the noise-margin verdict follow them."""
+    from pipeline.experiments.analyses import NOISE_NATS, seeds
+
+    cells = []
+    for i, (method, seed, forget, retain) in enumerate([("no_filter", 0, 5.0, 4.6), ("no_filter", 1, 5.1, 4.7),
+                                                         ("no_filter", 2, 5.05, 4.65)]):
+        run = tmp_path / f"cell{i}"
+        run.mkdir()
+        (run / "final.json").write_text(json.dumps({"kind": "eval", "step": 1, "forget_full": forget,
+                                                    "retain_full": retain}))
+        cells.append({"key": f"k{i}", "labels": {"method": method}, "run_dir": str(run), "seed": seed,
+                      "strategy": "none", "filter": "none"})
+    (tmp_path / "results.json").write_text(json.dumps({"sweep": "seeds", "cells": cells}))
+    res = seeds([str(tmp_path)], str(tmp_path / "out"), "test")
+    (row,) = res["table"]
+    assert row["seeds"] == [0, 1, 2]
+    assert row["forget_spread"] == pytest.approx(0.1) and row["retain_spread"] == pytest.approx(0.1)
+    assert row["forget_mean"] == pytest.approx(5.05)
+    assert res["claims"][0]["holds"] is (0.1 <= NOISE_NATS)

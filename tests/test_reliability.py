@@ -701,14 +701,6 @@ def test_a_hung_peer_is_given_up_after_the_dist_timeout(tmp_path):
           f"{result['tp']['seconds']:.1f} s (engine.dist_timeout_s=4): {result['world']['error'][:120]}")
 
 
-if __name__ == "__main__":
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if sys.argv[1] == "isolation":
-        _isolation_worker(Path(sys.argv[2]))
-    elif sys.argv[1] == "timeout":
-        _timeout_worker(Path(sys.argv[2]))
-
-
 def test_engine_builds_again_after_shutdown_in_the_same_process(single_process_world):
     """`sgtm train` called in-process (a notebook, a sweep driver) tears the world down on exit; the
     next run in that process must get live groups, not megatron's handles on the destroyed one."""
@@ -724,3 +716,12 @@ def test_engine_builds_again_after_shutdown_in_the_same_process(single_process_w
     state = build_engine(tiny_config("gpt-neo", "sgtm", tp=1))
     loss = train_step(state, [mixed_batch()])
     assert torch.isfinite(torch.as_tensor(loss))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if sys.argv[1] == "isolation":
+        _isolation_worker(Path(sys.argv[2]))
+    elif sys.argv[1] == "timeout":
+        _timeout_worker(Path(sys.argv[2]))
+

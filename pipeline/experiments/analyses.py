@@ -202,15 +202,17 @@ def seeds(sweeps: list[str], out: str, command: str) -> dict:
         groups[method_of(c)].append(c)
     rows = []
     fig, axes = figure(2)
-    for ax, s in zip(axes, ("forget", "retain")):
-        for i, (m, cs) in enumerate(sorted(groups.items())):
-            vals = [deployed(c, s) for c in sorted(cs, key=lambda c: c["seed"])]
+    for i, (m, cs) in enumerate(sorted(groups.items())):
+        cs = sorted(cs, key=lambda c: c["seed"])
+        row = {"method": m, "seeds": [c["seed"] for c in cs]}
+        for ax, s in zip(axes, ("forget", "retain")):
+            vals = [deployed(c, s) for c in cs]
             ax.plot([i] * len(vals), vals, "o", color=COLORS.get(m, "k"))
-            if s == "forget":
-                rows.append({"method": m, "seeds": sorted(c["seed"] for c in cs)})
-            row = next(r for r in rows if r["method"] == m)
-            row.update({f"{s}_mean": float(np.mean(vals)), f"{s}_std": float(np.std(vals, ddof=1)) if len(vals) > 1
-                        else None, f"{s}_spread": float(max(vals) - min(vals))})
+            row.update({f"{s}_mean": float(np.mean(vals)),
+                        f"{s}_std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+                        f"{s}_spread": float(max(vals) - min(vals))})
+        rows.append(row)
+    for ax, s in zip(axes, ("forget", "retain")):
         ax.set_xticks(range(len(groups)), sorted(groups), fontsize=8)
         ax.set(title=f"deployed {s} loss per seed", ylabel="nats/token")
         ax.grid(alpha=0.3)

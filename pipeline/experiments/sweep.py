@@ -367,7 +367,7 @@ def run_sweep(config: str | Path, out: str | Path = "runs/sweeps", slurm: bool =
     every = resolve(expand(spec), base, out)
     cells = every
     if only:
-        cells = [c for c in every if any(all(_match(c.labels, kv) for kv in sel.split(",")) for sel in only)]
+        cells = [c for c in every if any(_selects(c.labels, sel) for sel in only)]
     log(f"[sweep] {spec['name']}: {len(cells)} cells, {sum(c.done() for c in cells)} finished; base {base}")
     if slurm:
         cells_path, script, n = emit_slurm(spec, cells, base, out)
@@ -395,14 +395,17 @@ def find_cell(config: str | Path, selector: str, out: str | Path = "runs/sweeps"
     """The run directory of the one cell whose labels match ``selector`` (``k=v,k2=v2``), so
     scripts name cells by what they are instead of by hash."""
     spec = load_sweep(config)
-    base = write_base(spec, Path(out))
-    hits = [c for c in resolve(expand(spec), base, Path(out))
-            if all(_match(c.labels, kv) for kv in selector.split(","))]
+    cells = resolve(expand(spec), write_base(spec, Path(out)), Path(out))
+    hits = [c for c in cells if _selects(c.labels, selector)]
     if len(hits) != 1:
-        labels = [c.labels for c in resolve(expand(spec), base, Path(out))]
         raise ValueError(f"--cell {selector}: expected one matching cell of {spec['name']}, found {len(hits)} "
-                         f"(cells: {labels})")
-    return hits[0].run_dir
+                         f"(cells: {[c.labels for c in cells]})")
+    return Path(hits[0].run_dir)
+
+
+def _selects(labels: dict, selector: str) -> bool:
+    """``k=v,k2=v2``: every pair matches the cell's labels."""
+    return all(_match(labels, kv) for kv in selector.split(","))
 
 
 def _match(labels: dict, kv: str) -> bool:
