@@ -118,6 +118,11 @@ class SGTMConfig:
     # 'joint' makes W_O, W_2 and their biases joint (a paper variant) instead of split.
     output_projections: Literal["split", "joint"] = "split"
     scope: Literal["attention_mlp", "attention", "mlp"] = "attention_mlp"
+    # How attention treats a context that crosses a forget/non-forget boundary inside a document
+    # (docs/architecture.md, "Isolation across mode boundaries"). 'segment': attention breaks at
+    # every such boundary (exact, no extra cost). 'detached_context': forget queries still read
+    # earlier non-forget keys/values, detached (exact, keeps context, ~2x attention cost).
+    cross_mode_attention: Literal["segment", "detached_context"] = "segment"
 
     def __post_init__(self) -> None:
         if self.embedding_update is None:
