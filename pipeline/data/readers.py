@@ -6,14 +6,16 @@ Every reader yields `Document`s in a deterministic order, which is what makes sh
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.data.errors import DataError
-from pipeline.data.io import open_text
 
 TEXT_SEPARATOR = "<|endoftext|>"
 MAX_META_CHARS = 300
@@ -64,35 +66,53 @@ def _from_record(record: dict, fallback_key: str, where: str) -> Document:
     return Document(key=str(key), text=text, meta=meta)
 
 
-def _read_jsonl(path: Path) -> Iterator[Document]:
-    with open_text(path) as handle:
+# Bytes that are not UTF-8 decode to lone surrogates U+DC80..U+DCFF under 'surrogateescape';
+# valid UTF-8 never produces them, so one found in a raw line marks an invalid byte.
+_BAD_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text input (.xz/.gz decompressed, universal newlines); invalid
+    UTF-8 is a one-line DataError naming the file and line, not a bare UnicodeDecodeError (which
+    names neither, and which a text-mode reader raises per block, not per line)."""
+    name = str(path)
+    opener = lzma.open if name.endswith(".xz") else gzip.open if name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="surrogateescape") as handle:
         for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object per line")
-            yield _from_record(record, f"{path.name}:{lineno}", f"{path}:{lineno}")
+            bad = _BAD_BYTE.search(line)
+            if bad is not None:
+                raise DataError(f"{path}:{lineno}: invalid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} "
+                                f"at column {bad.start() + 1}); inputs must be UTF-8 text")
+            yield lineno, line
+
+
+def _read_jsonl(path: Path) -> Iterator[Document]:
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+        yield _from_record(record, f"{path.name}:{lineno}", f"{path}:{lineno}")
 
 
 def _read_text(path: Path) -> Iterator[Document]:
     """Documents separated by lines holding only <|endoftext|>; without separators, the file is one."""
-    with open_text(path) as handle:
-        lines: list[str] = []
-        index = 0
-        for line in handle:
-            if line.strip() == TEXT_SEPARATOR:
-                if "".join(lines).strip():
-                    yield Document(key=f"{path.name}:{index}", text="".join(lines).strip("\n"))
-                index += 1
-                lines = []
-            else:
-                lines.append(line)
-        if "".join(lines).strip():
-            yield Document(key=f"{path.name}:{index}", text="".join(lines).strip("\n"))
+    lines: list[str] = []
+    index = 0
+    for _, line in _lines(path):
+        if line.strip() == TEXT_SEPARATOR:
+            if "".join(lines).strip():
+                yield Document(key=f"{path.name}:{index}", text="".join(lines).strip("\n"))
+            index += 1
+            lines = []
+        else:
+            lines.append(line)
+    if "".join(lines).strip():
+        yield Document(key=f"{path.name}:{index}", text="".join(lines).strip("\n"))
 
 
 def _read_parquet(path: Path) -> Iterator[Document]:
