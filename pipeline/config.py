@@ -50,6 +50,9 @@ class ModelConfig:
     init_std: float = 0.02
     tie_embeddings: bool | None = None  # default: True for gpt-neo, False for llama
     bias: bool | None = None  # default: True for gpt-neo, False for llama
+    # Attention stays inside each document: every training batch (one with modes) must carry
+    # doc_ids. false: plain causal attention across a packed row (benchmarks of the kernel only).
+    document_masking: bool = True
 
     def __post_init__(self) -> None:
         if self.d_ff is None:
