@@ -257,6 +257,33 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Optional Weights & Biases mirror of metrics.jsonl, from rank 0. Needs the ``wandb`` package
+    (``pip install 'sgtm-pipeline[wandb]'``), imported only when enabled. 'offline' needs no
+    network: the run is written under ``<run_dir>/wandb`` (upload later with ``wandb sync``)."""
+
+    enabled: bool = False
+    mode: Literal["offline", "online"] = "offline"
+    project: str = "sgtm"
+    entity: str | None = None
+    name: str | None = None  # default: the experiment name
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    # Progress on stderr (rank 0): 'auto' = a progress bar on a terminal, else one plain line per
+    # train.log_every steps (SLURM logs); 'bar', 'lines' force one; 'none' prints nothing.
+    console: Literal["auto", "bar", "lines", "none"] = "auto"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self, key: str = "logging") -> None:
+        if self.wandb.enabled and not self.wandb.project:
+            raise ConfigError(f"{key}.wandb.project: expected a non-empty string")
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -267,6 +294,7 @@ class ExperimentConfig:
     data: DataConfig | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_dir: str | None = None  # default: runs/<name>
 
     def validate(self) -> ExperimentConfig:
@@ -277,6 +305,7 @@ class ExperimentConfig:
         self.train.validate()
         self.eval.validate()
         self.checkpoint.validate()
+        self.logging.validate()
         if self.run_dir is None:
             self.run_dir = f"runs/{self.name}"
         names = [d.name for d in self.sgtm.domains]
