@@ -19,7 +19,7 @@ from pipeline.engine.distributed import init_distributed  # noqa: E402
 from pipeline.engine.engine import build_engine, build_model, train_step  # noqa: E402
 from pipeline.model.tp_state import gather_full_state_dict  # noqa: E402
 from pipeline.sgtm.ablate import ablate  # noqa: E402
-from pipeline.sgtm.modes import FORGET, UNLABELLED  # noqa: E402
+from pipeline.sgtm.codes import Mode  # noqa: E402
 from tests.fixtures import isolation_batch, mixed_batch, tiny_config  # noqa: E402
 
 
@@ -31,7 +31,8 @@ def scenario_tp_grads(out: Path, archs: list[str]) -> dict:
         d = init_distributed(cfg.engine)
         part, model = build_model(cfg, d)
         batch = mixed_batch()
-        loss = model(batch["input_ids"], labels=batch["labels"], modes=batch["modes"], doc_ids=batch["doc_ids"])
+        loss = model(batch["input_ids"], labels=batch["labels"], modes=batch["modes"], doc_ids=batch["doc_ids"],
+                     target_modes=batch["target_modes"])
         loss.backward()
         full = gather_full_state_dict(model)
         full_grads = gather_full_state_dict(model, grads=True)
@@ -54,22 +55,55 @@ def scenario_tp_grads(out: Path, archs: list[str]) -> dict:
     return result
 
 
-def scenario_isolation(out: Path, archs: list[str], steps: int, engine: dict | None = None) -> dict:
-    """Three DeepSpeed runs (TP=2, ZeRO-1) that differ only in the forget-labelled sequences."""
+def scenario_isolation(out: Path, runs: list[dict], steps: int) -> dict:
+    """Per run (arch, engine overrides, sgtm overrides): three DeepSpeed runs at TP=2 that differ
+    only in the forget spans inside the documents (A, B: other content; C: B's content unlabelled)."""
     result = {}
-    for arch in archs:
+    for run in runs:
         finals = {}
-        for name, seed, mode in (("A", 1, FORGET), ("B", 2, FORGET), ("C", 2, UNLABELLED)):
-            cfg = tiny_config(arch, "sgtm", tp=2, engine={"zero_stage": 1, "micro_batch_size": 4, **(engine or {})},
-                              optimizer={"lr": 3e-3, "weight_decay": 0.1}, train={"steps": steps})
+        for name, seed, mode in (("A", 1, Mode.FORGET), ("B", 2, Mode.FORGET), ("C", 2, Mode.UNLABELLED)):
+            cfg = tiny_config(run["arch"], "sgtm", tp=2,
+                              engine={"zero_stage": 1, "micro_batch_size": 4, **run.get("engine", {})},
+                              sgtm=run.get("sgtm", {}), optimizer={"lr": 3e-3, "weight_decay": 0.1},
+                              train={"steps": steps})
             state = build_engine(cfg)
             for step in range(steps):
                 train_step(state, [isolation_batch(step, seed, mode)])
             finals[name] = gather_full_state_dict(state.model)
+            if state.clipper is not None and state.clipper.last_norms is not None:
+                finals[name + "_norms"] = state.clipper.last_norms.clone()
         if dist.get_rank() == 0:
-            torch.save({"finals": finals}, out / f"isolation_{arch}.pt")
-        result[arch] = "saved"
+            torch.save({"finals": finals}, out / f"isolation_{run['name']}.pt")
+        result[run["name"]] = "saved"
     return result
+
+
+def scenario_isolation_property(out: Path, seeds: list[int]) -> dict:
+    """The isolation property at TP=2 over random cases (the same generator as the in-process
+    hypothesis test, driven by a seeded RNG so every rank draws the same case). Gradients are
+    compared shard by shard on every rank."""
+    import random
+
+    from tests.isolation_cases import forget_reaches_its_parameters, isolation_leaks, make_case
+
+    failures, checked, reached = [], 0, 0
+    for seed in seeds:
+        rng = random.Random(seed)
+        case = make_case(rng.randint, tp=2)
+        cfg = case.config()
+        d = init_distributed(cfg.engine)
+        _, model = build_model(cfg, d)
+        leaked, forget_changed = isolation_leaks(model, case)
+        flags = [None] * d.world_size
+        dist.all_gather_object(flags, (leaked, bool(forget_changed)))
+        checked += 1
+        if any(f[0] for f in flags):
+            failures.append({"seed": seed, "leaked": [n for f in flags for n in f[0]][:5], "case": case.overrides})
+        if forget_reaches_its_parameters(case):
+            reached += 1
+            if not any(f[1] for f in flags):
+                failures.append({"seed": seed, "forget_unchanged": True, "case": case.overrides})
+    return {"failures": failures, "checked": checked, "reached": reached}
 
 
 def scenario_zero_losses(out: Path, runs: list[dict], steps: int, engine: dict | None = None) -> dict:

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ModelConfig
-from pipeline.sgtm.modes import FORGET, RETAIN
+from pipeline.sgtm.codes import Mode
+
+FORGET, RETAIN, UNLABELLED = int(Mode.FORGET), int(Mode.RETAIN), int(Mode.UNLABELLED)
 
 
 def _norm(x, w, b, arch, eps):
@@ -32,6 +34,39 @@ def _rope(x, theta):
     rot = torch.polar(torch.ones_like(ang), ang).to(torch.complex64)  # [S, half]
     z = torch.complex(x[..., :half], x[..., half:]) * rot[None, :, None, :]
     return torch.cat([z.real, z.imag], dim=-1)
+
+
+def reference_position_modes(modes, labels, target_modes):
+    """A non-forget position predicting a forget token (label not ignored) is trained as forget."""
+    B, S = modes.shape
+    out = modes.clone()
+    for b in range(B):
+        for s in range(S):
+            tm = int(target_modes[b, s]) if target_modes is not None else int(modes[b, min(s + 1, S - 1)])
+            if int(modes[b, s]) < FORGET and tm >= FORGET and int(labels[b, s]) != -100:
+                out[b, s] = tm
+    return out
+
+
+def reference_attention(modes, doc_ids, mode_aware, detached_context):
+    """(live, detached) [B, S, S] bool, spelled out pair by pair."""
+    B, S = doc_ids.shape
+    live = torch.zeros(B, S, S, dtype=torch.bool)
+    det = torch.zeros(B, S, S, dtype=torch.bool)
+    for b in range(B):
+        for i in range(S):
+            for j in range(i + 1):
+                if doc_ids[b, i] != doc_ids[b, j]:
+                    continue
+                if not mode_aware:
+                    live[b, i, j] = True
+                    continue
+                qm, km = int(modes[b, i]), int(modes[b, j])
+                if qm == km or (qm == UNLABELLED and km == RETAIN):
+                    live[b, i, j] = True
+                elif detached_context and qm >= FORGET and km < FORGET:
+                    det[b, i, j] = True
+    return live, det
 
 
 def _feature_gate(t, classes, modes, act_mask, route):
@@ -56,8 +91,15 @@ def _feature_gate(t, classes, modes, act_mask, route):
 
 
 def per_token_loss(params: dict[str, torch.Tensor], cfg: ModelConfig, head_class, unit_class,
-                   ids, labels, modes, doc_ids, *, act_mask=False, route=False):
-    """Per-token losses [B, S] (0 where labels == -100). head_class/unit_class: per layer [H]/[F]."""
+                   ids, labels, modes, doc_ids, *, act_mask=False, route=False, target_modes=None,
+                   mode_aware=True, detached_context=False):
+    """Per-token losses [B, S] (0 where labels == -100). head_class/unit_class: per layer [H]/[F].
+
+    ``mode_aware``: positions take their training modes and attention follows the mode rules
+    (every strategy but 'none'); ``detached_context``: forget queries read non-forget keys/values
+    through detached copies."""
+    if mode_aware:
+        modes = reference_position_modes(modes, labels, target_modes)
     P = params
     B, S = ids.shape
     d, H = cfg.d_model, cfg.n_heads
@@ -65,8 +107,7 @@ def per_token_loss(params: dict[str, torch.Tensor], cfg: ModelConfig, head_class
     x = P["embedding.weight"][ids]
     if cfg.arch == "gpt-neo":
         x = x + P["position_embedding.weight"][:S][None]
-    pos = torch.arange(S)
-    allowed = (pos[None, :, None] >= pos[None, None, :]) & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    live, det = reference_attention(modes, doc_ids, mode_aware, detached_context)
     get = lambda k: P.get(k)  # noqa: E731
     for layer in range(cfg.n_layers):
         pre = f"blocks.{layer}."
@@ -79,8 +120,12 @@ def per_token_loss(params: dict[str, torch.Tensor], cfg: ModelConfig, head_class
         if cfg.arch == "llama":
             q, k = _rope(q, cfg.rope_theta), _rope(k, cfg.rope_theta)
         scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(hd)
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        o = torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v)  # [B, S, H, hd]
+        scores_det = torch.einsum("bihd,bjhd->bhij", q, k.detach()) / math.sqrt(hd)
+        scores = torch.where(det[:, None], scores_det, scores)
+        scores = scores.masked_fill(~(live | det)[:, None], float("-inf"))
+        p = scores.softmax(-1)
+        o = torch.einsum("bhij,bjhd->bihd", p * live[:, None], v) \
+            + torch.einsum("bhij,bjhd->bihd", p * det[:, None], v.detach())  # [B, S, H, hd]
         o = _feature_gate(o, head_class[layer], modes, act_mask, route)
         y = o.reshape(B, S, d) @ P[pre + "attn.out.weight"].T
         if get(pre + "attn.out.bias") is not None:

@@ -21,12 +21,12 @@ from hypothesis import strategies as st
 from pipeline.config import ConfigError
 from pipeline.data.config import DataConfig
 from pipeline.data.errors import DataError
-from pipeline.data.labels import TRUE_ADJACENT, TRUE_FORGET, TRUE_PAD, TRUE_RETAIN, LabelRules, is_heldout
+from pipeline.data.labels import LabelRules, is_heldout
 from pipeline.data.loader import build_eval_batches, build_loader, tagging_report
 from pipeline.data.shards import iter_shard_documents, iter_shard_samples, load_manifest, write_shards
 from pipeline.data.tagging import tag_shards
 from pipeline.data.tokenizer import load_gpt2, load_tokenizer, train_bpe
-from pipeline.sgtm.modes import FORGET, RETAIN, UNLABELLED
+from pipeline.sgtm.codes import Mode, TrueLabel
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -228,9 +228,9 @@ def test_round_trip_two_ranks_two_workers_one_epoch(small):
         assert (labels[:, :-1][~same] == -100).all()  # no target across a document boundary
         assert (labels[ids == 50256] == -100).all()  # eot ends its document: nothing to predict after it
         true, modes = batch["true_labels"], batch["modes"]
-        assert ((true == TRUE_RETAIN) == (src == 0)).all() and ((true == TRUE_FORGET) == (src == 1)).all()
-        assert (modes[src == 0] != FORGET).all() and (modes[src == 1] != RETAIN).all()
-        assert (labels[true == TRUE_PAD] == -100).all()
+        assert ((true == TrueLabel.RETAIN) == (src == 0)).all() and ((true == TrueLabel.FORGET) == (src == 1)).all()
+        assert (modes[src == 0] != Mode.FORGET).all() and (modes[src == 1] != Mode.RETAIN).all()
+        assert (labels[true == TrueLabel.PAD] == -100).all()
         assert batch["input_ids"].dtype == torch.int64 and batch["modes"].dtype == torch.int64
 
 
@@ -278,10 +278,10 @@ def test_filter_policies_and_mixing_weights(small):
 
     weak = run(filter="weak")
     for b in weak:
-        assert (b["modes"] < FORGET).all()
-        assert ((b["true_labels"] == TRUE_FORGET) & (b["modes"] != UNLABELLED)).sum() == 0  # missed ES only
-    spanish = sum(int((b["true_labels"] == TRUE_FORGET).sum()) for b in weak)
-    english = sum(int((b["true_labels"] == TRUE_RETAIN).sum()) for b in weak)
+        assert (b["modes"] < Mode.FORGET).all()
+        assert ((b["true_labels"] == TrueLabel.FORGET) & (b["modes"] != Mode.UNLABELLED)).sum() == 0  # missed ES only
+    spanish = sum(int((b["true_labels"] == TrueLabel.FORGET).sum()) for b in weak)
+    english = sum(int((b["true_labels"] == TrueLabel.RETAIN).sum()) for b in weak)
     # 1:1 mix before filtering, then 80% of Spanish dropped: ~0.2 Spanish per English token
     assert 0.1 < spanish / english < 0.35
     mixed = run(
@@ -301,10 +301,11 @@ def test_filter_policies_and_mixing_weights(small):
     }
     loader = build_loader(wiki, seed=0, micro_batch_size=8, seq_len=SEQ)
     strict = [next(loader) for _ in range(30)]
-    assert all(((b["true_labels"] == TRUE_ADJACENT) | (b["true_labels"] == TRUE_FORGET)).sum() == 0 for b in strict)
+    assert all(((b["true_labels"] == TrueLabel.ADJACENT) | (b["true_labels"] == TrueLabel.FORGET)).sum() == 0
+               for b in strict)
     loader = build_loader({**wiki, "filter": "none"}, seed=0, micro_batch_size=8, seq_len=SEQ)
     unfiltered = [next(loader) for _ in range(30)]
-    assert sum(int((b["true_labels"] == TRUE_ADJACENT).sum()) for b in unfiltered) > 0
+    assert sum(int((b["true_labels"] == TrueLabel.ADJACENT).sum()) for b in unfiltered) > 0
 
 
 def test_noise_simulator_hits_configured_recall_and_precision(tmp_path, gpt2):
@@ -391,10 +392,10 @@ def test_wiki_classifier_f1_and_tagging_via_cli(tmp_path, small, capsys):
     }
     loader = build_loader(cfg, micro_batch_size=8, seq_len=SEQ)
     batches = [next(loader) for _ in range(40)]
-    forget_tokens = torch.cat([b["true_labels"][b["modes"] == FORGET] for b in batches])
-    assert len(forget_tokens) > 0 and (forget_tokens == TRUE_FORGET).float().mean() > 0.6  # precision
-    true_bio = torch.cat([b["modes"][b["true_labels"] == TRUE_FORGET] for b in batches])
-    assert (true_bio == FORGET).float().mean() > 0.6  # recall, token-weighted
+    forget_tokens = torch.cat([b["true_labels"][b["modes"] == Mode.FORGET] for b in batches])
+    assert len(forget_tokens) > 0 and (forget_tokens == TrueLabel.FORGET).float().mean() > 0.6  # precision
+    true_bio = torch.cat([b["modes"][b["true_labels"] == TrueLabel.FORGET] for b in batches])
+    assert (true_bio == Mode.FORGET).float().mean() > 0.6  # recall, token-weighted
 
 
 def test_language_id_and_paragraph_spans_give_per_token_modes(tmp_path, gpt2):
@@ -435,7 +436,7 @@ def test_language_id_and_paragraph_spans_give_per_token_modes(tmp_path, gpt2):
                 if len(breaks) != 1:
                     continue  # a piece cut at a row end that holds only one of the paragraphs
                 b = breaks[0]
-                assert (seg_modes[:b] == RETAIN).all() and (seg_modes[b + 2 :] == FORGET).all()
+                assert (seg_modes[:b] == Mode.RETAIN).all() and (seg_modes[b + 2 :] == Mode.FORGET).all()
                 checked += 1
     assert checked >= 20
     # document granularity: one mode for the whole mixed document
@@ -452,8 +453,8 @@ def test_eval_batches_are_held_out_and_fixed(small):
     again = build_eval_batches(cfg, "forget", seq_len=SEQ, batch_size=4)
     assert forget and retain and len(forget) == len(again)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(forget, again, strict=True) for k in a)
-    assert all(set(b["true_labels"].unique().tolist()) <= {TRUE_FORGET, TRUE_PAD} for b in forget)
-    assert all((b["modes"] == UNLABELLED).all() for b in forget)
+    assert all(set(b["true_labels"].unique().tolist()) <= {TrueLabel.FORGET, TrueLabel.PAD} for b in forget)
+    assert all((b["modes"] == Mode.UNLABELLED).all() for b in forget)
     held = {
         (int(s), int(d))
         for b in forget + retain

@@ -8,7 +8,7 @@ import torch
 from pipeline.engine.engine import build_engine, build_model, train_step
 from pipeline.model.tp_state import load_full_state_dict
 from pipeline.sgtm.ablate import ablate
-from pipeline.sgtm.partition import RETAIN
+from pipeline.sgtm.codes import ParamClass
 from tests.conftest import run_workers
 from tests.fixtures import mixed_batch, tiny_config
 
@@ -29,7 +29,8 @@ def test_tp2_loss_and_gradients_equal_tp1(single_process_world, tp2, arch):
     _, model = build_model(cfg, single_process_world)
     load_full_state_dict(model, saved["state"])
     batch = mixed_batch()
-    loss = model(batch["input_ids"], labels=batch["labels"], modes=batch["modes"], doc_ids=batch["doc_ids"])
+    loss = model(batch["input_ids"], labels=batch["labels"], modes=batch["modes"], doc_ids=batch["doc_ids"],
+                 target_modes=batch["target_modes"])
     loss.backward()
     torch.testing.assert_close(saved["loss"], loss.detach(), rtol=0, atol=1e-5)
     for name, p in model.named_parameters():
@@ -55,12 +56,27 @@ def test_ablation_per_shard_matches_tp1(single_process_world, tp2, arch):
         assert torch.equal(saved["ablated"][name], p.detach()), name
 
 
-def _isolation_leaks(single_process_world, tmp_path_factory, arch, engine=None):
-    out = tmp_path_factory.mktemp(f"iso_{arch}")
-    run_workers(2, "isolation", out, archs=[arch], steps=20, engine=engine or {})
-    saved = torch.load(out / f"isolation_{arch}.pt", weights_only=True)
+def test_isolation_property_at_tp2(tmp_path):
+    """The random-case isolation property (tests/isolation_cases.py) on two TP ranks: forget
+    heads/units on one rank, on both, or on none; every shard's retain and joint(non_forget)
+    gradients bit-identical under changed forget content, forget slices changed somewhere."""
+    result = run_workers(2, "isolation_property", tmp_path, seeds=list(range(40)))
+    assert result["checked"] == 40 and result["reached"] > 20
+    assert not result["failures"], result["failures"][:3]
+
+
+CLIP = {"grad_clip": 0.05}  # binds every group at this size (checked below)
+
+
+def _isolation_leaks(single_process_world, tmp_path_factory, run: dict, steps: int = 20):
+    """(retain/joint(non_forget) slices that differ between runs A and B, forget slices that
+    differ, retain slices that differ between A and the unlabelled control C, clip norms of A)."""
+    out = tmp_path_factory.mktemp(f"iso_{run['name']}")
+    run_workers(2, "isolation", out, runs=[run], steps=steps)
+    saved = torch.load(out / f"isolation_{run['name']}.pt", weights_only=True)
     A, B, C = (saved["finals"][k] for k in "ABC")
-    _, full_model = build_model(tiny_config(arch, "sgtm", tp=1), single_process_world)  # roles of full tensors
+    cfg = tiny_config(run["arch"], "sgtm", tp=1, sgtm=run.get("sgtm", {}))
+    _, full_model = build_model(cfg, single_process_world)  # roles of full tensors
     leaked, forget_changed, retain_changed_c = [], 0, 0
     for name, p in full_model.named_parameters():
         split_dim, classes = p.sgtm_role.split_dim, p.sgtm_role.classes
@@ -68,32 +84,46 @@ def _isolation_leaks(single_process_world, tmp_path_factory, arch, engine=None):
             idx = (classes == cls).nonzero().flatten()
             pick = (lambda t: t) if split_dim is None else (lambda t, i=idx, d=split_dim: t.index_select(d, i))
             same_ab = torch.equal(pick(A[name]), pick(B[name]))
-            if cls < 0 and not same_ab:
+            if cls in (ParamClass.RETAIN, ParamClass.JOINT_NON_FORGET) and not same_ab:
                 leaked.append(f"{name}[class {cls}]")
             if cls == 0 and not same_ab:
                 forget_changed += 1
-            if cls == RETAIN and not torch.equal(pick(A[name]), pick(C[name])):
+            if cls == ParamClass.RETAIN and not torch.equal(pick(A[name]), pick(C[name])):
                 retain_changed_c += 1
-    return leaked, forget_changed, retain_changed_c
+    return leaked, forget_changed, retain_changed_c, saved["finals"].get("A_norms")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_isolation_invariant_through_deepspeed(single_process_world, tmp_path_factory, arch):
-    """20 ZeRO-1 steps at TP=2: changing forget-labelled content leaves every retain and joint
-    parameter bit-identical (forget parameters differ); making those tokens unlabelled does not."""
-    leaked, forget_changed, retain_changed_c = _isolation_leaks(single_process_world, tmp_path_factory, arch)
+@pytest.mark.parametrize("arch,zero", [("gpt-neo", 1), ("llama", 2)])
+def test_isolation_invariant_through_deepspeed(single_process_world, tmp_path_factory, arch, zero):
+    """20 steps at TP=2 with binding per-partition clipping, documents whose mode changes inside
+    them (retain-mode text around forget spans): changing the forget spans' content leaves every
+    retain and joint(non_forget) parameter bit-identical (forget parameters differ); making those
+    spans unlabelled does change retain parameters (the comparison can see a difference)."""
+    run = {"name": f"{arch}_zero{zero}", "arch": arch, "engine": {"zero_stage": zero, **CLIP}}
+    leaked, forget_changed, retain_changed_c, norms = _isolation_leaks(single_process_world, tmp_path_factory, run)
     assert not leaked, f"retain/joint slices changed with forget content: {leaked}"
     assert forget_changed > 0
     assert retain_changed_c > 0
+    assert norms is not None and bool((norms[norms > 0] > CLIP["grad_clip"]).all())  # the clip bound
 
 
-def test_isolation_holds_with_per_partition_clipping_not_global(single_process_world, tmp_path_factory):
-    """Clipping that binds: per-partition keeps isolation bit-exact, global clipping breaks it."""
-    clip = {"grad_clip": 0.05}
-    leaked, forget_changed, _ = _isolation_leaks(single_process_world, tmp_path_factory, "gpt-neo",
-                                                 {**clip, "clip_mode": "per_partition"})
-    assert not leaked and forget_changed > 0
-    leaked, _, _ = _isolation_leaks(single_process_world, tmp_path_factory, "gpt-neo", {**clip, "clip_mode": "global"})
+def test_joint_all_embeddings_have_their_own_clip_group(single_process_world, tmp_path_factory):
+    """Embeddings updated by every token (embedding_update: all), ZeRO-2, binding clipping: after
+    one step the retain slices are bit-identical whatever the forget content, because the
+    embeddings' (forget-dependent) norm no longer sets the retain group's clip coefficient. (From
+    the second step on, retain gradients read the changed embeddings: a model whose joint
+    parameters learn from forget data is not isolated over several steps, by construction.)"""
+    run = {"name": "joint_all", "arch": "gpt-neo", "engine": {"zero_stage": 2, **CLIP},
+           "sgtm": {"embedding_update": "all"}}
+    leaked, forget_changed, _, _ = _isolation_leaks(single_process_world, tmp_path_factory, run, steps=1)
+    assert not leaked, leaked
+    assert forget_changed > 0
+
+
+def test_isolation_breaks_with_global_clipping(single_process_world, tmp_path_factory):
+    """The multi-step check can fail: global clipping (one norm over every group) leaks."""
+    run = {"name": "global", "arch": "gpt-neo", "engine": {**CLIP, "clip_mode": "global"}}
+    leaked, _, _, _ = _isolation_leaks(single_process_world, tmp_path_factory, run)
     assert leaked
 
 

@@ -8,7 +8,8 @@ import torch
 from pipeline.config import ConfigError, ModelConfig, SGTMConfig, load_config
 from pipeline.engine.engine import build_model
 from pipeline.sgtm.ablate import ablate
-from pipeline.sgtm.partition import JOINT_ALL, JOINT_NON_FORGET, RETAIN, ForgetPartition
+from pipeline.sgtm.codes import ParamClass
+from pipeline.sgtm.partition import ForgetPartition
 from tests.fixtures import mixed_batch, tiny_config
 
 
@@ -27,7 +28,7 @@ def test_default_assignment_and_rank_ownership():
     owned0, owned1 = p.owned(0), p.owned(1)
     assert owned0["bio"][0]["heads"] == [0] and 0 not in owned1["bio"]  # rank 1 owns no bio parameters
     assert owned0["cyber"][0]["units"] == list(range(64, 96))
-    assert p.local_head_class(0, 1).tolist() == [RETAIN] * 4
+    assert p.local_head_class(0, 1).tolist() == [ParamClass.RETAIN] * 4
 
 
 def test_explicit_indices_across_tp_boundary():
@@ -45,14 +46,14 @@ def test_variants_are_switches_of_the_same_object():
     subset = part(domains=[{"name": "bio", "heads": 1, "units": 8, "layers": [1, 3]}])
     assert subset.heads(0, 0) == [] and subset.heads(1, 0) == [0] and subset.units(3, 0) == list(range(8))
     joint_out = part(output_projections="joint", joint_update="all")
-    assert joint_out.role("attn_out", 0, 0).classes.tolist() == [JOINT_ALL]
-    assert joint_out.role("mlp_out_bias", 0, 0).classes.tolist() == [JOINT_ALL]
+    assert joint_out.role("attn_out", 0, 0).classes.tolist() == [ParamClass.JOINT_ALL]
+    assert joint_out.role("mlp_out_bias", 0, 0).classes.tolist() == [ParamClass.JOINT_ALL]
     split = part()
-    assert split.role("attn_out_bias", 0, 0).classes.tolist() == [RETAIN]
+    assert split.role("attn_out_bias", 0, 0).classes.tolist() == [ParamClass.RETAIN]
     assert split.role("attn_out", 0, 0).classes[:8].tolist() == [0] * 8  # head 0's input columns
     mixed = part(joint_update="non_forget", embedding_update="all")
-    assert mixed.role("embedding", None, 0).classes.tolist() == [JOINT_ALL]
-    assert mixed.role("final_norm", None, 0).classes.tolist() == [JOINT_NON_FORGET]
+    assert mixed.role("embedding", None, 0).classes.tolist() == [ParamClass.JOINT_ALL]
+    assert mixed.role("final_norm", None, 0).classes.tolist() == [ParamClass.JOINT_NON_FORGET]
 
 
 @pytest.mark.parametrize("sgtm, key", [

@@ -593,7 +593,7 @@ def _isolation_worker(out: Path) -> None:
     from pipeline.components import checkpoint
     from pipeline.engine.engine import build_engine, train_step
     from pipeline.model.tp_state import gather_full_state_dict
-    from pipeline.sgtm.modes import FORGET
+    from pipeline.sgtm.codes import Mode
     from tests.fixtures import isolation_batch, tiny_config
 
     for zero in (0, 1, 2):
@@ -611,7 +611,7 @@ def _isolation_worker(out: Path) -> None:
                     state = build_engine(cfg)
                     client, _ = checkpoint.load(state.engine, root, checkpoint.latest_tag(root))
                     assert client["step"] == ISO_CUT
-                train_step(state, [isolation_batch(step, seed, FORGET)])
+                train_step(state, [isolation_batch(step, seed, Mode.FORGET)])
             finals[name] = gather_full_state_dict(state.model)
         if dist.get_rank() == 0:
             torch.save(finals, out / f"iso_zero{zero}.pt")

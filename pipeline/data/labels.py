@@ -1,7 +1,7 @@
 """Ground-truth roles of documents, derived from their metadata by YAML rules, and their codes.
 
 A role is 'retain', 'adjacent' or 'forget:<domain>'. The batch's `true_labels` tensor carries the
-role as an integer: 0 retain/other, 1+d forget domain d, TRUE_ADJACENT for adjacent, -1 padding.
+role as a :class:`pipeline.sgtm.codes.TrueLabel`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.data.errors import DataError
-from pipeline.sgtm.modes import MAX_DOMAINS
-
-TRUE_RETAIN = 0
-TRUE_FORGET = 1  # forget domain d is TRUE_FORGET + d
-TRUE_ADJACENT = 1 + MAX_DOMAINS  # 33: one code after every possible forget domain
-TRUE_PAD = -1
+from pipeline.sgtm.codes import TrueLabel
 
 
 def check_role(role: str, domains: list[str], where: str) -> str:
@@ -30,10 +25,10 @@ def check_role(role: str, domains: list[str], where: str) -> str:
 
 def true_code(role: str, domains: list[str]) -> int:
     if role == "retain":
-        return TRUE_RETAIN
+        return TrueLabel.RETAIN
     if role == "adjacent":
-        return TRUE_ADJACENT
-    return TRUE_FORGET + domains.index(role[7:])
+        return TrueLabel.ADJACENT
+    return TrueLabel.FORGET + domains.index(role[7:])
 
 
 def unit_hash(*parts: object) -> float:

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.config import DataConfig
 from pipeline.data.errors import DataError
-from pipeline.data.labels import TRUE_PAD, check_role, is_heldout, true_code
+from pipeline.data.labels import check_role, is_heldout, true_code
 from pipeline.data.shards import check_tokenizer, iter_shard_documents, load_manifest
 from pipeline.data.tagging import (
     SUMMARY,
@@ -40,7 +40,7 @@ from pipeline.data.tagging import (
     load_sidecar,
 )
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.sgtm.modes import FORGET, UNLABELLED, mode_name
+from pipeline.sgtm.codes import Mode, TrueLabel, mode_name
 
 STATE_VERSION = 1
 IGNORE_INDEX = -100
@@ -214,13 +214,13 @@ class _SlotStream:
         else:
             modes = self.assigner.assign(uid, true_role, tag)
             policy = self.cfg.filter
-            if policy != "none" and modes.mode >= FORGET:
+            if policy != "none" and modes.mode >= Mode.FORGET:
                 return None
             if policy == "strict" and modes.adjacent:
                 return None
-        code = true_code(true_role, self.cfg.domains) if true_role is not None else TRUE_PAD
+        code = true_code(true_role, self.cfg.domains) if true_role is not None else TrueLabel.PAD
         if modes is None:
-            token_modes: np.ndarray | int = UNLABELLED
+            token_modes: np.ndarray | int = Mode.UNLABELLED
         elif modes.spans:
             token_modes = np.full(len(doc.tokens), modes.mode, dtype=np.int64)
             for start, end, mode in modes.spans:
@@ -294,8 +294,8 @@ def pack_rows(docs: Iterable[_Doc], seq_len: int, pad_id: int) -> Iterator[dict[
         return {
             "tokens": np.full(rows, pad_id, np.int64),
             "segment": np.zeros(rows, np.int64),
-            "mode": np.full(rows, UNLABELLED, np.int64),
-            "true": np.full(rows, TRUE_PAD, np.int64),
+            "mode": np.full(rows, Mode.UNLABELLED, np.int64),
+            "true": np.full(rows, TrueLabel.PAD, np.int64),
             "source": np.full(rows, -1, np.int64),
             "doc": np.full(rows, -1, np.int64),
         }
@@ -332,10 +332,12 @@ def _collate(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     source = np.stack([r["source"] for r in rows])
     labels = tokens[:, 1:].copy()
     labels[(segment[:, 1:] != segment[:, :-1]) | (source[:, 1:] < 0)] = IGNORE_INDEX
+    modes = np.stack([r["mode"] for r in rows])
     return {
         "input_ids": tokens[:, :-1],
         "labels": labels,
-        "modes": np.stack([r["mode"] for r in rows])[:, :-1],
+        "modes": modes[:, :-1],
+        "target_modes": modes[:, 1:],  # the mode of each label token (exact masking at span edges)
         "doc_ids": segment[:, :-1],
         "true_labels": np.stack([r["true"] for r in rows])[:, :-1],
         "source_ids": source[:, :-1],
@@ -577,7 +579,7 @@ def build_eval_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """Fixed batches of documents whose true label is `which` ('forget' of `domain`, default the first
     domain; 'retain'; 'adjacent'), in shard order, packed like training batches; modes are all
-    UNLABELLED. Held-out documents never reach the training loader (same key-hash split).
+    unlabelled. Held-out documents never reach the training loader (same key-hash split).
 
     `split="train"` draws from the training split instead, ignoring the filter policy (the logit
     calibration fits its bias on training-distribution text, as the paper does: the small held-out
@@ -612,7 +614,8 @@ def build_eval_batches(
     batches = []
     for batch in stream.batches(docs()):
         batch = _to_torch(batch)
-        batch["modes"] = torch.zeros_like(batch["modes"])  # UNLABELLED for either split
+        batch["modes"] = torch.zeros_like(batch["modes"])  # unlabelled for either split
+        batch["target_modes"] = torch.zeros_like(batch["target_modes"])
         batches.append(batch)
         if max_batches is not None and len(batches) >= max_batches:
             break

@@ -24,7 +24,7 @@ from pipeline.data.io import atomic_write_bytes, atomic_write_json
 from pipeline.data.labels import LabelRules, unit_hash
 from pipeline.data.shards import iter_shard_documents, load_manifest
 from pipeline.data.tokenizer import TextTokenizer
-from pipeline.sgtm.modes import FORGET, RETAIN, UNLABELLED, mode_name
+from pipeline.sgtm.codes import Mode, mode_name
 
 TAGS_FORMAT = "sgtm-tags/1"
 SUMMARY = "tags.json"
@@ -54,7 +54,7 @@ class ModeAssigner:
         self.fpr = cfg.false_positive_rate if false_positive_rate is None else false_positive_rate
 
     def _retain_or_unlabelled(self, uid: str) -> int:
-        return RETAIN if unit_hash(self.cfg.seed, "retain", uid) < self.cfg.retain_fraction else UNLABELLED
+        return Mode.RETAIN if unit_hash(self.cfg.seed, "retain", uid) < self.cfg.retain_fraction else Mode.UNLABELLED
 
     def assign(self, uid: str, true_role: str | None, tag: dict | None) -> DocModes:
         cfg = self.cfg
@@ -63,12 +63,12 @@ class ModeAssigner:
                 raise DataError(f"document {uid}: no true label for the noise simulator")
             if true_role.startswith("forget:"):
                 if unit_hash(cfg.seed, "undiscovered", uid) < cfg.undiscovered_rate:
-                    return DocModes(UNLABELLED, False)
-                return DocModes(FORGET + self.domains.index(true_role[7:]), False)
+                    return DocModes(Mode.UNLABELLED, False)
+                return DocModes(Mode.FORGET + self.domains.index(true_role[7:]), False)
             adjacent = true_role == "adjacent"
             if unit_hash(cfg.seed, "false_positive", uid) < self.fpr:
                 domain = int(unit_hash(cfg.seed, "fp_domain", uid) * len(self.domains))
-                return DocModes(FORGET + domain, adjacent)
+                return DocModes(Mode.FORGET + domain, adjacent)
             return DocModes(self._retain_or_unlabelled(uid), adjacent)
         assert tag is not None
         mode = self._mode_from_probs(uid, tag["probs"])
@@ -85,10 +85,10 @@ class ModeAssigner:
             if p > best_p:
                 best_domain, best_p = d, p
         if best_p >= self.cfg.forget_threshold and best_p > 0:
-            return FORGET + best_domain
+            return Mode.FORGET + best_domain
         if probs.get("retain", 0.0) >= self.cfg.retain_threshold:
             return self._retain_or_unlabelled(uid)
-        return UNLABELLED
+        return Mode.UNLABELLED
 
 
 def false_positive_rate_for_precision(precision: float, recall: float, n_forget: int, n_other: int) -> float:

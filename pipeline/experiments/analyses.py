@@ -267,7 +267,7 @@ def count_tokens(run_dir: str | Path) -> dict:
 
     from pipeline.config import load_config
     from pipeline.data.loader import build_loader
-    from pipeline.sgtm.modes import FORGET, UNLABELLED
+    from pipeline.sgtm.codes import Mode
 
     run_dir = Path(run_dir)
     cache = run_dir / "tokens.json"
@@ -284,8 +284,8 @@ def count_tokens(run_dir: str | Path) -> dict:
             forget = (b["true_labels"] == 1) & valid  # true forget, first domain
             counts["total"] += int(valid.sum())
             counts["forget_total"] += int(forget.sum())
-            counts["forget_unlabelled"] += int((forget & (b["modes"] == UNLABELLED)).sum())
-            counts["forget_labelled"] += int((forget & (b["modes"] >= FORGET)).sum())
+            counts["forget_unlabelled"] += int((forget & (b["modes"] == Mode.UNLABELLED)).sum())
+            counts["forget_labelled"] += int((forget & (b["modes"] >= Mode.FORGET)).sum())
     finally:
         loader.close()
     cache.write_text(json.dumps(counts, indent=2))

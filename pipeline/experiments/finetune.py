@@ -264,7 +264,7 @@ def rmu(checkpoint: str, out: str, command: str, *, layer: int | None = None, co
 
 def _slices(model) -> list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]]:
     """(param, forget mask, retain mask) for every parameter with forget slices (split matrices)."""
-    from pipeline.sgtm.partition import RETAIN
+    from pipeline.sgtm.codes import ParamClass
 
     out = []
     for p in model.parameters():
@@ -272,7 +272,7 @@ def _slices(model) -> list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]
         if not role.forget_domains:
             continue
         f = role.slice_mask(p, {0}).expand_as(p)
-        r = role.slice_mask(p, {RETAIN}).expand_as(p)
+        r = role.slice_mask(p, {ParamClass.RETAIN}).expand_as(p)
         out.append((p, f, r))
     return out
 

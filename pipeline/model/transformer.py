@@ -6,7 +6,8 @@ Two families from one code path (``ModelConfig.arch``):
 
 Megatron-core supplies the parallel parameters (sharded init, TP attributes), the mappings that
 communicate, ``parallel_state`` and the vocab-parallel loss. The block is ours: attention through
-``scaled_dot_product_attention`` with a causal, document-masked mask, and every linear's local
+``scaled_dot_product_attention`` with the per-batch mask of :meth:`TokenMasks.build` (causal,
+within a document, and never across a forget/non-forget boundary), and every linear's local
 matmul through :func:`pipeline.sgtm.masking.selective_linear`, so per-token masking happens
 where the gradient is made. Layout is [batch, seq, hidden] throughout (no sequence parallelism).
 """
@@ -34,9 +35,9 @@ from pipeline.sgtm.masking import (
     FeatureSplit,
     InputFeatures,
     TokenMasks,
+    ablate_features,
     elementwise_affine,
     grad_gate,
-    mask_split_activation,
     selective_linear,
 )
 from pipeline.sgtm.partition import ForgetPartition, ParamRole
@@ -154,9 +155,7 @@ class SplitFeatures(nn.Module):
     def _ablate(self, h: torch.Tensor) -> torch.Tensor:
         """Ablated features off for every token. The per-token masking (retain-mode tokens,
         gradient routing) happens in the row-parallel layer, given ``self.features``."""
-        if self.ablated is None:
-            return h
-        return mask_split_activation(h, self.feature_class, self.has_forget, None, self.ablated)
+        return h if self.ablated is None else ablate_features(h, self.ablated)
 
 
 class Attention(SplitFeatures):
@@ -174,13 +173,19 @@ class Attention(SplitFeatures):
                                   init_method=out_init, bias=cfg.bias)
         self._init_features(part.local_head_class(layer, tp_rank), cfg.head_dim)
 
-    def forward(self, x, masks, attn_mask, rope):
+    def forward(self, x, masks: TokenMasks, rope):
         B, S, _ = x.shape
         q, k, v = self.qkv(x, masks).view(B, S, self.local_heads, 3, self.head_dim).unbind(3)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, hd]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
+        mask = masks.attn_live
+        if masks.attn_detached is not None:
+            # detached_context: forget queries also read non-forget keys/values, through detached
+            # copies appended along the key axis (the two masks are disjoint, one softmax).
+            k, v = torch.cat([k, k.detach()], dim=2), torch.cat([v, v.detach()], dim=2)
+            mask = torch.cat([masks.attn_live, masks.attn_detached], dim=-1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         # [B, S, H, hd] -> [B, S, H*hd]: a fresh copy (SDPA keeps its own output for backward),
         # which the out projection masks per head in place.
         o = self._ablate(o.transpose(1, 2)).reshape(B, S, self.local_heads * self.head_dim)
@@ -219,19 +224,9 @@ class Block(nn.Module):
         self.norm2 = Norm(cfg.d_model, cfg.arch, cfg.norm_eps, part.role("norm", layer, tp_rank))
         self.mlp = MLP(cfg, part, layer, tp_rank, mpc, init, out_init)
 
-    def forward(self, x, masks, attn_mask, rope):
-        x = x + self.attn(self.norm1(x, masks), masks, attn_mask, rope)
+    def forward(self, x, masks, rope):
+        x = x + self.attn(self.norm1(x, masks), masks, rope)
         return x + self.mlp(self.norm2(x, masks), masks)
-
-
-def document_causal_mask(doc_ids: torch.Tensor | None) -> torch.Tensor | None:
-    """[B, 1, S, S] bool: attend to earlier positions of the same document only. Built once per batch."""
-    if doc_ids is None:
-        return None
-    S = doc_ids.shape[1]
-    same = doc_ids[:, :, None] == doc_ids[:, None, :]
-    causal = torch.ones(S, S, dtype=torch.bool, device=doc_ids.device).tril()
-    return (same & causal)[:, None]
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -283,17 +278,27 @@ class Transformer(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------
 
-    def token_masks(self, modes: torch.Tensor | None, dtype: torch.dtype | None = None) -> TokenMasks:
-        return TokenMasks.build(modes, self.strategy, len(self.partition.domains),
-                                dtype or self.embedding.weight.dtype)
+    def token_masks(self, modes: torch.Tensor | None, labels: torch.Tensor | None = None,
+                    target_modes: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> TokenMasks:
+        if modes is not None and doc_ids is None and self.cfg.document_masking:
+            raise ValueError("batch: 'modes' given without 'doc_ids' while model.document_masking is true "
+                             "(attention would cross documents); send doc_ids or set model.document_masking=false")
+        return TokenMasks.build(modes, self.strategy, len(self.partition.domains), self.embedding.weight.dtype,
+                                labels=labels, target_modes=target_modes, doc_ids=doc_ids,
+                                cross_mode=self.partition.sgtm.cross_mode_attention)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 modes: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                target_modes: torch.Tensor | None = None,
                 return_per_token: bool = False, return_hidden: bool = False):
         """Returns the mean loss over labelled positions (labels != -100), or per-token losses
         [B, S] with ``return_per_token``, or vocab-parallel logits when ``labels`` is None, or
-        the final normed hidden states with ``return_hidden`` (see :meth:`logits`)."""
-        masks = self.token_masks(modes)
+        the final normed hidden states with ``return_hidden`` (see :meth:`logits`).
+
+        ``modes`` [B, S] is each position's mode, ``target_modes`` the mode of each label token
+        (optional, see :func:`pipeline.sgtm.masking.position_modes`), ``doc_ids`` [B, S] which
+        document each position belongs to (attention stays inside a document)."""
+        masks = self.token_masks(modes, labels, target_modes, doc_ids)
         B, S = input_ids.shape
         x = grad_gate(self.embedding(input_ids), _allow(masks, self.embedding_role))
         rope = None
@@ -302,9 +307,8 @@ class Transformer(nn.Module):
             x = x + grad_gate(pos.expand(B, S, -1), _allow(masks, self.position_embedding.weight.sgtm_role))
         else:
             rope = (self.rope_cos[:S], self.rope_sin[:S])
-        attn_mask = document_causal_mask(doc_ids)
         for block in self.blocks:
-            x = block(x, masks, attn_mask, rope)
+            x = block(x, masks, rope)
         x = self.final_norm(x, masks)
         if return_hidden:
             return x

@@ -21,7 +21,12 @@ forget heads/units off; gradient routing's detach) happens inside :class:`Select
 through a per-layer :class:`InputFeatures` (contiguous column spans of each feature class, built
 once) and per-batch [T, 1] token vectors (built once by :meth:`TokenMasks.build`): only the few
 forget columns are touched, in place, and no [tokens x features] mask is ever materialised.
-Ablation (features off for every token) is :func:`mask_split_activation`.
+Ablation (features off for every token) is :func:`ablate_features`.
+
+Which positions may read which in attention, and the mode a position is trained under when its
+target crosses a mode boundary, are decided here too (:func:`position_modes`,
+:func:`attention_masks`), once per batch in :meth:`TokenMasks.build`; docs/architecture.md
+states the semantics.
 """
 
 from __future__ import annotations
@@ -31,12 +36,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.sgtm.modes import FORGET
-from pipeline.sgtm.modes import RETAIN as RETAIN_MODE
-from pipeline.sgtm.partition import JOINT_ALL, JOINT_NON_FORGET, RETAIN
+from pipeline.sgtm.codes import _ALL, MAY_UPDATE, STRATEGIES, Mode, ParamClass, param_kind
 
-STRATEGIES = ("sgtm", "gradient_routing", "activation_masking", "none")
-
+IGNORE_INDEX = -100
+CROSS_MODE_ATTENTION = ("segment", "detached_context")
 
 
 def _spans(classes: list[int], width: int = 1) -> list[tuple[int, int, int]]:
@@ -49,48 +52,129 @@ def _spans(classes: list[int], width: int = 1) -> list[tuple[int, int, int]]:
     return runs
 
 
+def check_modes(modes: torch.Tensor, n_domains: int, what: str = "modes") -> None:
+    """A mode outside [0, FORGET + n_domains) would train nobody's parameters: refuse it."""
+    lo, hi = (int(v) for v in torch.aminmax(modes))
+    if lo < 0 or hi >= Mode.FORGET + n_domains:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"batch {what}: mode {bad} is outside [0, {Mode.FORGET + n_domains}) "
+                         f"(0 unlabelled, 1 retain, 2..{Mode.FORGET + n_domains - 1} forget:<domain> "
+                         f"for {n_domains} domain(s))")
+
+
+def position_modes(modes: torch.Tensor, labels: torch.Tensor | None = None,
+                   target_modes: torch.Tensor | None = None) -> torch.Tensor:
+    """The mode each position is trained under (docs/architecture.md, "Isolation across mode
+    boundaries"): a non-forget position whose *target* is a forget token predicts forget data, so
+    it takes the target's forget mode. ``target_modes`` [B, S] is the mode of each label token
+    (the loader sends it); without it the next position's mode is used, and the last position's
+    target (outside the window) is assumed to share its own mode."""
+    if target_modes is None:
+        target_modes = torch.cat([modes[:, 1:], modes[:, -1:]], dim=1)
+    to_forget = (modes < Mode.FORGET) & (target_modes >= Mode.FORGET)
+    if labels is not None:
+        to_forget &= labels != IGNORE_INDEX
+    return torch.where(to_forget, target_modes, modes)
+
+
+def attention_masks(pos_modes: torch.Tensor | None, doc_ids: torch.Tensor | None, cross_mode: str,
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(live, detached) [B, 1, S, S] bool masks of which keys each query reads (None: plain causal).
+
+    Live: causal, same document, and a key whose features the query's mode may depend on: the
+    same mode, or a retain-mode key for an unlabelled query. So non-forget positions never read
+    forget positions (their outputs, hence retain gradients, cannot depend on forget content),
+    forget queries never send gradient into non-forget positions, and a retain-mode position
+    never reads features that forget parameters computed. Detached (``detached_context``): a
+    forget query also reads earlier non-forget keys/values of its document, through detached
+    copies, so forget spans keep their context without any gradient reaching non-forget data."""
+    if cross_mode not in CROSS_MODE_ATTENTION:
+        raise ValueError(f"sgtm.cross_mode_attention: expected one of {CROSS_MODE_ATTENTION}, got {cross_mode!r}")
+    if pos_modes is None and doc_ids is None:
+        return None, None
+    ref = pos_modes if pos_modes is not None else doc_ids
+    S = ref.shape[1]
+    live = torch.ones(S, S, dtype=torch.bool, device=ref.device).tril()[None]
+    if doc_ids is not None:
+        live = live & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    if pos_modes is None:
+        return live[:, None], None
+    q, k = pos_modes[:, :, None], pos_modes[:, None, :]
+    causal_doc = live
+    live = causal_doc & ((q == k) | ((q == Mode.UNLABELLED) & (k == Mode.RETAIN)))
+    detached = None
+    if cross_mode == "detached_context":
+        detached = causal_doc & (q >= Mode.FORGET) & (k < Mode.FORGET)
+    return live[:, None], (detached[:, None] if detached is not None else None)
+
+
 @dataclass
 class TokenMasks:
     """Everything the layers need to know about one batch's modes, built once per batch.
 
     ``allow[cls]`` is a [T, 1] 0/1 tensor of which tokens may update parameters of slice class
-    ``cls`` (None: every token may). ``retain_keep`` [T, 1] is 0 on retain-mode tokens (their
-    forget features are switched off in the forward); ``route_keep[cls]`` [T, 1] (gradient
-    routing) is 0 on the tokens whose gradient may not flow through features of class ``cls``
-    (a missing class: every token's may)."""
+    ``cls`` (None: every token may), read from :data:`pipeline.sgtm.codes.MAY_UPDATE`.
+    ``retain_keep`` [T, 1] is 0 on retain-mode tokens (their forget features are switched off in
+    the forward); ``route_keep[cls]`` [T, 1] (gradient routing) is 0 on the tokens whose gradient
+    may not flow through features of class ``cls`` (a missing class: every token's may).
+    ``attn_live``/``attn_detached`` are the attention masks of :func:`attention_masks`."""
 
     allow: dict[int, torch.Tensor | None]
     retain_keep: torch.Tensor | None = None
     route_keep: dict[int, torch.Tensor] | None = None
+    attn_live: torch.Tensor | None = None
+    attn_detached: torch.Tensor | None = None
 
     @staticmethod
     def build(modes: torch.Tensor | None, strategy: str, n_domains: int,
-              dtype: torch.dtype = torch.float32) -> TokenMasks:
+              dtype: torch.dtype = torch.float32, *, labels: torch.Tensor | None = None,
+              target_modes: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+              cross_mode: str = "segment") -> TokenMasks:
         if strategy not in STRATEGIES:
             raise ValueError(f"sgtm.strategy: expected one of {STRATEGIES}, got {strategy!r}")
-        allow: dict[int, torch.Tensor | None] = {RETAIN: None, JOINT_NON_FORGET: None, JOINT_ALL: None}
-        allow.update({d: None for d in range(n_domains)})
+        classes = [ParamClass.RETAIN, ParamClass.JOINT_NON_FORGET, ParamClass.JOINT_ALL, *range(n_domains)]
+        allow: dict[int, torch.Tensor | None] = {int(c): None for c in classes}
         if modes is None or strategy == "none":
-            return TokenMasks(allow)
-        flat = modes.reshape(-1, 1).long()
+            live, _ = attention_masks(None, doc_ids, cross_mode)
+            return TokenMasks(allow, attn_live=live)
+        check_modes(modes, n_domains)
+        if target_modes is not None:
+            check_modes(target_modes, n_domains, "target_modes")
+        pos = position_modes(modes, labels, target_modes)
+        live, detached = attention_masks(pos, doc_ids, cross_mode)
+        flat = pos.reshape(-1, 1)
+        token_kind = {"unlabelled": flat == Mode.UNLABELLED, "retain": flat == Mode.RETAIN}
+        rules = MAY_UPDATE[strategy]
+        cache: dict[tuple, torch.Tensor | None] = {}
+        for c in classes:
+            kinds = set(rules[param_kind(int(c))])
+            if c >= 0 and n_domains == 1:
+                kinds.add("other_forget")  # no other domain's tokens exist
+            if c < 0 and kinds & {"own_forget", "other_forget"}:
+                kinds |= {"own_forget", "other_forget"}  # a non-forget class has no own domain
+            key = (frozenset(kinds), int(c) if "own_forget" in kinds and c >= 0 else None)
+            if key not in cache:
+                if frozenset(kinds) == _ALL:
+                    cache[key] = None
+                else:
+                    m = torch.zeros_like(flat, dtype=torch.bool)
+                    for kind in kinds & {"unlabelled", "retain"}:
+                        m |= token_kind[kind]
+                    if "own_forget" in kinds:
+                        m |= (flat == Mode.FORGET + c) if c >= 0 else flat >= Mode.FORGET
+                    if "other_forget" in kinds and c >= 0:
+                        m |= (flat >= Mode.FORGET) & (flat != Mode.FORGET + c)
+                    cache[key] = m.to(dtype)
+            allow[int(c)] = cache[key]
         if strategy == "gradient_routing":
             # On a forget:d token, features outside forget[d] pass no gradient.
-            non_forget = flat < FORGET
-            route = {RETAIN: non_forget.to(dtype)}
+            non_forget = flat < Mode.FORGET
+            route = {int(ParamClass.RETAIN): non_forget.to(dtype)}
             if n_domains > 1:
-                route.update({d: (non_forget | (flat == FORGET + d)).to(dtype) for d in range(n_domains)})
-            return TokenMasks(allow, None, route)
-        retain_keep = (flat != RETAIN_MODE).to(dtype)
-        if strategy == "activation_masking":
-            return TokenMasks(allow, retain_keep)
-        # sgtm
-        non_forget = flat < FORGET
-        allow[RETAIN] = non_forget.to(dtype)
-        allow[JOINT_NON_FORGET] = allow[RETAIN]
-        if n_domains > 1:  # with one domain every token may update forget[0]
-            for d in range(n_domains):
-                allow[d] = (non_forget | (flat == FORGET + d)).to(dtype)
-        return TokenMasks(allow, retain_keep)
+                route.update({d: (non_forget | (flat == Mode.FORGET + d)).to(dtype) for d in range(n_domains)})
+            return TokenMasks(allow, None, route, live, detached)
+        retain_keep = (flat != Mode.RETAIN).to(dtype)
+        return TokenMasks(allow, retain_keep, None, live, detached)
 
 
 class FeatureSplit:
@@ -124,7 +208,7 @@ class FeatureSplit:
         grad_b = (g.sum(0) if a is None else a.t().matmul(g).squeeze(0)) if want_b else None
         for cls, s, e in self.spans:
             c = allow[cls]
-            if c is a:
+            if c is a:  # same token set as the base: already right
                 continue
             if split_dim == 0:
                 gs = g[:, s:e]
@@ -157,7 +241,7 @@ def _gate_input_grad(gi: torch.Tensor, features: InputFeatures, masks: TokenMask
             gi[:, s:e].mul_(masks.retain_keep)
     route = masks.route_keep
     if route is not None:
-        base = route.get(RETAIN)
+        base = route.get(int(ParamClass.RETAIN))
         own = [(s, e, gi[:, s:e].clone(), route.get(c)) for c, s, e in features.forget_spans]
         if base is not None:
             gi.mul_(base)
@@ -276,28 +360,9 @@ def grad_gate(y: torch.Tensor, allow: torch.Tensor | None) -> torch.Tensor:
     return y if allow is None else GradGateFn.apply(y, allow)
 
 
-def mask_split_activation(h: torch.Tensor, feature_class: torch.Tensor, has_forget: bool,
-                          masks: TokenMasks | None, ablated: torch.Tensor | None) -> torch.Tensor:
-    """Forward masking of split activations ``h`` [B, S, F, ...] with per-feature classes [F],
-    out of place (the model does the per-token part inside :class:`SelectiveLinearFn` instead):
-
-    * ``ablated`` [F] bool: features of ablated domains are zero for every token;
-    * retain-mode tokens: forget features are zero (sgtm, activation_masking);
-    * gradient routing: on a forget:d token, features outside forget[d] pass no gradient."""
+def ablate_features(h: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
+    """Split activations ``h`` [B, S, F, ...] with the features of ablated domains (``ablated``
+    [F] bool) zero for every token, out of place. The per-token masking happens inside
+    :class:`SelectiveLinearFn`."""
     extra = (1,) * (h.dim() - 3)
-    if ablated is not None:
-        h = h.masked_fill(ablated.view(-1, *extra), 0.0)
-    if masks is None:
-        return h
-    B, S = h.shape[:2]
-    cls = feature_class.view(-1, *extra)
-    if masks.retain_keep is not None and has_forget:
-        keep = masks.retain_keep.view(B, S, 1, *extra)
-        h = torch.where(cls >= 0, h * keep, h)
-    if masks.route_keep is not None:
-        for c in {int(c) for c in feature_class.tolist()}:
-            keep = masks.route_keep.get(c)
-            if keep is not None:
-                stop = (keep.view(B, S, 1, *extra) == 0) & (cls == c)
-                h = torch.where(stop, h.detach(), h)
-    return h
+    return h.masked_fill(ablated.view(-1, *extra), 0.0)

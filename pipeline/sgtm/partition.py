@@ -6,12 +6,14 @@ a rank may own none). Every parameter tensor of the model gets a :class:`ParamRo
 :meth:`ForgetPartition.role`: a class per slice along one dimension, or one class for the whole
 tensor. The masking, the ablation, per-partition clipping and the tests all read these roles.
 
-Slice classes (ints, so a per-feature class vector is a plain LongTensor):
+Slice classes are :class:`pipeline.sgtm.codes.ParamClass` values (ints, so a per-feature class
+vector is a plain LongTensor): ``d >= 0`` forget parameters of domain d, ``RETAIN``,
+``JOINT_NON_FORGET``, ``JOINT_ALL``; which tokens may update each is the table
+:data:`pipeline.sgtm.codes.MAY_UPDATE`.
 
-    d >= 0             forget parameters of domain d
-    RETAIN (-1)        retain parameters: forget-labelled tokens never update them
-    JOINT_NON_FORGET   joint parameters that forget-labelled tokens may not update
-    JOINT_ALL          joint parameters every token updates
+Joint policy: embeddings (token and learned position) follow ``sgtm.embedding_update``; norms,
+the final norm and an untied LM head follow ``sgtm.joint_update``. A tied LM head *is* the token
+embedding matrix, so it has the embedding's class.
 """
 
 from __future__ import annotations
@@ -21,21 +23,14 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import ConfigError, ModelConfig, SGTMConfig
+from pipeline.sgtm.codes import ParamClass, class_name, update_table
 
-RETAIN = -1
-JOINT_NON_FORGET = -2
-JOINT_ALL = -3
+RETAIN, JOINT_NON_FORGET, JOINT_ALL = ParamClass.RETAIN, ParamClass.JOINT_NON_FORGET, ParamClass.JOINT_ALL  # TEMP
 
 ROLE_KINDS = (
     "embedding", "position_embedding", "norm", "qkv", "attn_out", "attn_out_bias",
     "mlp_in", "mlp_out", "mlp_out_bias", "final_norm", "lm_head",
 )
-
-
-def class_name(cls: int, domains: list[str]) -> str:
-    if cls >= 0:
-        return f"forget[{domains[cls]}]"
-    return {RETAIN: "retain", JOINT_NON_FORGET: "joint(non_forget)", JOINT_ALL: "joint(all)"}[cls]
 
 
 @dataclass(frozen=True)
@@ -111,8 +106,8 @@ class ForgetPartition:
         self.units_per_rank = model.d_ff // tp_size
 
         # Global class per head and per unit, for every block: [n_layers][n_heads|d_ff].
-        self._head_class = [[RETAIN] * model.n_heads for _ in range(model.n_layers)]
-        self._unit_class = [[RETAIN] * model.d_ff for _ in range(model.n_layers)]
+        self._head_class = [[ParamClass.RETAIN] * model.n_heads for _ in range(model.n_layers)]
+        self._unit_class = [[ParamClass.RETAIN] * model.d_ff for _ in range(model.n_layers)]
         heads_taken: set[int] = set()
         units_taken: set[int] = set()
         for d, dom in enumerate(sgtm.domains):
@@ -176,7 +171,7 @@ class ForgetPartition:
     # ---- parameter roles ---------------------------------------------------------------------
 
     def _joint(self, policy: str) -> int:
-        return JOINT_ALL if policy == "all" else JOINT_NON_FORGET
+        return ParamClass.JOINT_ALL if policy == "all" else ParamClass.JOINT_NON_FORGET
 
     def role(self, kind: str, layer: int | None, tp_rank: int) -> ParamRole:
         """The class of every slice of the local parameter ``kind`` of block ``layer``."""
@@ -204,7 +199,7 @@ class ForgetPartition:
                 return whole(self._joint(s.joint_update))
             return ParamRole(kind, layer, 1, units)
         if kind in ("attn_out_bias", "mlp_out_bias"):
-            return whole(self._joint(s.joint_update) if joint_out else RETAIN)
+            return whole(self._joint(s.joint_update) if joint_out else ParamClass.RETAIN)
         raise KeyError(f"unknown parameter kind {kind!r} (expected one of {ROLE_KINDS})")
 
     # ---- reporting ---------------------------------------------------------------------------
@@ -234,7 +229,18 @@ class ForgetPartition:
             b0 = blocks[0]
             lines.append(f"forget[{name}]: blocks {blocks}, heads {self.heads(b0, d)} of {self.model.n_heads}, "
                          f"{len(self.units(b0, d))} of {self.model.d_ff} MLP units")
-        lines.append(f"joint: embeddings update={self.sgtm.embedding_update}, "
-                     f"norms/LM head update={self.sgtm.joint_update}; "
-                     f"output projections {self.sgtm.output_projections}")
+        s = self.sgtm
+        head = (f"LM head tied to the token embedding: {class_name(self._joint(s.embedding_update), self.domains)}"
+                if self.model.tie_embeddings else
+                f"LM head (untied): {class_name(self._joint(s.joint_update), self.domains)}")
+        lines.append(f"joint: embeddings {class_name(self._joint(s.embedding_update), self.domains)} "
+                     f"(embedding_update={s.embedding_update}); norms and final norm "
+                     f"{class_name(self._joint(s.joint_update), self.domains)} (joint_update={s.joint_update}); "
+                     f"{head}")
+        out = "split (forget columns are forget, the rest and the output bias retain)" \
+            if s.output_projections == "split" else \
+            f"joint: {class_name(self._joint(s.joint_update), self.domains)}"
+        lines.append(f"output projections (W_O, W_2, their biases): {out}")
+        lines.append(f"attention across forget/non-forget boundaries: {s.cross_mode_attention}")
+        lines.append(update_table(s.strategy))
         return "\n".join(lines)

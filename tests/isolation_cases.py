@@ -1,0 +1,139 @@
+"""Random partitions and random mode layouts for the isolation property, and its check.
+
+One generator, two drivers: hypothesis draws the choices in-process (so failures shrink), and the
+multi-process TP=2 worker draws them from a seeded ``random.Random`` (every rank the same case).
+A case is a config plus two batches that differ only in the content (inputs and targets) of
+forget-mode tokens; :func:`isolation_leaks` says which retain / joint(non_forget) gradient slices
+differ between them, and which forget slices do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.sgtm.codes import Mode, ParamClass
+from tests.fixtures import SEQ, VOCAB, tiny_config
+
+Pick = Callable[[int, int], int]  # an integer in [lo, hi], drawn by hypothesis or a seeded RNG
+N_HEADS, D_FF, N_LAYERS = 4, 64, 2
+
+
+@dataclass
+class IsolationCase:
+    overrides: dict
+    tp: int
+    batch: dict[str, torch.Tensor]
+    changed: dict[str, torch.Tensor]  # the same batch with different forget-token content
+    n_domains: int
+
+    def config(self):
+        return tiny_config(self.overrides["arch"], "sgtm", tp=self.tp, two_domains=False,
+                           sgtm=self.overrides["sgtm"])
+
+
+def _subset(pick: Pick, pool: list[int], k: int) -> list[int]:
+    pool = list(pool)
+    out = []
+    for _ in range(min(k, len(pool))):
+        out.append(pool.pop(pick(0, len(pool) - 1)))
+    return sorted(out)
+
+
+def make_case(pick: Pick, tp: int = 1, batch: int = 3) -> IsolationCase:
+    n_domains = pick(1, 3)
+    scope = ("attention_mlp", "attention", "mlp")[pick(0, 2)]
+    free_heads, free_units = list(range(N_HEADS)), list(range(D_FF))
+    domains = []
+    for d in range(n_domains):
+        heads = _subset(pick, free_heads, pick(0 if d else 1, 1) if len(free_heads) > 1 else 0)
+        free_heads = [h for h in free_heads if h not in heads]
+        units = _subset(pick, free_units, pick(1, 6))
+        free_units = [u for u in free_units if u not in units]
+        layers = None if pick(0, 2) else _subset(pick, list(range(N_LAYERS)), pick(1, N_LAYERS))
+        domains.append({"name": f"d{d}", "heads": heads, "units": units, "layers": layers})
+    sgtm = {
+        "domains": domains, "scope": scope,
+        "joint_update": ("non_forget", "all")[pick(0, 1)],
+        "embedding_update": ("non_forget", "all")[pick(0, 1)],
+        "output_projections": ("split", "joint")[pick(0, 3) // 3],
+        "cross_mode_attention": ("segment", "detached_context")[pick(0, 1)],
+    }
+    arch = ("gpt-neo", "llama")[pick(0, 1)]
+
+    # Documents: random cut points per row; modes: random runs over the SEQ + 1 window, so modes
+    # change inside documents, at document edges, at the first position and at the last target.
+    n_modes = Mode.FORGET + n_domains
+    window_modes = torch.zeros(batch, SEQ + 1, dtype=torch.long)
+    doc_ids = torch.zeros(batch, SEQ, dtype=torch.long)
+    for b in range(batch):
+        pos, doc = 0, 0
+        while pos < SEQ:
+            length = pick(1, SEQ - pos)
+            doc_ids[b, pos:pos + length] = doc
+            doc, pos = doc + 1, pos + length
+        pos = 0
+        while pos < SEQ + 1:
+            length = pick(1, min(6, SEQ + 1 - pos))
+            window_modes[b, pos:pos + length] = pick(0, n_modes - 1)
+            pos += length
+    if not bool((window_modes >= Mode.FORGET).any()):
+        window_modes[0, pick(0, SEQ)] = Mode.FORGET + pick(0, n_domains - 1)
+    tokens = torch.tensor([[pick(0, VOCAB - 1) for _ in range(SEQ + 1)] for _ in range(batch)])
+    other = torch.tensor([[pick(0, VOCAB - 1) for _ in range(SEQ + 1)] for _ in range(batch)])
+    ignore = torch.tensor([[pick(0, 7) == 0 for _ in range(SEQ)] for _ in range(batch)])
+
+    def batch_of(window: torch.Tensor) -> dict[str, torch.Tensor]:
+        labels = window[:, 1:].clone()
+        labels[ignore] = -100
+        return {"input_ids": window[:, :-1].clone(), "labels": labels, "modes": window_modes[:, :-1].clone(),
+                "target_modes": window_modes[:, 1:].clone(), "doc_ids": doc_ids.clone()}
+
+    forget = window_modes >= Mode.FORGET
+    changed = torch.where(forget, (tokens + 1 + other % (VOCAB - 1)) % VOCAB, tokens)
+    return IsolationCase({"arch": arch, "sgtm": sgtm}, tp, batch_of(tokens), batch_of(changed), n_domains)
+
+
+def gradients(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss = model(batch["input_ids"], labels=batch["labels"], modes=batch["modes"], doc_ids=batch["doc_ids"],
+                 target_modes=batch["target_modes"])
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def isolation_leaks(model, case: IsolationCase) -> tuple[list[str], list[str]]:
+    """(leaked, forget_changed): names of retain / joint(non_forget) slices whose gradient is not
+    bit-identical between the two contents, and of forget slices whose gradient changed."""
+    a, b = gradients(model, case.batch), gradients(model, case.changed)
+    leaked, forget_changed = [], []
+    for name, p in model.named_parameters():
+        role = p.sgtm_role
+        ga, gb = a.get(name, torch.zeros_like(p)), b.get(name, torch.zeros_like(p))
+        for cls in {int(c) for c in role.classes}:
+            sel = role.slice_mask(p, {cls}).expand_as(p)
+            same = torch.equal(ga[sel], gb[sel])
+            if cls in (ParamClass.RETAIN, ParamClass.JOINT_NON_FORGET) and not same:
+                leaked.append(f"{name}[class {cls}]")
+            if cls >= 0 and not same:
+                forget_changed.append(f"{name}[class {cls}]")
+    return leaked, forget_changed
+
+
+def forget_reaches_its_parameters(case: IsolationCase) -> bool:
+    """Does a labelled forget position belong to a domain that owns parameters in some block?"""
+    from pipeline.sgtm.masking import position_modes
+
+    b = case.batch
+    pos = position_modes(b["modes"], b["labels"], b["target_modes"])
+    labelled = (pos >= Mode.FORGET) & (b["labels"] != -100)
+    sgtm = case.overrides["sgtm"]
+    for d in {int(m) - Mode.FORGET for m in pos[labelled].tolist()}:
+        dom = sgtm["domains"][d]
+        heads = dom["heads"] if sgtm["scope"] != "mlp" else []
+        units = dom["units"] if sgtm["scope"] != "attention" else []
+        if heads or units:
+            return True
+    return False
