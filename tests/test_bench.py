@@ -36,3 +36,23 @@ def test_add_to_section_creates_missing_section(tmp_path):
     doc.write_text("# Benchmarks\n\n## Data loader\nx\n")
     add_to_section(doc, "## Profile", "table\n")
     assert doc.read_text() == "# Benchmarks\n\n## Data loader\nx\n\n## Profile\n\ntable\n"
+
+
+def test_mixed_span_batches_change_mode_inside_documents():
+    from pipeline.bench.train_bench import synthetic_batches
+
+    for mixed, expect in ((False, False), (True, True)):
+        b = synthetic_batches(2, 4, 256, 512, mixed_spans=mixed)[0]
+        inside = (b["doc_ids"][:, 1:] == b["doc_ids"][:, :-1]) & (b["modes"][:, 1:] != b["modes"][:, :-1])
+        assert bool(inside.any()) == expect
+
+
+def test_bench_measures_both_cross_mode_attentions_on_mixed_spans(tmp_path):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--sizes", "micro", "--tp", "1", "--strategies", "none", "sgtm", "sgtm+detached_context",
+               "--rounds", "2", "--warmup", "0", "--micro-batch", "2", "--seq-len", "64", "--data", "mixed-spans",
+               "--no-reference", "--no-memory", "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["strategy"] for r in rows} == {"none", "sgtm", "sgtm+detached_context"}
+    assert all(r["tokens_per_s"] > 0 for r in rows)

@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem-steps", type=int, help="steps of each memory process (after 2 warm-up steps)")
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--data", choices=("bilingual", "synthetic"), default="bilingual",
+    p.add_argument("--data", choices=("bilingual", "synthetic", "mixed-spans"), default="bilingual",
                    help="bundled bilingual TinyStories through the real loader, or synthetic mixed-mode batches")
     p.add_argument("--no-reference", action="store_true", help="skip tools/reference_sgtm.py")
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory processes")

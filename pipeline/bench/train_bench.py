@@ -38,7 +38,16 @@ SIZES: dict[str, dict] = {
               "vocab_size": 512},
 }
 STRATEGIES = ("none", "sgtm", "gradient_routing")
-SHORT = {"none": "none", "sgtm": "sgtm", "gradient_routing": "gr", "activation_masking": "am"}
+# "sgtm+detached_context": SGTM with sgtm.cross_mode_attention=detached_context (plain "sgtm" is
+# the default, segment); worth measuring on --data mixed-spans, where modes change inside documents.
+SHORT = {"none": "none", "sgtm": "sgtm", "gradient_routing": "gr", "activation_masking": "am",
+         "sgtm+detached_context": "sgtm-dc"}
+
+
+def split_variant(variant: str) -> tuple[str, str]:
+    """A benchmark variant name -> (sgtm.strategy, sgtm.cross_mode_attention)."""
+    strategy, _, cross = variant.partition("+")
+    return strategy, cross or "segment"
 
 
 def experiment(size: str, strategy: str, tp: int, micro_batch: int, seq_len: int,
@@ -50,7 +59,8 @@ def experiment(size: str, strategy: str, tp: int, micro_batch: int, seq_len: int
     return {
         "name": f"bench-{size}-{strategy}-tp{tp}",
         "model": {**(model or SIZES[size]), "max_seq_len": seq_len},
-        "sgtm": {"strategy": strategy, "domains": [{"name": "forget", "heads": forget_heads,
+        "sgtm": {"strategy": split_variant(strategy)[0], "cross_mode_attention": split_variant(strategy)[1],
+                 "domains": [{"name": "forget", "heads": forget_heads,
                                                      "units": forget_units}],
                  "joint_update": "non_forget"},
         "engine": {"tensor_parallel": tp, "zero_stage": 1, "precision": precision, "device": device,
@@ -63,9 +73,12 @@ def experiment(size: str, strategy: str, tp: int, micro_batch: int, seq_len: int
 # ----------------------------------------------------------------------------------- batches
 
 
-def synthetic_batches(n: int, micro_batch: int, seq_len: int, vocab: int, seed: int = 0) -> list[dict]:
+def synthetic_batches(n: int, micro_batch: int, seq_len: int, vocab: int, seed: int = 0,
+                      mixed_spans: bool = False) -> list[dict]:
     """Mixed-mode packed batches with the bundled bilingual data's shares (measured from its
-    loader: ~50% unlabelled, ~14% retain, ~36% forget tokens), documents of 20-400 tokens."""
+    loader: ~50% unlabelled, ~14% retain, ~36% forget tokens), documents of 20-400 tokens.
+    ``mixed_spans``: the mode changes inside documents too (spans of 8-64 tokens, as paragraph
+    tagging makes), which is where the cross-mode attention rules cost something."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -78,9 +91,13 @@ def synthetic_batches(n: int, micro_batch: int, seq_len: int, vocab: int, seed: 
             s, d = 0, 0
             while s < seq_len:
                 length = int(torch.randint(20, 400, (1,), generator=g))
-                u = float(torch.rand(1, generator=g))
-                modes[b, s:s + length] = 0 if u < 0.50 else (1 if u < 0.64 else 2)
                 docs[b, s:s + length] = d
+                t = s
+                while t < min(s + length, seq_len):
+                    span = int(torch.randint(8, 65, (1,), generator=g)) if mixed_spans else length
+                    u = float(torch.rand(1, generator=g))
+                    modes[b, t:min(t + span, s + length)] = 0 if u < 0.50 else (1 if u < 0.64 else 2)
+                    t += span
                 s, d = s + length, d + 1
         labels = torch.roll(ids, -1, 1)
         labels[:, -1] = -100
@@ -202,7 +219,7 @@ def benchmark(sizes: list[str], tps: list[int], strategies: list[str], rounds: i
             batches = bilingual_batches(n, micro_batch, seq_len, tmp)
         else:
             vocab = min(resolved_model({**model_section(s), "max_seq_len": seq_len})["vocab_size"] for s in sizes)
-            batches = synthetic_batches(n, micro_batch, seq_len, vocab)
+            batches = synthetic_batches(n, micro_batch, seq_len, vocab, mixed_spans=data == "mixed-spans")
         import torch
 
         modes = torch.cat([b["modes"].reshape(-1) for b in batches])

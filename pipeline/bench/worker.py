@@ -56,14 +56,16 @@ def _sync(device) -> None:
 def run(spec: dict) -> dict:
     import torch
 
+    from pipeline.bench.train_bench import split_variant
     from pipeline.config import load_config
     from pipeline.engine.engine import build_engine, train_step
 
     cfg = load_config(None, spec.get("overrides", []), data=spec["config"])
     state = build_engine(cfg)
     batches = torch.load(spec["batches"])
-    if not spec.get("doc_mask", True):
+    if not spec.get("doc_mask", True):  # plain causal attention over the packed rows
         batches = [{k: v for k, v in b.items() if k != "doc_ids"} for b in batches]
+        cfg.model.document_masking = False
     device = state.dist.device
     tokens = int(batches[0]["input_ids"].numel())
     result = {"rank": state.dist.rank, "tp": state.dist.tp_size, "tokens_per_step": tokens,
@@ -73,7 +75,7 @@ def run(spec: dict) -> dict:
         result["device_name"] = torch.cuda.get_device_name()
 
     def pipeline_step(strategy: str, b: dict) -> tuple[float, float, float]:
-        state.model.strategy = strategy
+        state.model.strategy, state.partition.sgtm.cross_mode_attention = split_variant(strategy)
         c0, t0 = time.process_time(), time.perf_counter()
         loss = float(train_step(state, [b]))
         _sync(device)
