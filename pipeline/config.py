@@ -1,9 +1,14 @@
 """Typed experiment configuration, validated once at start.
 
 One YAML per experiment. A section may name a fragment instead of spelling it out
-(``model: models/tinystories-8m.yaml``, or ``model: {base: models/x.yaml, n_layers: 2}`` to
-override fields of the fragment). Fragments are looked up beside the experiment file, then
-under the project's ``configs/``. CLI overrides are ``key.path=value`` strings, parsed as YAML.
+(``model: models/tinystories-8m.yaml``), and any mapping may start from one and change some of
+its keys (``data: {base: data/wiki.yaml, tagging: {forget_threshold: 0.7}}``): the mapping is
+deep-merged onto the fragment (nested mappings merge key by key, lists and scalars replace), so
+the fragment's other ``tagging`` keys stay. Fragments are looked up beside the file that names
+them, then under the project's ``configs/``. CLI overrides are ``key.path=value`` strings, the
+value parsed as YAML; a number in the path indexes a list (``sgtm.domains.0.heads=2``, or
+``sgtm.domains[0].heads=2``). Composition runs on OmegaConf (:func:`compose`, also used by
+``sgtm sweep``), so ``${name}``-style interpolations resolve and ``???`` marks a required value.
 
 Every problem is raised as :class:`ConfigError` with a one-line message that starts with the
 dotted key, e.g. ``sgtm.domains[0].heads: 40 forget heads but the model has 32 heads``.
@@ -12,6 +17,7 @@ dotted key, e.g. ``sgtm.domains[0].heads: 40 forget heads but the model has 32 h
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
@@ -130,6 +138,72 @@ class SGTMConfig:
     def __post_init__(self) -> None:
         if self.embedding_update is None:
             self.embedding_update = self.joint_update
+
+
+@dataclass(frozen=True)
+class DomainAssignment:
+    """Where one forget domain lives: its blocks and its global head and MLP-unit indices (the
+    same in each of those blocks)."""
+
+    name: str
+    layers: list[int]
+    heads: list[int]
+    units: list[int]
+
+
+def _take(spec: int | list[int], total: int, taken: set[int], key: str, what: str) -> list[int]:
+    """Resolve a count or explicit index list into global indices, checking overlaps."""
+    if isinstance(spec, int):
+        if spec < 0:
+            raise ConfigError(f"{key}: number of forget {what} must be >= 0, got {spec}")
+        free = [i for i in range(total) if i not in taken]
+        if spec > len(free) - 1:
+            raise ConfigError(f"{key}: {spec} forget {what} but only {len(free)} of {total} are free "
+                              f"and at least one must stay retain")
+        return free[:spec]
+    idx = list(spec)
+    if len(set(idx)) != len(idx):
+        raise ConfigError(f"{key}: duplicate {what} indices {idx}")
+    for i in idx:
+        if not 0 <= i < total:
+            raise ConfigError(f"{key}: {what} index {i} out of range [0, {total})")
+        if i in taken:
+            raise ConfigError(f"{key}: {what} index {i} already belongs to another domain")
+    if len(taken) + len(idx) >= total:
+        raise ConfigError(f"{key}: forget {what} would cover all {total}; at least one must stay retain")
+    return sorted(idx)
+
+
+def assign_domains(model: ModelConfig, sgtm: SGTMConfig) -> list[DomainAssignment]:
+    """What ``sgtm.domains`` means for this model: a count takes the next free global indices
+    (domains in list order), explicit indices are checked for range and overlap, and at least one
+    head and one unit stay retain. Config semantics, so it lives here and needs nothing from
+    :mod:`pipeline.sgtm`: validation runs it without importing the model code (no import
+    circle), and the forget partition builds its per-rank classes from the same rules."""
+    names = [d.name for d in sgtm.domains]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"sgtm.domains: duplicate domain names {names}")
+    for i, name in enumerate(names):
+        if not name or ":" in name:
+            raise ConfigError(f"sgtm.domains[{i}].name: must be non-empty without ':', got {name!r}")
+    heads_taken: set[int] = set()
+    units_taken: set[int] = set()
+    out = []
+    for d, dom in enumerate(sgtm.domains):
+        key = f"sgtm.domains[{d}]"
+        layers = list(range(model.n_layers)) if dom.layers is None else list(dom.layers)
+        for layer in layers:
+            if not 0 <= layer < model.n_layers:
+                raise ConfigError(f"{key}.layers: block {layer} out of range [0, {model.n_layers})")
+        if len(set(layers)) != len(layers):
+            raise ConfigError(f"{key}.layers: duplicate block indices {layers}")
+        heads = [] if sgtm.scope == "mlp" else _take(dom.heads, model.n_heads, heads_taken, f"{key}.heads", "heads")
+        units = [] if sgtm.scope == "attention" else _take(dom.units, model.d_ff, units_taken, f"{key}.units",
+                                                           "units")
+        heads_taken.update(heads)
+        units_taken.update(units)
+        out.append(DomainAssignment(dom.name, layers, heads, units))
+    return out
 
 
 @dataclass
@@ -298,7 +372,7 @@ class ExperimentConfig:
     run_dir: str | None = None  # default: runs/<name>
 
     def validate(self) -> ExperimentConfig:
-        """Cross-section checks; the partition itself is checked by building it."""
+        """Cross-section checks, the forget domains' placement included (:func:`assign_domains`)."""
         self.model.validate()
         self.engine.validate()
         self.optimizer.validate()
@@ -321,9 +395,7 @@ class ExperimentConfig:
             raise ConfigError(
                 f"engine.tensor_parallel: {tp} does not divide "
                 f"model.pad_vocab_to_multiple={self.model.pad_vocab_to_multiple}")
-        from pipeline.sgtm.partition import ForgetPartition
-
-        ForgetPartition(self.model, self.sgtm, tp)  # raises ConfigError naming the sgtm key
+        assign_domains(self.model, self.sgtm)  # raises ConfigError naming the sgtm key
         return self
 
 
@@ -335,6 +407,13 @@ class ExperimentConfig:
 def _fraction(value: float | None, key: str, open_low: bool = False) -> None:
     if value is not None and not (0 < value <= 1 if open_low else 0 <= value <= 1):
         raise ConfigError(f"{key}: expected a number in {'(0' if open_low else '[0'}, 1], got {value!r}")
+
+
+def check_role(role: str, domains: list[str], key: str) -> str:
+    """A true label as configs write it: 'retain', 'adjacent' or 'forget:<domain>'."""
+    if role in ("retain", "adjacent") or (role.startswith("forget:") and role[7:] in domains):
+        return role
+    raise ConfigError(f"{key}: expected 'retain', 'adjacent' or 'forget:<one of {domains}>', got {role!r}")
 
 
 @dataclass
@@ -406,28 +485,22 @@ class DataConfig:
         return cfg
 
     def validate(self, key: str = "data") -> None:
-        from pipeline.data.errors import DataError
-        from pipeline.data.labels import check_role
-
         if len(set(self.domains)) != len(self.domains):
             raise ConfigError(f"{key}.domains: duplicate names in {self.domains}")
         for name in ("tokenizer",):
             if not getattr(self, name):
                 raise ConfigError(f"{key}.{name}: expected a non-empty string")
-        try:
-            for i, src in enumerate(self.sources):
-                if not src.path:
-                    raise ConfigError(f"{key}.sources[{i}].path: expected a non-empty string")
-                if not src.weight > 0:
-                    raise ConfigError(f"{key}.sources[{i}].weight: expected a positive number, got {src.weight:g}")
-                if src.true_label is not None:
-                    check_role(src.true_label, self.domains, f"{key}.sources[{i}].true_label")
-                if self.tagging.source == "classifier" and src.tags is None:
-                    raise ConfigError(f"{key}.sources[{i}].tags: required when {key}.tagging.source is 'classifier'")
-            for i, role in enumerate(self.keep_true or []):
-                check_role(role, self.domains, f"{key}.keep_true[{i}]")
-        except DataError as exc:
-            raise ConfigError(str(exc)) from None
+        for i, src in enumerate(self.sources):
+            if not src.path:
+                raise ConfigError(f"{key}.sources[{i}].path: expected a non-empty string")
+            if not src.weight > 0:
+                raise ConfigError(f"{key}.sources[{i}].weight: expected a positive number, got {src.weight:g}")
+            if src.true_label is not None:
+                check_role(src.true_label, self.domains, f"{key}.sources[{i}].true_label")
+            if self.tagging.source == "classifier" and src.tags is None:
+                raise ConfigError(f"{key}.sources[{i}].tags: required when {key}.tagging.source is 'classifier'")
+        for i, role in enumerate(self.keep_true or []):
+            check_role(role, self.domains, f"{key}.keep_true[{i}]")
         if self.keep_true is not None and not self.keep_true:
             raise ConfigError(f"{key}.keep_true: expected a non-empty list of true labels")
         self.tagging.validate(f"{key}.tagging")
@@ -550,14 +623,22 @@ def to_dict(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# YAML loading: fragments, overrides
+# Composition on OmegaConf: fragments, deep merges, overrides (list indices included)
 # --------------------------------------------------------------------------------------------
+#
+# One implementation for `train`, `sweep`, the demo and the tests. Composition works on untyped
+# OmegaConf containers, so it keeps exactly what the user wrote (the sweep's cell keys hash that);
+# the dataclasses above are the schema: OmegaConf.structured over them supplies the default of a
+# list that an override indexes but the files never spelled out (``sgtm.domains.0.heads=2``), and
+# ``from_dict`` checks every value against their annotations. OmegaConf's own type conversion is
+# not used for that: it accepts "3" for an int, 1 for a bool and 5 for a string, and with
+# conversion off it refuses 1 for a float; ``from_dict`` is exact and words its errors as before.
 
 
 def _read_yaml(path: Path, key: str) -> Any:
     try:
-        with open(path) as f:
-            return yaml.safe_load(f)
+        with open(path) as f:  # libyaml's safe loader when present: same result, faster
+            return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except FileNotFoundError:
         raise ConfigError(f"{key}: file not found: {path}") from None
     except yaml.YAMLError as exc:
@@ -573,58 +654,243 @@ def _find_fragment(ref: str, base_dir: Path, key: str) -> Path:
     raise ConfigError(f"{key}: fragment {ref!r} not found beside the config or under {CONFIG_ROOT}")
 
 
-def _resolve_fragments(data: dict, base_dir: Path) -> dict:
-    """Replace ``section: path.yaml`` and ``section: {base: path.yaml, ...}`` by merged mappings."""
-    out = {}
-    for section, value in data.items():
-        if isinstance(value, str) and value.endswith((".yaml", ".yml")):
-            path = _find_fragment(value, base_dir, section)
-            value = _read_yaml(path, section) or {}
-        elif isinstance(value, dict) and "base" in value:
-            path = _find_fragment(str(value["base"]), base_dir, f"{section}.base")
-            merged = dict(_read_yaml(path, f"{section}.base") or {})
-            merged.update({k: v for k, v in value.items() if k != "base"})
-            value = merged
-        out[section] = value
+def _is_fragment_ref(value: Any) -> bool:
+    return isinstance(value, str) and value.endswith((".yaml", ".yml"))
+
+
+def _join(key: str, name: Any) -> str:
+    if isinstance(name, int):
+        return f"{key}[{name}]"
+    return f"{key}.{name}" if key else str(name)
+
+
+def _omega_error(exc: Exception, key: str = "") -> ConfigError:
+    """An OmegaConf exception as one line that starts with the config key it is about."""
+    where = getattr(exc, "full_key", None) or key or "config"
+    msg = str(getattr(exc, "msg", None) or exc).strip().splitlines()
+    return ConfigError(f"{where}: {msg[0] if msg else type(exc).__name__}")
+
+
+def _container(value: Any, key: str) -> Any:
+    """``value`` as an OmegaConf node (mappings and lists) or as itself (scalars)."""
+    if not isinstance(value, (dict, list, tuple)):
+        return value
+    try:
+        return OmegaConf.create(list(value) if isinstance(value, tuple) else value)
+    except OmegaConfBaseException as exc:
+        raise _omega_error(exc, key) from None
+
+
+def _clear_mismatches(base: Any, top: Any) -> Any:
+    """``base`` with None wherever ``top`` puts a list over a mapping or a mapping over a list, so
+    OmegaConf's merge (which refuses those) lets ``top`` replace them."""
+    base = OmegaConf.to_container(base) if OmegaConf.is_config(base) else base
+    top = OmegaConf.to_container(top) if OmegaConf.is_config(top) else top
+    out = dict(base)
+    for k, v in top.items():
+        old = out.get(k)
+        if isinstance(old, dict) and isinstance(v, dict):
+            out[k] = _clear_mismatches(old, v)
+        elif isinstance(old, (dict, list)) and isinstance(v, (dict, list)):
+            out[k] = None
     return out
 
 
-def apply_override(data: dict, override: str) -> None:
-    """``a.b.c=value`` (value parsed as YAML) into the nested mapping ``data``."""
+def merge(*parts: Any, key: str = "") -> Any:
+    """Deep merge, later parts win: mappings merge key by key, lists and scalars replace.
+
+    The one merge of the project (fragments, ``data=`` dicts, a sweep's prepared data section);
+    returns plain data."""
+    out: Any = None
+    for part in parts:
+        if isinstance(out, (dict, DictConfig)) and isinstance(part, (dict, DictConfig)):
+            try:
+                out = OmegaConf.merge(_clear_mismatches(out, part), part)
+            except OmegaConfBaseException as exc:
+                raise _omega_error(exc, key) from None
+        else:
+            out = _container(part, key)
+    return OmegaConf.to_container(out) if OmegaConf.is_config(out) else out
+
+
+def _expand(value: Any, base_dir: Path, key: str, chain: tuple[Path, ...], top: bool = False) -> Any:
+    """Resolve fragments inside ``value``: a top-level section may be a fragment path
+    (``model: models/x.yaml``) and any mapping may name one under ``base:``, deep-merged under the
+    mapping's other keys. A fragment's own fragments are looked up beside it."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, dict):
+        if "base" in value:
+            bkey = _join(key, "base")
+            ref = value["base"]
+            if not _is_fragment_ref(ref):
+                raise ConfigError(f"{bkey}: expected a fragment path ending in .yaml, got {ref!r}")
+            fragment = _load_fragment(ref, base_dir, key, chain, ref_key=bkey)
+            if not isinstance(fragment, dict):
+                raise ConfigError(f"{bkey}: fragment {ref!r} is not a mapping")
+            rest = {k: v for k, v in value.items() if k != "base"}
+            return merge(fragment, _expand(rest, base_dir, key, chain, top), key=key)
+        out = {}
+        for name, sub in value.items():
+            skey = _join(key, name)
+            if top and _is_fragment_ref(sub):
+                out[name] = _load_fragment(sub, base_dir, skey, chain)
+            else:
+                out[name] = _expand(sub, base_dir, skey, chain)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_expand(v, base_dir, _join(key, i), chain) for i, v in enumerate(value)]
+    return value
+
+
+def _load_fragment(ref: str, base_dir: Path, key: str, chain: tuple[Path, ...], ref_key: str = "") -> Any:
+    """The fragment ``ref`` (named at ``ref_key``), expanded, as the value of ``key``."""
+    ref_key = ref_key or key
+    path = _find_fragment(ref, base_dir, ref_key).resolve()
+    if path in chain:
+        raise ConfigError(f"{ref_key}: fragment cycle {' -> '.join(p.name for p in (*chain, path))}")
+    loaded = _read_yaml(path, ref_key)
+    return _expand({} if loaded is None else loaded, path.parent, key, (*chain, path))
+
+
+_SCHEMA: DictConfig | None = None
+
+
+def _schema_default(tokens: list[str | int]) -> Any:
+    """The dataclasses' default at a key path (plain data), or None: what a list that the files
+    never wrote holds before an override indexes it."""
+    global _SCHEMA
+    if _SCHEMA is None:
+        _SCHEMA = OmegaConf.structured(ExperimentConfig)
+    try:
+        node = OmegaConf.select(_SCHEMA, _key_str(tokens), default=None)
+    except OmegaConfBaseException:
+        return None
+    value = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+    return list(value) if isinstance(value, tuple) else value
+
+
+_KEY_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*|\d+")
+
+
+def parse_key(path: str) -> list[str | int]:
+    """``a.b.0.c`` or ``a.b[0].c`` -> ['a', 'b', 0, 'c'] (numbers index lists)."""
+    raw = path.replace("[", ".").replace("]", "")
+    tokens = raw.split(".")
+    if not path or not all(_KEY_TOKEN.fullmatch(t) for t in tokens):
+        raise ConfigError(f"{path}: expected a key path like model.n_layers or sgtm.domains.0.heads")
+    return [int(t) if t.isdigit() else t for t in tokens]
+
+
+def _key_str(tokens: list[str | int]) -> str:
+    out = ""
+    for t in tokens:
+        out = _join(out, t)
+    return out
+
+
+def parse_override(override: str) -> tuple[list[str | int], Any]:
+    """``key.path=value``: the key's tokens and the value parsed as (safe) YAML."""
     if "=" not in override:
         raise ConfigError(f"{override}: override must look like key.path=value")
     path, raw = override.split("=", 1)
+    tokens = parse_key(path)
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         raise ConfigError(f"{path}: cannot parse override value {raw!r}") from None
-    keys = path.split(".")
-    node = data
-    for i, k in enumerate(keys[:-1]):
-        nxt = node.get(k)
-        if nxt is None:
-            nxt = node[k] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{'.'.join(keys[: i + 1])}: cannot override inside a non-mapping")
-        node = nxt
-    node[keys[-1]] = value
+    return tokens, value
+
+
+def _apply(cfg: DictConfig, override: str, base_dir: Path) -> None:
+    """Set one override on the composed config: a mapping merges into the mapping it replaces,
+    anything else (and a fragment: ``model=models/x.yaml``, ``model={base: ...}``) replaces."""
+    tokens, value = parse_override(override)
+    key = _key_str(tokens)
+    fragment = (len(tokens) == 1 and _is_fragment_ref(value)) or (isinstance(value, dict) and "base" in value)
+    if len(tokens) == 1 and _is_fragment_ref(value):
+        value = _load_fragment(value, base_dir, key, ())
+    else:
+        value = _expand(value, base_dir, key, ())
+    node: Any = cfg
+    for i, tok in enumerate(tokens):
+        here = _key_str(tokens[: i + 1])
+        last = i == len(tokens) - 1
+        if isinstance(tok, int):
+            if not isinstance(node, ListConfig):
+                raise ConfigError(f"{here}: {_key_str(tokens[:i]) or 'the config'} is not a list")
+            if not 0 <= tok < len(node):
+                n = len(node)
+                raise ConfigError(f"{here}: index out of range ({_key_str(tokens[:i])} has {n} item"
+                                  f"{'' if n == 1 else 's'}; set the whole list to change its length)")
+        elif not isinstance(node, DictConfig):
+            raise ConfigError(f"{here}: {_key_str(tokens[:i])} is a list; index it with a number")
+        if last:
+            break
+        child = node._get_node(tok) if isinstance(node, DictConfig) and tok in node else (
+            node._get_node(tok) if isinstance(node, ListConfig) else None)
+        if child is None or (not isinstance(child, (DictConfig, ListConfig)) and child._value() is None):
+            default = _schema_default(tokens[: i + 1]) if isinstance(tokens[i + 1], int) else {}
+            if not isinstance(default, (dict, list)):
+                raise ConfigError(f"{_key_str(tokens[: i + 2])}: {here} has no list to index")
+            node[tok] = default
+            child = node._get_node(tok)
+        elif not isinstance(child, (DictConfig, ListConfig)):
+            raise ConfigError(f"{here}: cannot override inside {child._value()!r} (not a mapping or list)")
+        node = child
+    last_tok = tokens[-1]
+    try:
+        current = node._get_node(last_tok) if (isinstance(node, ListConfig) or last_tok in node) else None
+        if isinstance(value, dict) and isinstance(current, DictConfig) and not fragment:
+            node[last_tok] = OmegaConf.merge(current, value)
+        else:
+            node[last_tok] = value
+    except OmegaConfBaseException as exc:
+        raise _omega_error(exc, key) from None
+
+
+def _plain(cfg: DictConfig) -> dict:
+    """Resolve ``${...}`` interpolations, refuse ``???`` (a value a fragment requires), plain data."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise _omega_error(exc) from None
+
+
+def compose(path: str | Path | None = None, overrides: list[str] | None = None,
+            data: dict | None = None) -> dict:
+    """The experiment as written: the file (or ``{}``), deep-merged with ``data``, fragments
+    resolved, each ``key.path=value`` override applied in order; plain data, not yet typed."""
+    base_dir = Path(path).resolve().parent if path else Path.cwd()
+    raw: Any = {} if path is None else _read_yaml(Path(path), str(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    chain = (Path(path).resolve(),) if path else ()
+    composed = _expand(raw, base_dir, "", chain, top=True)
+    if data is not None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"data: expected a mapping of config sections, got {type(data).__name__}")
+        composed = merge(composed, _expand(data, base_dir, "", chain, top=True))
+    cfg = _container(composed, "")
+    for ov in overrides or []:
+        _apply(cfg, ov, base_dir)
+    return _plain(cfg)
+
+
+def apply_override(data: dict, override: str, base_dir: str | Path | None = None) -> None:
+    """``a.b.c=value`` or ``a.b.0.c=value`` into the plain mapping ``data``, in place."""
+    cfg = _container(data, "")
+    _apply(cfg, override, Path(base_dir) if base_dir else Path.cwd())
+    data.clear()
+    data.update(OmegaConf.to_container(cfg))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 data: dict | None = None) -> ExperimentConfig:
     """Read, compose, override, type-check and validate an experiment config."""
-    base_dir = Path(path).resolve().parent if path else Path.cwd()
-    raw: Any = {} if path is None else _read_yaml(Path(path), str(path))
-    if data is not None:
-        raw = {**(raw or {}), **data}
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    raw = _resolve_fragments(raw, base_dir)
-    for ov in overrides or []:
-        apply_override(raw, ov)
-    raw = _resolve_fragments(raw, base_dir)  # an override may itself name a fragment
+    raw = compose(path, overrides, data)
     if isinstance(raw.get("data"), dict) and "domains" not in raw["data"]:
         sgtm = raw.get("sgtm") if isinstance(raw.get("sgtm"), dict) else {}
         domains = sgtm.get("domains", [{"name": "forget"}])

@@ -42,9 +42,9 @@ from pipeline.config import (
     ConfigError,
     _find_fragment,
     _read_yaml,
-    _resolve_fragments,
-    apply_override,
+    compose,
     load_config,
+    merge,
     to_dict,
 )
 
@@ -132,13 +132,6 @@ def expand(spec: dict) -> list[Cell]:
     return cells
 
 
-def _deep_merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def prepare_data(spec: dict, out: Path) -> dict | None:
     """Prepare the sweep's data set once (idempotent) and return its `data:` section."""
     data = spec.get("data")
@@ -179,14 +172,12 @@ def write_base(spec: dict, out: Path) -> Path:
     """The sweep's base experiment with fragments resolved and the prepared data section in it."""
     sweep_dir = Path(spec["_path"]).resolve().parent
     base_path = _find_fragment(spec["base"], sweep_dir, "base")
-    raw = _resolve_fragments(_read_yaml(base_path, str(base_path)) or {}, base_path.resolve().parent)
+    raw = compose(base_path)
     prepared = prepare_data(spec, out)
-    if prepared is not None:
+    if prepared is not None:  # the base's data settings over the prepared set, whose tag source wins
         mine = raw.get("data") or {}
         rest = {k: v for k, v in mine.items() if k not in ("sources", "tokenizer", "domains")}
-        merged = _deep_merge(prepared, rest)
-        merged["tagging"]["source"] = prepared["tagging"]["source"]
-        raw["data"] = merged
+        raw["data"] = merge(prepared, rest, {"tagging": {"source": prepared["tagging"]["source"]}}, key="data")
     raw["name"] = spec["name"]
     target = out / spec["name"] / "base.yaml"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -199,10 +190,7 @@ def write_base(spec: dict, out: Path) -> Path:
 def cell_key(base: Path, overrides: list[str]) -> str:
     """Hash of what the user wrote (the base experiment with these overrides applied, without name
     and run_dir), not of the typed config: new config fields with defaults keep old keys valid."""
-    raw = yaml.safe_load(Path(base).read_text()) or {}
-    for o in overrides:
-        apply_override(raw, o)
-    raw = _resolve_fragments(raw, Path(base).resolve().parent)
+    raw = compose(base, overrides)
     raw.pop("name", None)
     raw.pop("run_dir", None)
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:12]
