@@ -119,3 +119,27 @@ def test_ablation_zeroes_exactly_the_forget_slices_and_removes_dependence(single
         assert torch.equal(model(batch["input_ids"], doc_ids=batch["doc_ids"]), logits)
         model.set_ablated([])  # without the switch the scribbles would matter: the check can fail
         assert not torch.equal(model(batch["input_ids"], doc_ids=batch["doc_ids"]), logits)
+
+
+@pytest.mark.parametrize("tie,embedding_update,joint_update",
+                         [(True, "non_forget", "all"), (False, "all", "non_forget")])
+def test_partition_summary_says_what_the_code_does(single_process_world, capsys, tie, embedding_update, joint_update):
+    """`sgtm partition` prints each joint parameter's class as the model assigns it (a tied LM head
+    is the embedding matrix, so it follows embedding_update) and the MAY_UPDATE table."""
+    from pipeline.cli import main
+    from pipeline.sgtm.codes import class_name
+
+    overrides = [f"model.tie_embeddings={str(tie).lower()}", f"sgtm.embedding_update={embedding_update}",
+                 f"sgtm.joint_update={joint_update}"]
+    assert main(["partition", "--config", "configs/experiments/core_tiny.yaml", *overrides]) == 0
+    out = capsys.readouterr().out
+    cfg = load_config("configs/experiments/core_tiny.yaml", overrides)
+    part, model = build_model(cfg, single_process_world)
+    head = class_name(int(model.lm_head.weight.sgtm_role.classes[0]) if not tie
+                      else int(model.embedding.weight.sgtm_role.classes[0]), part.domains)
+    emb = class_name(int(model.embedding.weight.sgtm_role.classes[0]), part.domains)
+    norm = class_name(int(model.final_norm.weight.sgtm_role.classes[0]), part.domains)
+    assert f"embeddings {emb}" in out and f"norms and final norm {norm}" in out
+    assert (f"LM head tied to the token embedding: {head}" if tie else f"LM head (untied): {head}") in out
+    assert "who may update what (strategy sgtm" in out
+    assert "joint_non_forget" in out and "other_forget" in out
