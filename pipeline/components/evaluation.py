@@ -8,6 +8,7 @@ is frozen, so its logits are computed once and only the bias is optimised.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,10 @@ from pipeline.config import CalibrationConfig
 from pipeline.model.transformer import IGNORE_INDEX, Transformer, token_losses
 
 SETS = ("forget", "retain", "adjacent")
+
+# Progress messages (one line each) for batch logs; None: silent. The training loop passes its
+# metrics logger's note(), so a SLURM log shows where a long evaluation or calibration is.
+Report = Callable[[str], None] | None
 
 
 @dataclass
@@ -45,7 +50,7 @@ def _logits(model: Transformer, batches: list[dict], device, ablated_domains: li
 
 
 def fit_calibration_bias(model: Transformer, calib: dict[str, list[dict]], ablated_domains: list[int],
-                         cfg: CalibrationConfig, device, seed: int = 0) -> torch.Tensor:
+                         cfg: CalibrationConfig, device, seed: int = 0, report: Report = None) -> torch.Tensor:
     """Per-vocabulary bias (this TP rank's vocab shard) minimising
     loss_forget + alpha * loss_retain + beta * loss_adjacent on the ablated model.
 
@@ -82,7 +87,8 @@ def fit_calibration_bias(model: Transformer, calib: dict[str, list[dict]], ablat
     opt = (torch.optim.SGD([bias], lr=cfg.lr, momentum=0.9) if cfg.optimizer == "sgd"
            else torch.optim.Adam([bias], lr=cfg.lr))
     norm = sum(w for w, _, _ in cached.values())
-    for _ in range(cfg.steps):
+    every = max(1, cfg.steps // 4)
+    for i in range(cfg.steps):
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
         for w, h, y in cached.values():
@@ -92,20 +98,25 @@ def fit_calibration_bias(model: Transformer, calib: dict[str, list[dict]], ablat
             total = total + (w / norm) * token_losses(logits + bias, y[idx][None]).mean()
         total.backward()
         opt.step()
+        if report is not None and ((i + 1) % every == 0 or i + 1 == cfg.steps):
+            report(f"calibration step {i + 1}/{cfg.steps}: loss {float(total):.4f}")
     return bias.detach()
 
 
 @torch.no_grad()
 def evaluate(model: Transformer, eval_sets: dict[str, list[dict]], calib_sets: dict[str, list[dict]] | None,
-             ablated_domains: list[int], calibration: CalibrationConfig | None, device) -> dict[str, SetResult]:
-    """Loss per held-out set for the full, ablated and calibrated model (identical on every rank)."""
+             ablated_domains: list[int], calibration: CalibrationConfig | None, device,
+             report: Report = None) -> dict[str, SetResult]:
+    """Loss per held-out set for the full, ablated and calibrated model (identical on every rank);
+    ``report`` gets one line per phase (calibration progress, each set's losses)."""
     was_training = model.training
     model.eval()
     try:
         bias = None
         if calibration is not None and calib_sets:
             with torch.enable_grad():
-                bias = fit_calibration_bias(model, calib_sets, ablated_domains, calibration, device)
+                bias = fit_calibration_bias(model, calib_sets, ablated_domains, calibration, device,
+                                            report=report)
         results = {}
         for name, batches in eval_sets.items():
             if not batches:
@@ -124,6 +135,11 @@ def evaluate(model: Transformer, eval_sets: dict[str, list[dict]], calib_sets: d
                 full=float(cat["full"].mean()), ablated=float(cat["ablated"].mean()),
                 calibrated=float(cat["calibrated"].mean()) if "calibrated" in cat else None,
                 tokens=int(cat["full"].numel()), per_token=cat)
+            if report:
+                r = results[name]
+                cal = f" calibrated {r.calibrated:.4f}" if r.calibrated is not None else ""
+                report(f"{name}: {len(batches)} batches, {r.tokens:,} tokens: full {r.full:.4f} "
+                       f"ablated {r.ablated:.4f}{cal}")
         return results
     finally:
         model.train(was_training)
