@@ -23,7 +23,7 @@ import yaml
 
 from pipeline.components import checkpoint, faults
 from pipeline.components.evaluation import evaluate
-from pipeline.components.metrics import MetricsLogger
+from pipeline.components.metrics import MetricsLogger, require_wandb
 from pipeline.config import ExperimentConfig, to_dict
 from pipeline.engine.engine import TrainState, build_engine, train_step
 
@@ -134,8 +134,13 @@ def eval_sets(cfg: ExperimentConfig) -> tuple[dict[str, list[dict]], dict[str, l
 def run_eval(state: TrainState, evals, calib, step: int, run_dir: Path, log: MetricsLogger) -> dict:
     cfg = state.cfg
     domains = list(range(len(state.partition.domains)))
+    t0 = time.perf_counter()
+    log.note(f"eval step {step}: {', '.join(evals) or 'no held-out sets'}"
+             + (f"; calibrating on {', '.join(calib)}" if cfg.eval.calibrate and calib else ""))
     results = evaluate(state.model, evals, calib if cfg.eval.calibrate else None, domains,
-                       cfg.eval.calibration if cfg.eval.calibrate else None, state.dist.device)
+                       cfg.eval.calibration if cfg.eval.calibrate else None, state.dist.device,
+                       report=lambda text: log.note(f"eval step {step}: {text}"))
+    log.note(f"eval step {step}: done in {time.perf_counter() - t0:.1f} s")
     record = {"kind": "eval", "step": step}
     for name, r in results.items():
         record[f"{name}_full"] = r.full
@@ -153,6 +158,13 @@ def run_eval(state: TrainState, evals, calib, step: int, run_dir: Path, log: Met
     return record
 
 
+def _norm_names(record: dict, cfg: ExperimentConfig) -> dict[str, float]:
+    """The record's per-partition gradient norms under readable names (forget<d> -> domain name)."""
+    domains = {f"forget{i}": d.name for i, d in enumerate(cfg.sgtm.domains)}
+    names = {k.removeprefix("grad_norm_"): v for k, v in record.items() if k.startswith("grad_norm_")}
+    return {domains.get(k, k): v for k, v in names.items()}
+
+
 def train(cfg: ExperimentConfig, resume: bool = False, max_steps: int | None = None) -> dict:
     """Train to ``cfg.train.steps`` (or stop early after ``max_steps`` more steps, for tests);
     returns the last eval record."""
@@ -160,6 +172,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, max_steps: int | None = N
 
     if cfg.data is None:
         raise ValueError("data: an experiment to train needs a data section (sources, tagging, filter)")
+    if cfg.logging.wandb.enabled:
+        require_wandb()  # one line now, not after the model is built
     from pipeline.data.tokenizer import load_tokenizer
 
     n_vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
@@ -196,7 +210,9 @@ def train(cfg: ExperimentConfig, resume: bool = False, max_steps: int | None = N
             print(f"resumed from {ckpt_dir / tag} at step {progress.step}", file=sys.stderr)
 
     evals, calib = eval_sets(cfg)
-    log = MetricsLogger(run_dir, enabled=d.rank == 0, total_steps=cfg.train.steps, start_step=progress.step)
+    log = MetricsLogger(run_dir, enabled=d.rank == 0, total_steps=cfg.train.steps, start_step=progress.step,
+                        start_tokens=progress.tokens, console=cfg.logging.console, wandb=cfg.logging.wandb,
+                        run_name=cfg.name, run_config=to_dict(cfg))
     preempt = Preemption()
     tokens_per_step = cfg.engine.micro_batch_size * cfg.model.max_seq_len * cfg.engine.grad_accum_steps * d.dp_size
 
@@ -214,7 +230,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, max_steps: int | None = N
 
     last_eval: dict = {}
     stop_at = cfg.train.steps if max_steps is None else min(cfg.train.steps, progress.step + max_steps)
-    t0 = time.perf_counter()
+    t0, tokens0 = time.perf_counter(), progress.tokens
     try:
         while progress.step < stop_at:
             micro = [next(loader) for _ in range(cfg.engine.grad_accum_steps)]
@@ -239,15 +255,15 @@ def train(cfg: ExperimentConfig, resume: bool = False, max_steps: int | None = N
                 lr = state.engine.get_lr()[0]
                 value = float(loss) if state.last_step_finite else None
                 record = {"kind": "train", "step": step, "loss": value, "lr": lr, "tokens": progress.tokens,
-                          "tokens_per_s": progress.tokens / max(time.perf_counter() - t0, 1e-9),
+                          "tokens_per_s": (progress.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9),
                           "nonfinite_total": len(progress.nonfinite_steps)}
                 if loader.skipped_shards:  # data.skip_bad_shards: counted, listed in the checkpoint
                     record["skipped_shards"] = len(loader.skipped_shards)
-                if state.clipper is not None and state.clipper.last_norms is not None:
-                    for g, n in enumerate(state.clipper.last_norms.tolist()):
-                        record["grad_norm_retain" if g == 0 else f"grad_norm_forget{g - 1}"] = n
+                if state.clipper is not None:
+                    record.update(state.clipper.named_norms())  # grad_norm_retain, _forget<d>, _joint_all
                 log.log(record)
-                log.progress(step, progress.tokens, value if value is not None else float("nan"), lr)
+                log.progress(step, progress.tokens, value if value is not None else float("nan"), lr,
+                             _norm_names(record, cfg))
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
                 last_eval = run_eval(state, evals, calib, step, run_dir, log)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
