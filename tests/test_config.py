@@ -254,8 +254,9 @@ def partitions(draw):
 @settings(max_examples=150, deadline=None)
 @given(partitions())
 def test_config_placement_of_domains_matches_the_forget_partition(case):
-    """Validation places the domains without the model code (assign_domains); the partition the
-    engine builds must agree on every accepted config and refuse the same ones with the same line."""
+    """Validation places the domains without the model code (assign_domains) and the partition the
+    engine builds fills its class tables from that placement: every head and unit of every block
+    is where the placement says, and both refuse the same configs with the same line."""
     from pipeline.sgtm.partition import ForgetPartition
 
     model, sgtm = case

@@ -13,14 +13,18 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.config import ConfigError
+from pipeline.config import check_role as config_check_role
 from pipeline.data.errors import DataError
 from pipeline.sgtm.codes import TrueLabel
 
 
 def check_role(role: str, domains: list[str], where: str) -> str:
-    if role in ("retain", "adjacent") or (role.startswith("forget:") and role[7:] in domains):
-        return role
-    raise DataError(f"{where}: expected 'retain', 'adjacent' or 'forget:<one of {domains}>', got {role!r}")
+    """The config's role grammar (:func:`pipeline.config.check_role`), as a DataError."""
+    try:
+        return config_check_role(role, domains, where)
+    except ConfigError as exc:
+        raise DataError(str(exc)) from None
 
 
 def true_code(role: str, domains: list[str]) -> int:

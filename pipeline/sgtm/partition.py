@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.config import ConfigError, ModelConfig, SGTMConfig
+from pipeline.config import ConfigError, ModelConfig, SGTMConfig, assign_domains
 from pipeline.sgtm.codes import ParamClass, class_name, update_table
 
 RETAIN, JOINT_NON_FORGET, JOINT_ALL = ParamClass.RETAIN, ParamClass.JOINT_NON_FORGET, ParamClass.JOINT_ALL  # TEMP
@@ -62,29 +62,6 @@ class ParamRole:
         return hit.reshape(shape)
 
 
-def _assign(spec: int | list[int], total: int, taken: set[int], key: str, what: str) -> list[int]:
-    """Resolve a count or explicit index list into global indices, checking overlaps."""
-    if isinstance(spec, int):
-        if spec < 0:
-            raise ConfigError(f"{key}: number of forget {what} must be >= 0, got {spec}")
-        free = [i for i in range(total) if i not in taken]
-        if spec > len(free) - 1:
-            raise ConfigError(f"{key}: {spec} forget {what} but only {len(free)} of {total} are free "
-                              f"and at least one must stay retain")
-        return free[:spec]
-    idx = list(spec)
-    if len(set(idx)) != len(idx):
-        raise ConfigError(f"{key}: duplicate {what} indices {idx}")
-    for i in idx:
-        if not 0 <= i < total:
-            raise ConfigError(f"{key}: {what} index {i} out of range [0, {total})")
-        if i in taken:
-            raise ConfigError(f"{key}: {what} index {i} already belongs to another domain")
-    if len(taken) + len(idx) >= total:
-        raise ConfigError(f"{key}: forget {what} would cover all {total}; at least one must stay retain")
-    return sorted(idx)
-
-
 class ForgetPartition:
     """Global forget heads/units per block and domain, and what each TP rank owns of them."""
 
@@ -93,41 +70,26 @@ class ForgetPartition:
         self.sgtm = sgtm
         self.tp_size = tp_size
         self.domains = [d.name for d in sgtm.domains]
-        if len(set(self.domains)) != len(self.domains):
-            raise ConfigError(f"sgtm.domains: duplicate domain names {self.domains}")
-        for i, name in enumerate(self.domains):
-            if not name or ":" in name:
-                raise ConfigError(f"sgtm.domains[{i}].name: must be non-empty without ':', got {name!r}")
         if model.n_heads % tp_size:
             raise ConfigError(f"engine.tensor_parallel: {tp_size} does not divide model.n_heads={model.n_heads}")
+        if model.n_kv_heads % tp_size:
+            raise ConfigError(f"engine.tensor_parallel: {tp_size} does not divide model.n_kv_heads={model.n_kv_heads} "
+                              f"(each TP rank holds whole KV groups; replicated KV heads are not supported yet)")
         if model.d_ff % tp_size:
             raise ConfigError(f"engine.tensor_parallel: {tp_size} does not divide model.d_ff={model.d_ff}")
         self.heads_per_rank = model.n_heads // tp_size
+        self.kv_heads_per_rank = model.n_kv_heads // tp_size
         self.units_per_rank = model.d_ff // tp_size
 
-        # Global class per head and per unit, for every block: [n_layers][n_heads|d_ff].
+        # Global class per head and per unit, for every block: [n_layers][n_heads|d_ff]. Where each
+        # domain sits is config semantics (assign_domains: counts, explicit indices, their checks).
         self._head_class = [[ParamClass.RETAIN] * model.n_heads for _ in range(model.n_layers)]
         self._unit_class = [[ParamClass.RETAIN] * model.d_ff for _ in range(model.n_layers)]
-        heads_taken: set[int] = set()
-        units_taken: set[int] = set()
-        for d, dom in enumerate(sgtm.domains):
-            key = f"sgtm.domains[{d}]"
-            layers = list(range(model.n_layers)) if dom.layers is None else dom.layers
-            for layer in layers:
-                if not 0 <= layer < model.n_layers:
-                    raise ConfigError(f"{key}.layers: block {layer} out of range [0, {model.n_layers})")
-            if len(set(layers)) != len(layers):
-                raise ConfigError(f"{key}.layers: duplicate block indices {layers}")
-            heads = [] if sgtm.scope == "mlp" else _assign(dom.heads, model.n_heads, heads_taken,
-                                                           f"{key}.heads", "heads")
-            units = [] if sgtm.scope == "attention" else _assign(dom.units, model.d_ff, units_taken,
-                                                                 f"{key}.units", "units")
-            heads_taken.update(heads)
-            units_taken.update(units)
-            for layer in layers:
-                for h in heads:
+        for d, placed in enumerate(assign_domains(model, sgtm)):
+            for layer in placed.layers:
+                for h in placed.heads:
                     self._head_class[layer][h] = d
-                for u in units:
+                for u in placed.units:
                     self._unit_class[layer][u] = d
 
     # ---- global view -------------------------------------------------------------------------
@@ -185,10 +147,12 @@ class ForgetPartition:
         heads = self.local_head_class(layer, tp_rank)
         units = self.local_unit_class(layer, tp_rank)
         joint_out = s.output_projections == "joint"
-        if kind == "qkv":  # rows are head-major: [q_h, k_h, v_h] for each local head h
-            return ParamRole(kind, layer, 0, heads.repeat_interleave(3 * m.head_dim))
-        if kind == "mlp_in":  # llama: rows are [gate units; up units], a unit owns both
-            rows = torch.cat([units, units]) if m.arch == "llama" else units
+        if kind == "qkv":  # rows are KV-group-major: [q of the group's heads, k_g, v_g] per local group
+            per = m.query_heads_per_kv_head
+            groups = heads[::per]  # forget heads are whole groups (config.assign_domains)
+            return ParamRole(kind, layer, 0, groups.repeat_interleave((per + 2) * m.head_dim))
+        if kind == "mlp_in":  # swiglu: rows are [gate units; up units], a unit owns both
+            rows = torch.cat([units, units]) if m.mlp == "swiglu" else units
             return ParamRole(kind, layer, 0, rows)
         if kind == "attn_out":
             if joint_out:
