@@ -1,17 +1,30 @@
-"""Gradient clipping per partition: retain+joint parameters and each forget[d] get their own norm.
+"""Gradient clipping per partition: each group of parameters is clipped by its own norm.
 
-Global-norm clipping would let forget-labelled data (whose gradient lands in forget[d]) shrink
-the retain update of the same step, breaking isolation. Here each group is clipped by its own
-norm, computed over all ranks (TP-replicated parameters counted once).
+Global-norm clipping would let forget-labelled data shrink the retain update of the same step,
+breaking isolation. The groups (:func:`clip_group`, the one mapping from slice class to group):
+
+* retain + joint(non_forget): forget-mode tokens never reach these, so neither their gradient
+  nor its norm (and so the group's clip coefficient) depends on forget data;
+* forget[d], one group per domain;
+* joint(all) (``sgtm.embedding_update: all`` / ``sgtm.joint_update: all``): every token updates
+  these, forget tokens included, so they get their own group; sharing the retain group's norm
+  would let the size of a forget gradient set the retain coefficient.
+
+The group ids are :class:`pipeline.sgtm.codes.ClipGroup` (:func:`pipeline.sgtm.codes.clip_group`
+maps a slice class to its group). A group no parameter belongs to (joint(all) under the
+``non_forget`` policies) is left out of the norms.
+
+Norms are computed over all ranks (TP-replicated parameters counted once).
 
 Where the gradients are differs by engine setup:
 * ZeRO-0 fp32: in ``param.grad`` after the boundary backward; :meth:`clip_param_grads` runs
   before ``engine.step()``.
-* ZeRO-1/2: DeepSpeed holds this rank's partition in ``optimizer.averaged_gradients`` (a list of
-  per-parameter fragments, or one flat buffer with bf16 + fp32 accumulation). We wrap the
-  optimizer's ``scaled_global_norm`` (called once per step, before its own clipping) so the
-  fragments are clipped in place, locating each parameter's fragment through DeepSpeed's
-  ``_hp_mapping``. DeepSpeed's own clipping stays off (``gradient_clipping: 0``).
+* ZeRO-1/2: in DeepSpeed's gradient partition; :meth:`clip_zero_partition` runs inside the
+  optimizer step, before DeepSpeed reads them (both through
+  :mod:`pipeline.engine.deepspeed_internals`). DeepSpeed's own clipping stays off
+  (``gradient_clipping: 0``).
+
+:attr:`PartitionClipper.runs` counts the clips, so the train step can check that the clip ran.
 """
 
 from __future__ import annotations
@@ -20,22 +33,40 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-RETAIN_GROUP = 0  # retain + joint; forget domain d is group 1 + d
+from pipeline.engine import deepspeed_internals as dsi
+from pipeline.sgtm.codes import ClipGroup, clip_group
 
 
-def _group_of_class(classes: torch.Tensor) -> torch.Tensor:
-    return torch.where(classes >= 0, classes + 1, torch.zeros_like(classes))
+def group_name(group: int) -> str:
+    """Name of a clip group in the metrics (``grad_norm_<name>``)."""
+    if group == ClipGroup.RETAIN:
+        return "retain"
+    if group == ClipGroup.JOINT_ALL:
+        return "joint_all"
+    return f"forget{group - ClipGroup.FORGET}"
 
 
 class PartitionClipper:
+    """Clips each group by its own norm; :attr:`runs` counts the clips (one per applied step)."""
+
     def __init__(self, model: torch.nn.Module, n_domains: int, max_norm: float, device: torch.device):
         self.max_norm = max_norm
-        self.n_groups = 1 + n_domains
         self.device = device
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.last_norms: torch.Tensor | None = None  # per group, before clipping
-        self._fragment_index: dict[int, torch.Tensor] = {}
+        # The groups that have parameters, in id order; norms and coefficients are indexed like
+        # this list. Every forget group is listed (a rank may hold none of a domain's heads);
+        # the non-forget classes are on every TP rank (embeddings, norms), so ranks agree.
+        present = {int(clip_group(c)) for p in self.params for c in p.sgtm_role.classes.unique().tolist()}
+        self.groups = sorted(present | {int(ClipGroup.RETAIN)} | {int(ClipGroup.FORGET) + d for d in range(n_domains)})
+        self.n_groups = len(self.groups)
+        self.last_norms: torch.Tensor | None = None  # per entry of ``groups``, before clipping
+        self.last_coefficients: torch.Tensor | None = None  # per entry of ``groups``, <= 1
+        self.runs = 0
+        self._groups: dict[int, torch.Tensor] = {}
+        self._fragment_groups: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    uses_zero_partition = False
 
     # -- shared ----------------------------------------------------------------------------
 
@@ -44,9 +75,14 @@ class PartitionClipper:
         return bool(getattr(p, "tensor_model_parallel", False)) or self.tp_rank == 0
 
     def _element_groups(self, p: torch.Tensor) -> torch.Tensor:
-        """Group id of every element of ``p`` (flattened, int64 on device)."""
+        """Index into :attr:`groups` of every element of ``p`` (flattened, int64 on device; built
+        per call, only the per-slice indices are kept)."""
         role = p.sgtm_role
-        groups = _group_of_class(role.classes).to(self.device)
+        key = id(p)
+        if key not in self._groups:
+            self._groups[key] = torch.tensor([self.groups.index(int(clip_group(c))) for c in role.classes.tolist()],
+                                             dtype=torch.long, device=self.device)
+        groups = self._groups[key]
         if role.split_dim is None:
             return groups.expand(p.numel())
         shape = [1] * p.dim()
@@ -58,7 +94,21 @@ class PartitionClipper:
         dist.all_reduce(sq)
         norms = sq.sqrt()
         self.last_norms = norms
-        return torch.clamp(self.max_norm / (norms + 1e-6), max=1.0)
+        self.last_coefficients = torch.clamp(self.max_norm / (norms + 1e-6), max=1.0)
+        self.runs += 1
+        return self.last_coefficients
+
+    def named_norms(self) -> dict[str, float]:
+        """The last step's group norms as metrics fields (``grad_norm_retain``, ``grad_norm_forget0``, ...)."""
+        if self.last_norms is None:
+            return {}
+        return {f"grad_norm_{group_name(g)}": n for g, n in zip(self.groups, self.last_norms.tolist(), strict=True)}
+
+    def coefficient(self, group: int) -> float:
+        """The last clip coefficient of group ``group`` (a :class:`ClipGroup` id)."""
+        if self.last_coefficients is None:
+            raise RuntimeError("the clipper has not run yet")
+        return float(self.last_coefficients[self.groups.index(group)])
 
     # -- ZeRO-0: param.grad ----------------------------------------------------------------
 
@@ -78,34 +128,15 @@ class PartitionClipper:
 
     # -- ZeRO-1/2: DeepSpeed's partition ---------------------------------------------------
 
-    def _fragments(self, opt) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
-        """(flat gradient fragment, element groups, counts) for everything in this rank's partition."""
-        out = []
-        for i in range(len(opt.bit16_groups)):
-            grads = opt.averaged_gradients.get(i) if isinstance(opt.averaged_gradients, dict) \
-                else opt.averaged_gradients[i]
-            if grads is None:
-                continue
-            for j, p in enumerate(opt.params_in_partition[i]):
-                mapping = p._hp_mapping
-                lp = mapping.lp_fragment_address
-                key = id(p)
-                if key not in self._fragment_index:
-                    self._fragment_index[key] = self._element_groups(p)[lp.start:lp.start + lp.numel].clone()
-                if isinstance(grads, torch.Tensor):  # compact flat buffer, laid out like the fp32 partition
-                    hp = mapping.get_hp_fragment_address()
-                    frag = grads.narrow(0, hp.start, hp.numel)
-                else:
-                    frag = grads[j].view(-1)
-                    if frag.numel() != lp.numel:
-                        raise RuntimeError(f"ZeRO gradient fragment of {tuple(p.shape)}: {frag.numel()} elements, "
-                                           f"mapping says {lp.numel}; DeepSpeed layout changed")
-                out.append((frag, self._fragment_index[key], self._counts(p)))
-        return out
-
     @torch.no_grad()
     def clip_zero_partition(self, opt) -> None:
-        frags = self._fragments(opt)
+        """Clip this rank's ZeRO-1/2 gradient fragments in place (called inside the optimizer step)."""
+        frags = []
+        for p, frag, start in dsi.gradient_fragments(opt):
+            key = (id(p), start, frag.numel())
+            if key not in self._fragment_groups:
+                self._fragment_groups[key] = self._element_groups(p)[start:start + frag.numel()].clone()
+            frags.append((frag, self._fragment_groups[key], self._counts(p)))
         sq = torch.zeros(self.n_groups, device=self.device, dtype=torch.float64)
         for frag, groups, counts in frags:
             if counts:
@@ -115,17 +146,9 @@ class PartitionClipper:
             frag.mul_(coef[groups].to(frag.dtype))
 
     def attach(self, engine) -> None:
-        """Hook into DeepSpeed's ZeRO-1/2 optimizer (no-op for ZeRO-0)."""
-        opt = engine.optimizer
-        if not hasattr(opt, "averaged_gradients"):
-            return
-        original = opt.scaled_global_norm
-
-        def scaled_global_norm(*args, **kwargs):
-            self.clip_zero_partition(opt)
-            return original(*args, **kwargs)
-
-        opt.scaled_global_norm = scaled_global_norm
-        self.uses_zero_partition = True
-
-    uses_zero_partition = False
+        """Refuse an engine in which the clip would not run; hook into a ZeRO-1/2 optimizer
+        (ZeRO-0 is clipped by the train step calling :meth:`clip_param_grads`)."""
+        dsi.require_clip_hook(engine)
+        if dsi.holds_gradient_partition(engine.optimizer):
+            dsi.wrap_before_optimizer_clip(engine.optimizer, self.clip_zero_partition)
+            self.uses_zero_partition = True

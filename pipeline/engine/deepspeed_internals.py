@@ -1,0 +1,271 @@
+"""The one place that reads or patches DeepSpeed's internals (private attributes, instance patches).
+
+Everything else in the pipeline uses DeepSpeed's public API (``deepspeed.initialize``,
+``engine.backward/step``, ``save_checkpoint``/``load_checkpoint``) or the small functions here.
+What is private, and why it is needed:
+
+* per-partition clipping: ZeRO-1/2 keep this rank's gradient partition in the optimizer's
+  ``averaged_gradients``, located per parameter by ``bit16_groups``/``params_in_partition`` and
+  the ``_hp_mapping`` fragment addresses (:func:`gradient_fragments`); our clip must run between
+  the gradient reduction and the update, which only ``scaled_global_norm`` marks
+  (:func:`wrap_before_optimizer_clip`);
+* a step that must not be applied (non-finite loss or gradients) goes down DeepSpeed's own
+  overflow path (``check_grad_overflow``/``has_overflow``, the bf16 optimizer's
+  ``clear_hp_grads``) in :func:`skip_step`;
+* crash-safe checkpoints: the checkpoint engine's ``save``/``makedirs``/``load`` and the
+  engine's ``_copy_recovery_script`` (:func:`wrap_checkpoint_writes`, :func:`set_checkpoint_loader`),
+  and the classes DeepSpeed pickles into optimizer files (:func:`checkpoint_safe_globals`).
+
+These names and call orders are DeepSpeed's and change between releases, so :func:`check_version`
+refuses any version outside :data:`SUPPORTED` before an engine is built. There is deliberately
+no override: a DeepSpeed upgrade means running ``tests/test_deepspeed_internals.py`` (one test
+per hook, on the real engine) against it and widening :data:`SUPPORTED` in the same commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import metadata
+
+import torch
+
+# The versions whose internals this module is written and tested against (constraints.txt pins 0.19.8).
+SUPPORTED = ">=0.19.8,<0.19.9"
+_WRAPPED = "_sgtm_wrapped_scaled_global_norm"
+
+
+class DeepSpeedVersionError(RuntimeError):
+    """The installed DeepSpeed is not one whose internals this module knows; one line."""
+
+
+class ClipHookError(ValueError):
+    """A DeepSpeed setup in which the per-partition clipper would not run; one line naming the key."""
+
+
+# ---------------------------------------------------------------------------------------- version
+
+
+def installed_version() -> str:
+    """The installed DeepSpeed's version, read without importing it (importing takes seconds)."""
+    try:
+        return metadata.version("deepspeed")
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def check_version(version: str | None = None) -> str:
+    """Refuse a DeepSpeed whose internals were not tested here (one line); returns the version."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    version = installed_version() if version is None else version
+    try:
+        ok = Version(version) in SpecifierSet(SUPPORTED)
+    except InvalidVersion:
+        ok = False
+    if not ok:
+        raise DeepSpeedVersionError(
+            f"deepspeed {version} is installed; pipeline/engine/deepspeed_internals.py supports deepspeed{SUPPORTED} "
+            f"(install the pin in constraints.txt, or run tests/test_deepspeed_internals.py against it and "
+            f"widen SUPPORTED)")
+    return version
+
+
+# ---------------------------------------------------------------------------------- ZeRO gradients
+
+
+def holds_gradient_partition(optimizer) -> bool:
+    """ZeRO-1/2: gradients live in the optimizer's partition, not in ``param.grad``."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    return isinstance(optimizer, DeepSpeedZeroOptimizer)
+
+
+def gradient_fragments(optimizer) -> list[tuple[torch.nn.Parameter, torch.Tensor, int]]:
+    """``(param, flat gradient fragment, first element of param it holds)`` for every parameter
+    (part) in this rank's ZeRO-1/2 partition; the fragments are views, so scaling them in place
+    scales what the optimizer applies. Valid between the boundary backward and the update.
+
+    ``averaged_gradients[i]`` is a list of per-parameter fragments, or (bf16 with fp32
+    accumulation) one flat buffer laid out like the fp32 partition."""
+    out = []
+    ag = optimizer.averaged_gradients
+    for i in range(len(optimizer.bit16_groups)):
+        grads = ag.get(i) if isinstance(ag, dict) else ag[i]
+        if grads is None:
+            continue
+        for j, p in enumerate(optimizer.params_in_partition[i]):
+            mapping = p._hp_mapping
+            lp = mapping.lp_fragment_address
+            if isinstance(grads, torch.Tensor):
+                hp = mapping.get_hp_fragment_address()
+                frag = grads.narrow(0, hp.start, hp.numel)
+            else:
+                frag = grads[j].view(-1)
+            if frag.numel() != lp.numel:
+                raise RuntimeError(f"ZeRO gradient fragment of {tuple(p.shape)}: {frag.numel()} elements, "
+                                   f"_hp_mapping says {lp.numel}; DeepSpeed's layout changed")
+            out.append((p, frag, int(lp.start)))
+    return out
+
+
+def local_gradients(engine) -> list[torch.Tensor]:
+    """This rank's gradients after the boundary backward: the ZeRO-1/2 partition, else ``param.grad``."""
+    opt = engine.optimizer
+    if holds_gradient_partition(opt):
+        ag = opt.averaged_gradients
+        groups = ag.values() if isinstance(ag, dict) else ag
+        return [t for g in groups if g is not None for t in ((g,) if torch.is_tensor(g) else g) if t is not None]
+    return [p.grad for p in engine.module.parameters() if p.grad is not None]
+
+
+def wrap_before_optimizer_clip(optimizer, fn: Callable[[object], None]) -> None:
+    """Run ``fn(optimizer)`` in every ZeRO-1/2 step that applies an update, after the gradients
+    are reduced into ``averaged_gradients`` and before DeepSpeed reads them: DeepSpeed 0.19.8
+    calls ``scaled_global_norm`` exactly there, once per non-overflow step, when
+    ``compute_grad_norm`` is on and the optimizer is not offloaded (see :func:`require_clip_hook`)."""
+    if not holds_gradient_partition(optimizer):
+        raise TypeError(f"{type(optimizer).__name__}: not a ZeRO-1/2 optimizer; nothing to wrap")
+    if getattr(optimizer, _WRAPPED, False):
+        raise RuntimeError("scaled_global_norm is already wrapped; one clipper per optimizer")
+    original = optimizer.scaled_global_norm
+
+    def scaled_global_norm(*args, **kwargs):
+        fn(optimizer)
+        return original(*args, **kwargs)
+
+    optimizer.scaled_global_norm = scaled_global_norm
+    setattr(optimizer, _WRAPPED, True)
+
+
+def unwrap_optimizer_clip(optimizer) -> None:
+    """Undo :func:`wrap_before_optimizer_clip` (tests; an engine being torn down)."""
+    if getattr(optimizer, _WRAPPED, False):
+        del optimizer.scaled_global_norm  # back to the class method
+        delattr(optimizer, _WRAPPED)
+
+
+def require_clip_hook(engine, key: str = "engine.clip_mode") -> None:
+    """Refuse (one line naming the key) a built engine in which the per-partition clipper would
+    silently not run or not see the gradients it must clip. Fine: a ZeRO-1/2 optimizer that calls
+    ``scaled_global_norm`` on ``averaged_gradients``, or a plain torch optimizer (fp32 ZeRO-0,
+    clipped in ``param.grad``)."""
+    from deepspeed.runtime.base_optimizer import DeepSpeedOptimizer
+
+    opt = engine.optimizer
+    if holds_gradient_partition(opt):
+        if not opt.compute_grad_norm:
+            raise ClipHookError(f"zero_optimization.compute_grad_norm: false skips scaled_global_norm, where "
+                                f"{key}=per_partition clips; it must stay true")
+        if opt.cpu_offload:
+            raise ClipHookError(f"zero_optimization.offload_optimizer: the offloaded gradients are not in "
+                                f"averaged_gradients, where {key}=per_partition clips; not supported")
+        if getattr(opt, "zenflow", False):
+            raise ClipHookError(f"zero_optimization.zenflow: its optimizer step bypasses {key}=per_partition "
+                                f"clipping; not supported")
+    elif isinstance(opt, DeepSpeedOptimizer):  # bf16 wrappers keep their own gradient buffers
+        raise ClipHookError(f"{key}: per_partition clipping with bf16 needs zero_stage 1 or 2 "
+                            f"(DeepSpeed's {type(opt).__name__} keeps gradients out of reach)")
+
+
+def check_clip_config(ds_config: dict, key: str = "engine.clip_mode") -> None:
+    """The same refusal as :func:`require_clip_hook`, on the DeepSpeed config dict before the
+    engine is built (cheaper, and names the dict key)."""
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("compute_grad_norm", True) is False:
+        raise ClipHookError(f"zero_optimization.compute_grad_norm: false skips scaled_global_norm, where "
+                            f"{key}=per_partition clips; it must stay true")
+    offload = zero.get("offload_optimizer") or {}
+    if offload.get("device", "none") not in ("none", None):
+        raise ClipHookError(f"zero_optimization.offload_optimizer: the offloaded gradients are not in "
+                            f"averaged_gradients, where {key}=per_partition clips; not supported")
+    if zero.get("zenflow") not in (None, {}):
+        raise ClipHookError(f"zero_optimization.zenflow: its optimizer step bypasses {key}=per_partition "
+                            f"clipping; not supported")
+
+
+# ------------------------------------------------------------------------------------ skip a step
+
+
+def skip_step(engine) -> None:
+    """``engine.step()`` at the boundary without applying the update: gradients are dropped, the
+    weights and Adam moments stay as they were, the LR schedule advances by one step (so it keeps
+    following the loop's step count). Uses DeepSpeed's own overflow path where it has one; the
+    caller has made sure every rank skips (the overflow all-reduce is answered locally)."""
+    opt = engine.optimizer
+    if holds_gradient_partition(opt):  # ZeRO-1/2
+        check = opt.check_grad_overflow
+        opt.check_grad_overflow = True
+        opt.has_overflow = lambda *a, **k: True  # all ranks agreed already
+        try:
+            engine.step()
+        finally:
+            del opt.has_overflow
+            opt.check_grad_overflow = check
+    elif hasattr(opt, "_skip_invalid_grad_norm"):  # bf16 ZeRO-0: DeepSpeed's FP16_(Unfused)Optimizer
+        opt.step = lambda closure=None: opt._skip_invalid_grad_norm()
+        try:
+            engine.step()
+        finally:
+            del opt.step
+    elif hasattr(opt, "clear_hp_grads") and hasattr(opt, "clear_lp_grads"):  # BF16_Optimizer (fp32 accumulation)
+        def skip(closure=None):  # noqa: ARG001
+            opt.overflow = True
+            opt.clear_hp_grads()
+            opt.clear_lp_grads()
+        opt.step = skip
+        try:
+            engine.step()
+        finally:
+            del opt.step
+    else:  # a plain torch optimizer (ZeRO-0 fp32) skips parameters without gradients
+        for p in engine.module.parameters():
+            p.grad = None
+        engine.step()
+    if getattr(opt, "overflow", False) and engine.lr_scheduler is not None:
+        engine.lr_scheduler.step()  # DeepSpeed does not advance the schedule on overflow
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+WriteGuard = Callable[[str, Callable, Callable[..., str]], Callable]
+
+
+def wrap_checkpoint_writes(engine, guard: WriteGuard) -> Callable[[], None]:
+    """Route every file write of ``engine.save_checkpoint`` through ``guard(name, fn, target)``,
+    which returns the replacement for ``fn``; ``target(*args, **kwargs)`` names the path that call
+    writes. ``name`` is ``save`` (a state file), ``makedirs`` or ``copy_recovery_script``.
+    Returns the function that puts DeepSpeed's own methods back."""
+    ce = engine.checkpoint_engine
+    save, makedirs = ce.save, ce.makedirs
+    ce.save = guard("save", save, lambda *a, **k: k.get("path", a[1] if len(a) > 1 else "?"))
+    ce.makedirs = guard("makedirs", makedirs, lambda *a, **k: k.get("path", a[0] if a else "?"))
+    copy_script = getattr(engine, "_copy_recovery_script", None)
+    if copy_script is not None:
+        engine._copy_recovery_script = guard("copy_recovery_script", copy_script,
+                                             lambda *a, **k: k.get("save_path", a[0] if a else "?"))
+
+    def restore() -> None:
+        ce.save, ce.makedirs = save, makedirs
+        if copy_script is not None:
+            del engine._copy_recovery_script  # back to the class method
+
+    return restore
+
+
+def set_checkpoint_loader(engine, load: Callable[..., object]) -> None:
+    """Make every ``torch.load`` of ``engine.load_checkpoint`` (model, ZeRO optimizer states) call
+    ``load(path, map_location=None)``: 0.19.8's ``TorchCheckpointEngine.load`` unpickles with
+    ``weights_only=False``."""
+    engine.checkpoint_engine.load = load
+
+
+def checkpoint_safe_globals() -> list:
+    """The only non-tensor classes DeepSpeed 0.19.8 puts into its checkpoint files (ZeRO-1/2
+    optimizer states): a namedtuple, an enum and the (static, for fp32/bf16) loss scaler."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [fragment_address, LossScaler, DynamicLossScaler, ZeroStageEnum]
