@@ -16,8 +16,9 @@ one checkpoint before anything expensive is built.
 
 Loading never unpickles code: DeepSpeed 0.19.8's ``TorchCheckpointEngine.load`` calls
 ``torch.load(weights_only=False)``; :func:`load` swaps in a loader with ``weights_only=True``
-and an allow-list of the three plain DeepSpeed classes its optimizer files hold, so a crafted
-pickle is refused (one line naming the file) before any of its code can run.
+and an allow-list of the plain DeepSpeed classes its optimizer files hold, so a crafted
+pickle is refused (one line naming the file) before any of its code can run. Both patches, and
+the write guard's, go through :mod:`pipeline.engine.deepspeed_internals`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.components import faults
+from pipeline.engine import deepspeed_internals as dsi
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -160,17 +162,15 @@ class _WriteGuard:
     def __init__(self, engine, step: int) -> None:
         self.engine, self.step = engine, step
         self.error: tuple[str, OSError] | None = None
-        ce = engine.checkpoint_engine
-        self._saved = {"save": ce.save, "makedirs": ce.makedirs}
-        self._copy_script = engine._copy_recovery_script if hasattr(engine, "_copy_recovery_script") else None
+        self._restore = None
 
-    def _guard(self, fn, path):
+    def _guard(self, name: str, fn, path):
         def guarded(*args, **kwargs):
             if self.error is not None:
                 return None
             target = path(*args, **kwargs)
             try:
-                if fn is self._saved["save"] and faults.armed("enospc_in_save", self.step):
+                if name == "save" and faults.armed("enospc_in_save", self.step):
                     raise faults.enospc(target)
                 return fn(*args, **kwargs)
             except (OSError, RuntimeError) as exc:  # torch.save's C++ writer raises RuntimeError
@@ -179,19 +179,11 @@ class _WriteGuard:
         return guarded
 
     def __enter__(self):
-        ce = self.engine.checkpoint_engine
-        ce.save = self._guard(self._saved["save"], lambda *a, **k: k.get("path", a[1] if len(a) > 1 else "?"))
-        ce.makedirs = self._guard(self._saved["makedirs"], lambda *a, **k: k.get("path", a[0] if a else "?"))
-        if self._copy_script is not None:
-            self.engine._copy_recovery_script = self._guard(
-                self._copy_script, lambda *a, **k: k.get("save_path", a[0] if a else "?"))
+        self._restore = dsi.wrap_checkpoint_writes(self.engine, self._guard)
         return self
 
     def __exit__(self, *exc) -> None:
-        ce = self.engine.checkpoint_engine
-        ce.save, ce.makedirs = self._saved["save"], self._saved["makedirs"]
-        if self._copy_script is not None:
-            del self.engine._copy_recovery_script  # back to the class method
+        self._restore()
 
 
 def _agree(failed: bool) -> bool:
@@ -257,21 +249,11 @@ def save(engine, root: Path, step: int, client_state: dict, rank_state: dict, ke
 # ------------------------------------------------------------------------------ load
 
 
-def _safe_globals() -> list:
-    """The only non-tensor classes DeepSpeed 0.19.8 puts into its checkpoint files (ZeRO-1/2
-    optimizer states): a namedtuple, an enum and the (static, for fp32/bf16) loss scaler."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [fragment_address, LossScaler, DynamicLossScaler, ZeroStageEnum]
-
-
 def safe_torch_load(path: str | Path, map_location=None):
     """``torch.load`` with ``weights_only=True``: tensors, containers and allow-listed classes;
     anything else (a pickled callable, ``__reduce__`` payloads) is refused before it runs."""
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(dsi.checkpoint_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as exc:
         detail = _first_line(exc)
@@ -288,12 +270,11 @@ def safe_torch_load(path: str | Path, map_location=None):
 def use_safe_loader(engine) -> None:
     """Make every ``torch.load`` DeepSpeed does for this engine (model, ZeRO optimizer states)
     go through :func:`safe_torch_load`."""
-    ce = engine.checkpoint_engine
 
     def load(path, map_location=None):
         return safe_torch_load(path, map_location=map_location)
 
-    ce.load = load
+    dsi.set_checkpoint_loader(engine, load)
 
 
 def load(engine, root: Path, tag: str) -> tuple[dict, dict]:

@@ -14,6 +14,7 @@ import torch
 
 from pipeline.components.clipping import PartitionClipper
 from pipeline.config import ExperimentConfig
+from pipeline.engine import deepspeed_internals as dsi
 from pipeline.engine.distributed import DistInfo, MegatronMPU, init_distributed
 from pipeline.model.transformer import Transformer
 from pipeline.sgtm.partition import ForgetPartition
@@ -79,24 +80,33 @@ def lr_factor(step: int, cfg: ExperimentConfig) -> float:
 
 
 def build_engine(cfg: ExperimentConfig) -> TrainState:
+    dsi.check_version()  # before anything relies on DeepSpeed's internals
+    e = cfg.engine
+    per_partition = e.grad_clip > 0 and e.clip_mode == "per_partition"
+    if per_partition and e.zero_stage == 0 and e.precision == "bf16":
+        raise ValueError("engine.clip_mode: per_partition clipping with bf16 needs zero_stage 1 or 2 "
+                         "(DeepSpeed's bf16 ZeRO-0 optimizer keeps gradients out of reach)")
     dist = init_distributed(cfg.engine)
     import deepspeed
 
-    e = cfg.engine
-    if e.grad_clip > 0 and e.clip_mode == "per_partition" and e.zero_stage == 0 and e.precision == "bf16":
-        raise ValueError("engine.clip_mode: per_partition clipping with bf16 needs zero_stage 1 or 2 "
-                         "(DeepSpeed's bf16 ZeRO-0 optimizer keeps gradients out of reach)")
     partition, model = build_model(cfg, dist)
     model.to(dist.device)
+    ds_config = deepspeed_config(cfg, dist)
+    if per_partition:
+        dsi.check_clip_config(ds_config)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optimizer.weight_decay),
-        config=deepspeed_config(cfg, dist), mpu=MegatronMPU(),
+        config=ds_config, mpu=MegatronMPU(),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg)))
     clipper = None
-    if e.grad_clip > 0 and e.clip_mode == "per_partition":
+    if per_partition:
         clipper = PartitionClipper(model, len(partition.domains), e.grad_clip, dist.device)
         clipper.attach(engine)
     return TrainState(cfg, dist, partition, model, engine, clipper)
+
+
+class ClipperNotRunError(RuntimeError):
+    """The per-partition clipper did not run exactly once in an applied step; one line."""
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -104,14 +114,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _local_grads_finite(engine) -> torch.Tensor:
-    """Are this rank's gradients finite (a bool tensor)? ZeRO-1/2 hold this rank's partition in the optimizer's
-    ``averaged_gradients`` after the boundary backward; otherwise they are in ``param.grad``."""
-    ag = getattr(engine.optimizer, "averaged_gradients", None)
-    if ag is not None:
-        groups = ag.values() if isinstance(ag, dict) else ag
-        tensors = [t for g in groups if g is not None for t in ((g,) if torch.is_tensor(g) else g) if t is not None]
-    else:
-        tensors = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    """Are this rank's gradients finite (a bool tensor)?"""
+    tensors = dsi.local_gradients(engine)
     if not tensors:
         return torch.ones((), dtype=torch.bool)
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
@@ -122,38 +126,6 @@ def _all_true(flag: torch.Tensor) -> bool:
     bad = (~flag).float().reshape(1)
     torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     return not bool(bad.item())
-
-
-def _skipped_step(engine) -> None:
-    """``engine.step()`` at the boundary without applying the update: gradients are dropped, the
-    weights and Adam moments stay as they were, the LR schedule advances by one step (so it keeps
-    following the loop's step count). Uses DeepSpeed's own overflow path where it has one."""
-    opt = engine.optimizer
-    if hasattr(opt, "averaged_gradients") and hasattr(opt, "check_grad_overflow"):  # ZeRO-1/2
-        check = opt.check_grad_overflow
-        opt.check_grad_overflow = True
-        opt.has_overflow = lambda *a, **k: True  # all ranks agreed already
-        try:
-            engine.step()
-        finally:
-            del opt.has_overflow
-            opt.check_grad_overflow = check
-    elif hasattr(opt, "clear_hp_grads") and hasattr(opt, "clear_lp_grads"):  # bf16 ZeRO-0
-        def skip(closure=None):  # noqa: ARG001
-            opt.overflow = True
-            opt.clear_hp_grads()
-            opt.clear_lp_grads()
-        opt.step = skip
-        try:
-            engine.step()
-        finally:
-            del opt.step
-    else:  # a plain torch optimizer (ZeRO-0 fp32) skips parameters without gradients
-        for p in engine.module.parameters():
-            p.grad = None
-        engine.step()
-    if getattr(opt, "overflow", False) and engine.lr_scheduler is not None:
-        engine.lr_scheduler.step()  # DeepSpeed does not advance the schedule on overflow
 
 
 def train_step(state: TrainState, micro_batches: list[dict], step: int | None = None) -> torch.Tensor:
@@ -172,7 +144,8 @@ def train_step(state: TrainState, micro_batches: list[dict], step: int | None = 
     finite = torch.ones((), dtype=torch.bool, device=state.dist.device)
     for i, mb in enumerate(micro_batches):
         mb = to_device(mb, state.dist.device)
-        loss = engine(mb["input_ids"], labels=mb["labels"], modes=mb.get("modes"), doc_ids=mb.get("doc_ids"))
+        loss = engine(mb["input_ids"], labels=mb["labels"], modes=mb.get("modes"), doc_ids=mb.get("doc_ids"),
+                      target_modes=mb.get("target_modes"))
         last = i == len(micro_batches) - 1
         if i == 0 and faults.armed("kill_in_step", step):
             faults.kill_self()
@@ -185,12 +158,18 @@ def train_step(state: TrainState, micro_batches: list[dict], step: int | None = 
         if last:
             state.last_step_finite = _all_true(finite & _local_grads_finite(engine).to(finite.device))
             if not state.last_step_finite:
-                _skipped_step(engine)
+                dsi.skip_step(engine)
                 total += loss.detach().float()
                 break
+            clips_before = state.clipper.runs if state.clipper is not None else 0
             if state.clipper is not None and not state.clipper.uses_zero_partition:
                 state.clipper.clip_param_grads()
         engine.step()
+        if last and state.clipper is not None and state.clipper.runs != clips_before + 1:
+            raise ClipperNotRunError(
+                f"step {step}: engine.clip_mode=per_partition, but the clipper ran "
+                f"{state.clipper.runs - clips_before} times in this step instead of once (DeepSpeed did not "
+                f"call the hook of pipeline/engine/deepspeed_internals.py); the update may be unclipped, stopping")
         total += loss.detach().float()
     total /= len(micro_batches)
     if state.dist.dp_size > 1:
