@@ -365,3 +365,11 @@ def test_clip_groups_and_their_metric_names():
                                                      ClipGroup.FORGET, ClipGroup.FORGET + 1]
     assert [clipping.group_name(g) for g in (ClipGroup.RETAIN, ClipGroup.JOINT_ALL, ClipGroup.FORGET + 1)] == \
         ["retain", "joint_all", "forget1"]
+
+
+def test_shm_build_is_skipped_on_cpu(single_process_world):
+    """init_distributed on CPU replaced DeepSpeed's JIT build of its shared-memory op (unused by gloo)."""
+    import sys
+
+    build = sys.modules["deepspeed.comm.torch"].build_shm_op
+    assert build.__module__ == dsi.__name__ and build() is None

@@ -12,6 +12,7 @@ What is private, and why it is needed:
 * a step that must not be applied (non-finite loss or gradients) goes down DeepSpeed's own
   overflow path (``check_grad_overflow``/``has_overflow``, the bf16 optimizer's
   ``clear_hp_grads``) in :func:`skip_step`;
+* on CPU, DeepSpeed's shared-memory op build (unused by gloo) is skipped (:func:`skip_shm_build`);
 * crash-safe checkpoints: the checkpoint engine's ``save``/``makedirs``/``load`` and the
   engine's ``_copy_recovery_script`` (:func:`wrap_checkpoint_writes`, :func:`set_checkpoint_loader`),
   and the classes DeepSpeed pickles into optimizer files (:func:`checkpoint_safe_globals`).
@@ -24,6 +25,7 @@ per hook, on the real engine) against it and widening :data:`SUPPORTED` in the s
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from importlib import metadata
 
@@ -182,6 +184,18 @@ def check_clip_config(ds_config: dict, key: str = "engine.clip_mode") -> None:
     if zero.get("zenflow") not in (None, {}):
         raise ClipHookError(f"zero_optimization.zenflow: its optimizer step bypasses {key}=per_partition "
                             f"clipping; not supported")
+
+
+# ------------------------------------------------------------------------------ process groups
+
+
+def skip_shm_build() -> None:
+    """CPU: DeepSpeed JIT-compiles a shared-memory op on first init (~40 s) that gloo never uses."""
+    import deepspeed.comm.torch  # noqa: F401
+
+    mod = sys.modules["deepspeed.comm.torch"]
+    if hasattr(mod, "build_shm_op"):
+        mod.build_shm_op = lambda: None
 
 
 # ------------------------------------------------------------------------------------ skip a step

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,15 +155,6 @@ class MegatronMPU:
         return 0
 
 
-def _skip_shm_build() -> None:
-    """DeepSpeed JIT-compiles a shared-memory op on first init (~40 s) that gloo never uses."""
-    import deepspeed.comm.torch  # noqa: F401
-
-    mod = sys.modules["deepspeed.comm.torch"]
-    if hasattr(mod, "build_shm_op"):
-        mod.build_shm_op = lambda: None
-
-
 def init_distributed(cfg: EngineConfig) -> DistInfo:
     """Idempotent: joins the process group and builds megatron's TP/DP groups."""
     device, backend = resolve_device(cfg)
@@ -176,7 +166,9 @@ def init_distributed(cfg: EngineConfig) -> DistInfo:
     if world % cfg.tensor_parallel:
         raise ValueError(f"engine.tensor_parallel: {cfg.tensor_parallel} does not divide the world size {world}")
     if device.type == "cpu":
-        _skip_shm_build()
+        from pipeline.engine.deepspeed_internals import skip_shm_build
+
+        skip_shm_build()
     timeout_s = float(getattr(cfg, "dist_timeout_s", 1800.0))
     if not torch.distributed.is_initialized():
         from datetime import timedelta
