@@ -40,24 +40,44 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+# Family presets: what ``model.arch`` fills in for every architecture feature left unset. A new
+# family is a row here (plus, at most, one new layer in pipeline/model/transformer.py).
+# ``query_heads_per_kv_head``: the default n_kv_heads is n_heads divided by it (1: multi-head).
+PRESETS: dict[str, dict] = {
+    "gpt-neo": {"norm": "layernorm", "positions": "learned", "mlp": "gelu", "bias": True,
+                "tie_embeddings": True, "rope_theta": 10000.0, "query_heads_per_kv_head": 1},
+    "llama": {"norm": "rmsnorm", "positions": "rope", "mlp": "swiglu", "bias": False,
+              "tie_embeddings": False, "rope_theta": 10000.0, "query_heads_per_kv_head": 1},
+    "llama3": {"norm": "rmsnorm", "positions": "rope", "mlp": "swiglu", "bias": False,
+               "tie_embeddings": False, "rope_theta": 500000.0, "query_heads_per_kv_head": 4},
+}
+
+
 @dataclass
 class ModelConfig:
-    """Architecture. ``gpt-neo``: learned positions, LayerNorm, GELU, biases, tied embeddings.
-    ``llama``: RoPE, RMSNorm, SwiGLU, no biases, untied LM head."""
+    """Architecture: a family preset (``arch``, see :data:`PRESETS`) whose features any key may
+    override. gpt-neo: learned positions, LayerNorm, GELU, biases, tied embeddings. llama: RoPE,
+    RMSNorm, SwiGLU, no biases, untied LM head. llama3: llama with grouped-query attention (4
+    query heads per KV head unless ``n_kv_heads`` is given) and RoPE theta 500000."""
 
-    arch: Literal["gpt-neo", "llama"] = "gpt-neo"
+    arch: Literal["gpt-neo", "llama", "llama3"] = "gpt-neo"
     n_layers: int = 4
     d_model: int = 128
     n_heads: int = 8
+    # KV heads (grouped-query attention when fewer than n_heads; 1: multi-query). Default: preset.
+    n_kv_heads: int | None = None
     d_ff: int | None = None  # default 4 * d_model
+    norm: Literal["layernorm", "rmsnorm"] | None = None  # default: preset
+    positions: Literal["learned", "rope"] | None = None  # default: preset
+    mlp: Literal["gelu", "swiglu"] | None = None  # default: preset (swiglu: a unit owns gate + up rows)
     vocab_size: int = 50257
     max_seq_len: int = 256
     pad_vocab_to_multiple: int = 128  # megatron pads the vocab so every TP shard is equal
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    rope_theta: float | None = None  # default: preset
     init_std: float = 0.02
-    tie_embeddings: bool | None = None  # default: True for gpt-neo, False for llama
-    bias: bool | None = None  # default: True for gpt-neo, False for llama
+    tie_embeddings: bool | None = None  # default: preset
+    bias: bool | None = None  # default: preset
     # Attention stays inside each document: every training batch (one with modes) must carry
     # doc_ids. false: plain causal attention across a packed row (benchmarks of the kernel only).
     document_masking: bool = True
@@ -65,14 +85,25 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
-        if self.tie_embeddings is None:
-            self.tie_embeddings = self.arch == "gpt-neo"
-        if self.bias is None:
-            self.bias = self.arch == "gpt-neo"
+        preset = PRESETS.get(self.arch, PRESETS["gpt-neo"])  # an unknown arch is refused by validation
+        for name in ("norm", "positions", "mlp", "bias", "tie_embeddings", "rope_theta"):
+            if getattr(self, name) is None:
+                setattr(self, name, preset[name])
+        if self.n_kv_heads is None:
+            per_kv = preset["query_heads_per_kv_head"]
+            self.n_kv_heads = self.n_heads // per_kv if self.n_heads % per_kv == 0 else self.n_heads
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def query_heads_per_kv_head(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
 
     @property
     def padded_vocab_size(self) -> int:
@@ -86,7 +117,10 @@ class ModelConfig:
                 raise ConfigError(f"{key}.{name}: must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"{key}.n_heads: {self.n_heads} does not divide d_model={self.d_model}")
-        if self.arch == "llama" and self.head_dim % 2:
+        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"{key}.n_kv_heads: must be a positive divisor of n_heads={self.n_heads}, "
+                              f"got {self.n_kv_heads}")
+        if self.positions == "rope" and self.head_dim % 2:
             raise ConfigError(f"{key}.n_heads: RoPE needs an even head_dim, got {self.head_dim}")
         for name in ("norm_eps", "init_std", "rope_theta"):
             if getattr(self, name) <= 0:
@@ -94,13 +128,15 @@ class ModelConfig:
 
     def num_params(self) -> int:
         """Parameters of the unpadded model (what the size names in configs/models count)."""
-        d, f, v, b = self.d_model, self.d_ff, self.vocab_size, int(bool(self.bias))
-        attn = 4 * d * d + 4 * d * b
-        mlp = (3 * d * f) if self.arch == "llama" else (2 * d * f + f * b + d * b)
-        norms = (2 * d) * (1 if self.arch == "llama" else 2)
-        emb = v * d + (0 if self.arch == "llama" else self.max_seq_len * d)
+        d, f, v, b, kv = self.d_model, self.d_ff, self.vocab_size, int(bool(self.bias)), self.kv_dim
+        attn = 2 * d * d + 2 * d * kv + (2 * d + 2 * kv) * b
+        mlp = (3 * d * f + 2 * f * b) if self.mlp == "swiglu" else (2 * d * f + f * b)
+        mlp += d * b
+        per_norm = d * (1 if self.norm == "rmsnorm" else 2)
+        norms = 2 * per_norm
+        emb = v * d + (self.max_seq_len * d if self.positions == "learned" else 0)
         head = 0 if self.tie_embeddings else v * d
-        final = d * (1 if self.arch == "llama" else 2)
+        final = per_norm
         return self.n_layers * (attn + mlp + norms) + emb + head + final
 
 
@@ -174,6 +210,26 @@ def _take(spec: int | list[int], total: int, taken: set[int], key: str, what: st
     return sorted(idx)
 
 
+def _take_heads(spec: int | list[int], model: ModelConfig, taken: set[int], key: str) -> list[int]:
+    """Forget heads. With grouped-query attention a forget attention unit is a whole KV group (its
+    K/V rows and all its query heads), so a count must be a multiple of the group size (the next
+    free groups are taken) and explicit query-head indices must cover whole groups."""
+    group = model.query_heads_per_kv_head
+    if group == 1:
+        return _take(spec, model.n_heads, taken, key, "heads")
+    what = f"with model.n_kv_heads={model.n_kv_heads}, {group} query heads share a KV head and forget heads " \
+           f"must be whole KV groups"
+    if isinstance(spec, int):
+        if spec % group:
+            raise ConfigError(f"{key}: {what}: a count must be a multiple of {group}, got {spec}")
+        groups = _take(spec // group, model.n_kv_heads, {h // group for h in taken}, key, "KV groups")
+        return [g * group + i for g in groups for i in range(group)]
+    heads = list(spec)
+    if any(not isinstance(h, int) or h // group * group + i not in heads for h in heads for i in range(group)):
+        raise ConfigError(f"{key}: {what}, got {heads}")
+    return _take(heads, model.n_heads, taken, key, "heads")
+
+
 def assign_domains(model: ModelConfig, sgtm: SGTMConfig) -> list[DomainAssignment]:
     """What ``sgtm.domains`` means for this model: a count takes the next free global indices
     (domains in list order), explicit indices are checked for range and overlap, and at least one
@@ -197,7 +253,7 @@ def assign_domains(model: ModelConfig, sgtm: SGTMConfig) -> list[DomainAssignmen
                 raise ConfigError(f"{key}.layers: block {layer} out of range [0, {model.n_layers})")
         if len(set(layers)) != len(layers):
             raise ConfigError(f"{key}.layers: duplicate block indices {layers}")
-        heads = [] if sgtm.scope == "mlp" else _take(dom.heads, model.n_heads, heads_taken, f"{key}.heads", "heads")
+        heads = [] if sgtm.scope == "mlp" else _take_heads(dom.heads, model, heads_taken, f"{key}.heads")
         units = [] if sgtm.scope == "attention" else _take(dom.units, model.d_ff, units_taken, f"{key}.units",
                                                            "units")
         heads_taken.update(heads)
@@ -389,6 +445,9 @@ class ExperimentConfig:
         if self.model.n_heads % tp:
             raise ConfigError(
                 f"engine.tensor_parallel: {tp} does not divide model.n_heads={self.model.n_heads}")
+        if self.model.n_kv_heads % tp:
+            raise ConfigError(f"engine.tensor_parallel: {tp} does not divide model.n_kv_heads={self.model.n_kv_heads} "
+                              f"(each TP rank holds whole KV groups; replicated KV heads are not supported yet)")
         if self.model.d_ff % tp:
             raise ConfigError(f"engine.tensor_parallel: {tp} does not divide model.d_ff={self.model.d_ff}")
         if self.model.pad_vocab_to_multiple % tp:

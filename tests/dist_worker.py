@@ -55,6 +55,27 @@ def scenario_tp_grads(out: Path, archs: list[str]) -> dict:
     return result
 
 
+def scenario_tp_grads_configs(out: Path, cases: dict[str, dict]) -> dict:
+    """TP=2 loss and gathered gradients of a mixed batch for named tiny_config overrides."""
+    result = {}
+    for name, over in cases.items():
+        cfg = tiny_config(over["arch"], "sgtm", tp=2, two_domains=False, model=over.get("model", {}),
+                          sgtm=over.get("sgtm", {}))
+        d = init_distributed(cfg.engine)
+        part, model = build_model(cfg, d)
+        batch = mixed_batch(n_domains=1)
+        loss = model(batch["input_ids"], labels=batch["labels"], modes=batch["modes"], doc_ids=batch["doc_ids"],
+                     target_modes=batch["target_modes"])
+        loss.backward()
+        full, grads = gather_full_state_dict(model), gather_full_state_dict(model, grads=True)
+        owned = [None] * d.world_size
+        dist.all_gather_object(owned, part.owned(d.tp_rank))
+        if d.rank == 0:
+            torch.save({"state": full, "grads": grads, "loss": loss.detach()}, out / f"tp2_{name}.pt")
+        result[name] = {"owned": owned}
+    return result
+
+
 def scenario_isolation(out: Path, runs: list[dict], steps: int) -> dict:
     """Per run (arch, engine overrides, sgtm overrides): three DeepSpeed runs at TP=2 that differ
     only in the forget spans inside the documents (A, B: other content; C: B's content unlabelled)."""

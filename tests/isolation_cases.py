@@ -31,7 +31,7 @@ class IsolationCase:
 
     def config(self):
         return tiny_config(self.overrides["arch"], "sgtm", tp=self.tp, two_domains=False,
-                           sgtm=self.overrides["sgtm"])
+                           sgtm=self.overrides["sgtm"], model=self.overrides["model"])
 
 
 def _subset(pick: Pick, pool: list[int], k: int) -> list[int]:
@@ -43,13 +43,19 @@ def _subset(pick: Pick, pool: list[int], k: int) -> list[int]:
 
 
 def make_case(pick: Pick, tp: int = 1, batch: int = 3) -> IsolationCase:
+    arch = ("gpt-neo", "llama", "llama3")[pick(0, 2)]
+    # llama3: grouped-query (2 query heads per KV head) or multi-query attention; forget heads
+    # are whole KV groups. At TP=2 every rank must hold whole groups.
+    n_kv = N_HEADS if arch != "llama3" else (2, 1)[pick(0, 1) if tp == 1 else 0]
+    group = N_HEADS // n_kv
     n_domains = pick(1, 3)
     scope = ("attention_mlp", "attention", "mlp")[pick(0, 2)]
-    free_heads, free_units = list(range(N_HEADS)), list(range(D_FF))
+    free_groups, free_units = list(range(n_kv)), list(range(D_FF))
     domains = []
     for d in range(n_domains):
-        heads = _subset(pick, free_heads, pick(0 if d else 1, 1) if len(free_heads) > 1 else 0)
-        free_heads = [h for h in free_heads if h not in heads]
+        groups = _subset(pick, free_groups, pick(0 if d else 1, 1) if len(free_groups) > 1 else 0)
+        free_groups = [g for g in free_groups if g not in groups]
+        heads = [g * group + i for g in groups for i in range(group)]
         units = _subset(pick, free_units, pick(1, 6))
         free_units = [u for u in free_units if u not in units]
         layers = None if pick(0, 2) else _subset(pick, list(range(N_LAYERS)), pick(1, N_LAYERS))
@@ -61,7 +67,6 @@ def make_case(pick: Pick, tp: int = 1, batch: int = 3) -> IsolationCase:
         "output_projections": ("split", "joint")[pick(0, 3) // 3],
         "cross_mode_attention": ("segment", "detached_context")[pick(0, 1)],
     }
-    arch = ("gpt-neo", "llama")[pick(0, 1)]
 
     # Documents: random cut points per row; modes: random runs over the SEQ + 1 window, so modes
     # change inside documents, at document edges, at the first position and at the last target.
@@ -93,7 +98,8 @@ def make_case(pick: Pick, tp: int = 1, batch: int = 3) -> IsolationCase:
 
     forget = window_modes >= Mode.FORGET
     changed = torch.where(forget, (tokens + 1 + other % (VOCAB - 1)) % VOCAB, tokens)
-    return IsolationCase({"arch": arch, "sgtm": sgtm}, tp, batch_of(tokens), batch_of(changed), n_domains)
+    return IsolationCase({"arch": arch, "sgtm": sgtm, "model": {"n_kv_heads": n_kv}}, tp, batch_of(tokens),
+                         batch_of(changed), n_domains)
 
 
 def gradients(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -17,8 +17,8 @@ from pipeline.sgtm.codes import Mode
 FORGET, RETAIN, UNLABELLED = int(Mode.FORGET), int(Mode.RETAIN), int(Mode.UNLABELLED)
 
 
-def _norm(x, w, b, arch, eps):
-    if arch == "llama":
+def _norm(x, w, b, kind, eps):
+    if kind == "rmsnorm":
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
     mu = x.mean(-1, keepdim=True)
     var = ((x - mu) ** 2).mean(-1, keepdim=True)
@@ -105,19 +105,23 @@ def per_token_loss(params: dict[str, torch.Tensor], cfg: ModelConfig, head_class
     d, H = cfg.d_model, cfg.n_heads
     hd, f = d // H, cfg.d_ff
     x = P["embedding.weight"][ids]
-    if cfg.arch == "gpt-neo":
+    if cfg.positions == "learned":
         x = x + P["position_embedding.weight"][:S][None]
     live, det = reference_attention(modes, doc_ids, mode_aware, detached_context)
     get = lambda k: P.get(k)  # noqa: E731
     for layer in range(cfg.n_layers):
         pre = f"blocks.{layer}."
-        h = _norm(x, P[pre + "norm1.weight"], get(pre + "norm1.bias"), cfg.arch, cfg.norm_eps)
+        h = _norm(x, P[pre + "norm1.weight"], get(pre + "norm1.bias"), cfg.norm, cfg.norm_eps)
         qkv = h @ P[pre + "attn.qkv.weight"].T
         if get(pre + "attn.qkv.bias") is not None:
             qkv = qkv + P[pre + "attn.qkv.bias"]
-        qkv = qkv.view(B, S, H, 3, hd)
-        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
-        if cfg.arch == "llama":
+        G = cfg.n_kv_heads
+        r = H // G  # query heads per KV head; rows per group: r query heads, then k, then v
+        qkv = qkv.view(B, S, G, r + 2, hd)
+        q = qkv[..., :r, :].reshape(B, S, H, hd)
+        k = qkv[..., r, :].repeat_interleave(r, dim=2)  # query head h reads KV head h // r
+        v = qkv[..., r + 1, :].repeat_interleave(r, dim=2)
+        if cfg.positions == "rope":
             q, k = _rope(q, cfg.rope_theta), _rope(k, cfg.rope_theta)
         scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(hd)
         scores_det = torch.einsum("bihd,bjhd->bhij", q, k.detach()) / math.sqrt(hd)
@@ -131,11 +135,11 @@ def per_token_loss(params: dict[str, torch.Tensor], cfg: ModelConfig, head_class
         if get(pre + "attn.out.bias") is not None:
             y = y + P[pre + "attn.out.bias"]
         x = x + y
-        h = _norm(x, P[pre + "norm2.weight"], get(pre + "norm2.bias"), cfg.arch, cfg.norm_eps)
+        h = _norm(x, P[pre + "norm2.weight"], get(pre + "norm2.bias"), cfg.norm, cfg.norm_eps)
         u = h @ P[pre + "mlp.fc1.weight"].T
         if get(pre + "mlp.fc1.bias") is not None:
             u = u + P[pre + "mlp.fc1.bias"]
-        if cfg.arch == "llama":
+        if cfg.mlp == "swiglu":
             u = F.silu(u[..., :f]) * u[..., f:]
         else:
             u = 0.5 * u * (1 + torch.erf(u / math.sqrt(2)))
@@ -144,7 +148,7 @@ def per_token_loss(params: dict[str, torch.Tensor], cfg: ModelConfig, head_class
         if get(pre + "mlp.fc2.bias") is not None:
             y = y + P[pre + "mlp.fc2.bias"]
         x = x + y
-    x = _norm(x, P["final_norm.weight"], get("final_norm.bias"), cfg.arch, cfg.norm_eps)
+    x = _norm(x, P["final_norm.weight"], get("final_norm.bias"), cfg.norm, cfg.norm_eps)
     head = P["embedding.weight"] if cfg.tie_embeddings else P["lm_head.weight"]
     logits = x @ head.T
     loss = F.cross_entropy(logits.reshape(B * S, -1), labels.reshape(-1), ignore_index=-100, reduction="none")

@@ -70,30 +70,30 @@ def param_split(m: ModelConfig) -> tuple[int, int]:
     """(TP-sharded, replicated) parameter counts of the model as built (padded vocabulary)."""
     d, f, v, layers = m.d_model, m.d_ff, m.padded_vocab_size, m.n_layers
     b = int(bool(m.bias))
-    llama = m.arch == "llama"
-    qkv = 3 * d * d + 3 * d * b
+    qkv = (d + 2 * m.kv_dim) * (d + b)  # grouped-query: K/V rows for n_kv_heads only
     out = d * d
-    fc1 = (2 * d * f) if llama else (d * f + f * b)
+    fc1 = (2 * f * (d + b)) if m.mlp == "swiglu" else (d * f + f * b)
     fc2 = f * d
     sharded = layers * (qkv + out + fc1 + fc2) + v * d + (0 if m.tie_embeddings else v * d)
-    norm = d * (1 if llama else 2)
-    replicated = layers * (2 * norm + 2 * d * b) + norm + (0 if llama else m.max_seq_len * d)
+    norm = d * (1 if m.norm == "rmsnorm" else 2)
+    replicated = layers * (2 * norm + 2 * d * b) + norm + (m.max_seq_len * d if m.positions == "learned" else 0)
     return sharded, replicated
 
 
 def activation_bytes(m: ModelConfig, tp: int, micro_batch: int, seq: int, act_bytes: int,
                      doc_mask: bool = True) -> float:
     d, f, tokens = m.d_model, m.d_ff, micro_batch * seq
-    if m.arch == "llama":
+    if m.mlp == "swiglu":
         per_token = 8 * d + 7 * d / tp + 4 * f / tp
     else:
         per_token = 6 * d + 5 * d / tp + 2 * f / tp
-    if act_bytes == 4 and m.arch == "llama":
+    per_token -= 2 * (d - m.kv_dim) / tp  # grouped-query: the saved qkv output has K/V for n_kv_heads only
+    if act_bytes == 4 and m.norm == "rmsnorm":
         per_token -= 2 * d  # the fp32 copy in RMSNorm is the input itself
     block = tokens * per_token * act_bytes + tokens * (m.n_heads / tp) * 4  # + log-sum-exp
     if doc_mask:
         block += micro_batch * seq * seq * act_bytes  # additive mask bias kept by fused attention
-    final_norm = tokens * (4 if m.arch == "llama" and act_bytes == 2 else 3) * d * act_bytes
+    final_norm = tokens * (4 if m.norm == "rmsnorm" and act_bytes == 2 else 3) * d * act_bytes
     vocab = m.padded_vocab_size / tp
     loss = tokens * vocab * 4  # the fp32 softmax the vocab-parallel loss computes in place and keeps
     mask = micro_batch * seq * seq if doc_mask else 0

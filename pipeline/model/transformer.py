@@ -1,8 +1,10 @@
 """The whole model in one file: a decoder-only transformer on megatron-core's TP layers.
 
-Two families from one code path (``ModelConfig.arch``):
-  gpt-neo: learned positions, LayerNorm, GELU MLP, biases, tied embeddings (the paper's family);
-  llama:   RoPE, RMSNorm, SwiGLU (a forget unit owns its gate and up rows), no biases.
+Families are presets of a few features (``pipeline.config.PRESETS``), one code path:
+  norm: layernorm | rmsnorm; positions: learned | rope (theta); mlp: gelu | swiglu (a forget
+  unit owns its gate and up rows); bias; tied embeddings; n_kv_heads (grouped-query attention:
+  a forget attention unit is a whole KV group, its K/V rows and its query heads).
+  gpt-neo is the paper's family; llama and llama3 (GQA, theta 500000) the ones labs train.
 
 Megatron-core supplies the parallel parameters (sharded init, TP attributes), the mappings that
 communicate, ``parallel_state`` and the vocab-parallel loss. The block is ours: attention through
@@ -101,11 +103,11 @@ class SplitRowLinear(RowParallelLinear):
 
 
 class Norm(nn.Module):
-    """LayerNorm (gpt-neo) or RMSNorm (llama) whose gain/bias gradients are masked per token."""
+    """LayerNorm or RMSNorm whose gain/bias gradients are masked per token."""
 
-    def __init__(self, d: int, arch: str, eps: float, role: ParamRole):
+    def __init__(self, d: int, kind: str, eps: float, role: ParamRole):
         super().__init__()
-        self.rms = arch == "llama"
+        self.rms = kind == "rmsnorm"
         self.eps = eps
         self.role = role
         self.weight = nn.Parameter(torch.ones(d))
@@ -163,10 +165,13 @@ class Attention(SplitFeatures):
                  mpc: ModelParallelConfig, init, out_init):
         super().__init__()
         self.local_heads = part.heads_per_rank
+        self.local_groups = part.kv_heads_per_rank
+        self.per_group = cfg.query_heads_per_kv_head
         self.head_dim = cfg.head_dim
         d = cfg.d_model
-        # Rows are head-major ([q_h, k_h, v_h] per head), so a contiguous TP shard holds whole heads.
-        self.qkv = SplitColumnLinear(d, 3 * d, part.role("qkv", layer, tp_rank), config=mpc,
+        # Rows are KV-group-major ([q of the group's heads, k_g, v_g] per KV head g; multi-head:
+        # [q_h, k_h, v_h] per head), so a contiguous TP shard holds whole groups.
+        self.qkv = SplitColumnLinear(d, d + 2 * cfg.kv_dim, part.role("qkv", layer, tp_rank), config=mpc,
                                      init_method=init, bias=cfg.bias)
         self.out = SplitRowLinear(d, d, part.role("attn_out", layer, tp_rank),
                                   part.role("attn_out_bias", layer, tp_rank), config=mpc,
@@ -175,8 +180,10 @@ class Attention(SplitFeatures):
 
     def forward(self, x, masks: TokenMasks, rope):
         B, S, _ = x.shape
-        q, k, v = self.qkv(x, masks).view(B, S, self.local_heads, 3, self.head_dim).unbind(3)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, hd]
+        r = self.per_group
+        qkv = self.qkv(x, masks).view(B, S, self.local_groups, r + 2, self.head_dim)
+        q = qkv[..., :r, :].reshape(B, S, self.local_heads, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
+        k, v = (qkv[..., r + i, :].transpose(1, 2) for i in (0, 1))  # [B, G, S, hd]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask = masks.attn_live
@@ -185,7 +192,7 @@ class Attention(SplitFeatures):
             # copies appended along the key axis (the two masks are disjoint, one softmax).
             k, v = torch.cat([k, k.detach()], dim=2), torch.cat([v, v.detach()], dim=2)
             mask = torch.cat([masks.attn_live, masks.attn_detached], dim=-1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=r > 1)
         # [B, S, H, hd] -> [B, S, H*hd]: a fresh copy (SDPA keeps its own output for backward),
         # which the out projection masks per head in place.
         o = self._ablate(o.transpose(1, 2)).reshape(B, S, self.local_heads * self.head_dim)
@@ -196,7 +203,7 @@ class MLP(SplitFeatures):
     def __init__(self, cfg: ModelConfig, part: ForgetPartition, layer: int, tp_rank: int,
                  mpc: ModelParallelConfig, init, out_init):
         super().__init__()
-        self.swiglu = cfg.arch == "llama"
+        self.swiglu = cfg.mlp == "swiglu"
         d, f = cfg.d_model, cfg.d_ff
         # SwiGLU: master rows [gate; up], stride 2 gives every rank [gate_r; up_r].
         self.fc1 = SplitColumnLinear(d, 2 * f if self.swiglu else f, part.role("mlp_in", layer, tp_rank),
@@ -219,9 +226,9 @@ class MLP(SplitFeatures):
 class Block(nn.Module):
     def __init__(self, cfg, part, layer, tp_rank, mpc, init, out_init):
         super().__init__()
-        self.norm1 = Norm(cfg.d_model, cfg.arch, cfg.norm_eps, part.role("norm", layer, tp_rank))
+        self.norm1 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, part.role("norm", layer, tp_rank))
         self.attn = Attention(cfg, part, layer, tp_rank, mpc, init, out_init)
-        self.norm2 = Norm(cfg.d_model, cfg.arch, cfg.norm_eps, part.role("norm", layer, tp_rank))
+        self.norm2 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, part.role("norm", layer, tp_rank))
         self.mlp = MLP(cfg, part, layer, tp_rank, mpc, init, out_init)
 
     def forward(self, x, masks, rope):
@@ -260,7 +267,7 @@ class Transformer(nn.Module):
         self.embedding_role = partition.role("embedding", None, tp_rank)
         _tag(self.embedding.weight, self.embedding_role)
         self.position_embedding = None
-        if cfg.arch == "gpt-neo":
+        if cfg.positions == "learned":
             self.position_embedding = nn.Embedding(cfg.max_seq_len, cfg.d_model)
             init(self.position_embedding.weight)
             _tag(self.position_embedding.weight, partition.role("position_embedding", None, tp_rank))
@@ -270,7 +277,7 @@ class Transformer(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.blocks = nn.ModuleList(Block(cfg, partition, i, tp_rank, mpc, init, out_init)
                                     for i in range(cfg.n_layers))
-        self.final_norm = Norm(cfg.d_model, cfg.arch, cfg.norm_eps, partition.role("final_norm", None, tp_rank))
+        self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, partition.role("final_norm", None, tp_rank))
         tied = bool(cfg.tie_embeddings)
         head_role = self.embedding_role if tied else partition.role("lm_head", None, tp_rank)
         self.lm_head = SplitColumnLinear(cfg.d_model, cfg.padded_vocab_size, head_role, config=mpc,

@@ -25,11 +25,14 @@ def run(args: argparse.Namespace) -> int:
                           "owned": {r: part.owned(r) for r in range(part.tp_size)}}))
         return 0
     m = cfg.model
-    print(f"model: {m.arch}, {m.n_layers} blocks, d={m.d_model}, {m.n_heads} heads, d_ff={m.d_ff}, "
+    print(f"model: {m.arch} ({m.norm}, {m.positions} positions, {m.mlp}), {m.n_layers} blocks, d={m.d_model}, "
+          f"{m.n_heads} heads / {m.n_kv_heads} KV heads, d_ff={m.d_ff}, "
           f"{m.num_params() / 1e6:.2f}M params; TP={part.tp_size}")
     print(part.summary())
-    n_forget = sum(len(part.heads(b, d)) * 4 * m.d_model * m.head_dim + len(part.units(b, d)) * (
-        3 if m.arch == "llama" else 2) * m.d_model for d in range(len(part.domains)) for b in range(m.n_layers))
+    per_head = (2 + 2 / m.query_heads_per_kv_head) * m.d_model * m.head_dim  # Q rows, W_O columns, its share of K/V
+    per_unit = (3 if m.mlp == "swiglu" else 2) * m.d_model
+    n_forget = int(sum(len(part.heads(b, d)) * per_head + len(part.units(b, d)) * per_unit
+                       for d in range(len(part.domains)) for b in range(m.n_layers)))
     print(f"forget parameters: {n_forget / 1e6:.3f}M ({100 * n_forget / m.num_params():.2f}% of the model)")
     for r in range(part.tp_size):
         owned = part.owned(r)

@@ -1,0 +1,146 @@
+"""Architecture as data: family presets, grouped-query / multi-query attention with whole-KV-group
+forget units, exact against the independent reference and across TP ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config import PRESETS, ConfigError, load_config
+from pipeline.engine.engine import build_model
+from pipeline.model.tp_state import gather_full_state_dict, load_full_state_dict
+from pipeline.sgtm.codes import Mode, ParamClass
+from tests import reference_model
+from tests.conftest import run_workers
+from tests.fixtures import mixed_batch, tiny_config
+
+TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+def gqa_config(n_kv: int, heads: list[int], tp: int = 1, strategy: str = "sgtm"):
+    """8 query heads of dim 4 (d=32); ``heads``: the forget domain's query heads (whole groups)."""
+    return tiny_config("llama3", strategy, tp=tp, two_domains=False, model={"n_heads": 8, "n_kv_heads": n_kv},
+                       sgtm={"domains": [{"name": "es", "heads": heads, "units": [3, 10, 31, 32, 40]}]})
+
+
+def test_presets_fill_features_and_keys_override_them():
+    no_heads = {"sgtm": {"domains": [{"name": "f", "heads": 0, "units": 4}]}}
+    for arch, preset in PRESETS.items():
+        m = load_config(None, [], data={"model": {"arch": arch}, **no_heads}).model
+        for k in ("norm", "positions", "mlp", "bias", "tie_embeddings", "rope_theta"):
+            assert getattr(m, k) == preset[k], (arch, k)
+    m = load_config(None, ["model.arch=llama3", "model.n_heads=8", "model.d_model=64"], data=no_heads).model
+    assert (m.n_kv_heads, m.rope_theta, m.tie_embeddings) == (2, 500000.0, False)
+    m = load_config(None, ["model.arch=gpt-neo", "model.norm=rmsnorm", "model.positions=rope"], data=no_heads).model
+    assert (m.norm, m.positions, m.mlp) == ("rmsnorm", "rope", "gelu")
+
+
+@pytest.mark.parametrize("arch,over", [("gpt-neo", {}), ("llama", {}), ("llama3", {"n_heads": 8}),
+                                       ("gpt-neo", {"n_kv_heads": 2, "positions": "rope"}),
+                                       ("llama3", {"n_heads": 8, "n_kv_heads": 1, "bias": True})])
+def test_num_params_counts_the_built_model(single_process_world, arch, over):
+    cfg = tiny_config(arch, "sgtm", two_domains=False, model=over,
+                      sgtm={"domains": [{"name": "es", "heads": 0, "units": 4}]})
+    _, model = build_model(cfg, single_process_world)
+    built = sum(p.numel() for p in model.parameters())
+    pad = (cfg.model.padded_vocab_size - cfg.model.vocab_size) * cfg.model.d_model
+    pad *= 1 if cfg.model.tie_embeddings else 2
+    assert built - pad == cfg.model.num_params()
+
+
+@pytest.mark.parametrize("n_kv,heads", [(2, [4, 5, 6, 7]), (4, [2, 3]), (1, [])])
+@pytest.mark.parametrize("strategy", ["sgtm", "none"])
+def test_gqa_matches_the_reference_per_class(single_process_world, n_kv, heads, strategy):
+    """Grouped-query (2 and 4 query heads per KV head) and multi-query attention: loss and every
+    gradient slice equal the reference (which expands K/V per query head itself)."""
+    cfg = gqa_config(n_kv, heads, strategy=strategy)
+    batch = mixed_batch(n_domains=1)
+    part, model = build_model(cfg, single_process_world)
+    loss = model(batch["input_ids"], labels=batch["labels"], modes=batch["modes"], doc_ids=batch["doc_ids"],
+                 target_modes=batch["target_modes"])
+    loss.backward()
+    state = gather_full_state_dict(model)
+    pos = reference_model.reference_position_modes(batch["modes"], batch["labels"], batch["target_modes"])
+    flags = dict(act_mask=strategy == "sgtm", mode_aware=strategy == "sgtm")
+    hc = [part.head_class(i) for i in range(cfg.model.n_layers)]
+    uc = [part.unit_class(i) for i in range(cfg.model.n_layers)]
+    n = (batch["labels"] != -100).sum()
+    for p_name, p in model.named_parameters():
+        role = p.sgtm_role
+        for cls in {int(c) for c in role.classes}:
+            if strategy == "none" or cls == ParamClass.JOINT_ALL:
+                w = torch.ones_like(pos, dtype=torch.float)
+            elif cls < 0:
+                w = (pos < Mode.FORGET).float()
+            else:
+                w = ((pos < Mode.FORGET) | (pos == Mode.FORGET + cls)).float()
+            params = {k: v.clone().requires_grad_(True) for k, v in state.items()}
+            per_tok = reference_model.per_token_loss(params, cfg.model, hc, uc, batch["input_ids"], batch["labels"],
+                                                     batch["modes"], batch["doc_ids"],
+                                                     target_modes=batch["target_modes"], **flags)
+            ((per_tok * w).sum() / n).backward()
+            sel = role.slice_mask(p, {cls}).expand_as(p)
+            torch.testing.assert_close(p.grad[sel], params[p_name].grad[sel], **TOL,
+                                       msg=lambda m, a=p_name, c=cls: f"{a} class {c}: {m}")
+    torch.testing.assert_close(loss.detach(), per_tok.sum().detach() / n, **TOL)
+    if heads:  # the forget group's K/V rows are forget: retain-mode tokens never update them
+        role = model.blocks[0].attn.qkv.weight.sgtm_role
+        assert int((role.classes == 0).sum()) == (len(heads) + 2 * len(heads) // (8 // n_kv)) * cfg.model.head_dim
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"model": {"n_heads": 8, "n_kv_heads": 3}}, r"^model.n_kv_heads: must be a positive divisor of n_heads=8"),
+    ({"sgtm": {"domains": [{"name": "es", "heads": [4, 5], "units": 2}]}},
+     r"^sgtm.domains\[0\].heads: with model.n_kv_heads=2, 4 query heads share a KV head .* whole KV groups"),
+    ({"sgtm": {"domains": [{"name": "es", "heads": 2, "units": 2}]}}, r"^sgtm.domains\[0\].heads: .*multiple of 4"),
+    ({"engine": {"tensor_parallel": 4}, "model": {"n_heads": 8, "n_kv_heads": 2}},
+     r"^engine.tensor_parallel: 4 does not divide model.n_kv_heads=2"),
+])
+def test_invalid_gqa_combinations_are_one_line_errors(over, match):
+    data = {"model": {"arch": "llama3", "n_heads": 8, "n_kv_heads": 2, "d_model": 32, "d_ff": 64,
+                      **over.get("model", {})},
+            "sgtm": {"domains": [{"name": "es", "heads": 4, "units": 2}], **over.get("sgtm", {})},
+            "engine": over.get("engine", {})}
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(None, [], data=data)
+    assert "\n" not in str(e.value)
+
+
+GQA_TP_CASES = {
+    "gqa2_forget_on_rank1": {"arch": "llama3", "model": {"n_heads": 8, "n_kv_heads": 2},
+                             "sgtm": {"domains": [{"name": "es", "heads": [4, 5, 6, 7], "units": [3, 40]}]}},
+    "gqa4_forget_split": {"arch": "llama3", "model": {"n_heads": 8, "n_kv_heads": 4},
+                          "sgtm": {"domains": [{"name": "es", "heads": [2, 3, 4, 5], "units": [3, 40]}]}},
+}
+
+
+@pytest.fixture(scope="module")
+def gqa_tp2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gqa_tp2")
+    return out, run_workers(2, "tp_grads_configs", out, cases=GQA_TP_CASES)
+
+
+@pytest.mark.parametrize("name", list(GQA_TP_CASES))
+def test_gqa_tp2_equals_tp1(single_process_world, gqa_tp2, name):
+    """GQA at TP=2 (each rank holds whole KV groups): loss and every gathered gradient equal TP=1
+    to 1e-5, with the forget group on one rank or forget groups on both."""
+    out, result = gqa_tp2
+    over = GQA_TP_CASES[name]
+    saved = torch.load(out / f"tp2_{name}.pt", weights_only=True)
+    cfg = tiny_config(over["arch"], "sgtm", tp=1, two_domains=False, model=over["model"], sgtm=over["sgtm"])
+    _, model = build_model(cfg, single_process_world)
+    load_full_state_dict(model, saved["state"])
+    batch = mixed_batch(n_domains=1)
+    loss = model(batch["input_ids"], labels=batch["labels"], modes=batch["modes"], doc_ids=batch["doc_ids"],
+                 target_modes=batch["target_modes"])
+    loss.backward()
+    torch.testing.assert_close(saved["loss"], loss.detach(), rtol=0, atol=1e-5)
+    for pname, p in model.named_parameters():
+        torch.testing.assert_close(saved["grads"][pname], p.grad, rtol=0, atol=1e-5,
+                                   msg=lambda m, n=pname: f"{n}: {m}")
+    owned = result[name]["owned"]
+    heads = [owned[r]["es"].get("0", {}).get("heads", []) for r in range(2)]
+    if name == "gqa2_forget_on_rank1":
+        assert heads == [[], [4, 5, 6, 7]]
+    else:
+        assert heads == [[2, 3], [4, 5]]
