@@ -144,3 +144,17 @@ def test_gqa_tp2_equals_tp1(single_process_world, gqa_tp2, name):
         assert heads == [[], [4, 5, 6, 7]]
     else:
         assert heads == [[2, 3], [4, 5]]
+
+
+@pytest.mark.parametrize("fragment,billions", [("llama3-8b", 8.03), ("llama3-70b", 70.55)])
+def test_llama3_fragments_have_the_published_sizes(fragment, billions):
+    cfg = load_config(data={"model": {"base": f"models/{fragment}.yaml"},
+                            "sgtm": {"domains": [{"name": "bio", "heads": 8, "units": 448}]}})
+    m = cfg.model
+    assert (m.n_kv_heads, m.rope_theta, m.mlp, m.tie_embeddings) == (8, 500000.0, "swiglu", False)
+    assert round(m.num_params() / 1e9, 2) == billions
+
+
+def test_llama3_8b_experiment_composes():
+    cfg = load_config("configs/experiments/llama3_8b_8xh100.yaml")
+    assert cfg.model.arch == "llama3" and cfg.model.query_heads_per_kv_head == 4
