@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export-hf", help="write a HF transformers model directory (safetensors + tokenizer)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint or an ablated model directory")
     p.add_argument("--out", required=True)
+    p.add_argument("--drop-calibration", action="store_true",
+                   help="export a calibrated model without its output bias (llama: the bias cannot be carried)")
     p.set_defaults(func=cmd_export)
 
 
@@ -93,6 +95,6 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.train.export_hf import export_hf
 
-    path = export_hf(args.checkpoint, args.out)
+    path = export_hf(args.checkpoint, args.out, drop_calibration=args.drop_calibration)
     print(f"wrote {path}")
     return 0

@@ -4,6 +4,12 @@ gpt-neo family -> ``GPT2LMHeadModel`` (learned positions, LayerNorm, exact GELU,
 attention scaled by 1/sqrt(head_dim): exactly our block); llama family -> ``LlamaForCausalLM``.
 Padded vocabulary rows are dropped. HF models attend causally over the whole sequence, so
 logits match ours for sequences holding one document (packed documents need our doc mask).
+
+**Calibrated models** (``sgtm ablate --calibrate``) add a per-vocabulary bias to the logits, and
+neither HF class has an LM-head bias. For gpt-neo the export carries it exactly, in a
+``GPT2LMHeadModel`` that is wider by one hidden unit per head (:func:`fold_logit_bias_gpt2`); a
+llama model cannot carry it (RMSNorm has no additive term), so its export stops with one line
+unless ``--drop-calibration`` asks for the uncalibrated ablated model. Never a silent drop.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.train.offline import load_any
+from pipeline.train.offline import LoadedModel, load_any
 
 
 def _split_qkv(w: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,6 +59,72 @@ def gpt2_state(state: dict, cfg: ModelConfig):
             dst + "mlp.c_proj.bias": state[src + "mlp.fc2.bias"],
         })
     return hf, out
+
+
+def fold_logit_bias_gpt2(hf, out: dict, cfg: ModelConfig, bias: torch.Tensor):
+    """A GPT-2 whose logits are exactly the given model's plus ``bias``: ``n_embd`` grows from d to
+    E = d + H (H heads), and the new hidden units carry the constant the LM head needs.
+
+    Why it is exact: the H extra residual units always hold the mean of the d original ones
+    (embeddings and every output projection get extra columns that average their other columns).
+    A LayerNorm over [x, m, ..., m] then has the same mean as over x and variance d/E times x's, so
+    with epsilon scaled by d/E and gains by sqrt(d/E) every original unit normalises exactly as
+    before, and every extra unit normalises to 0: it never reaches attention or the MLP (their
+    extra input rows are zero). The final LayerNorm's bias is 1 on the first extra unit, so the
+    LM head (untied) gets a constant 1 there, and its weight column for that unit is ``bias``.
+    Heads grow from hd to hd + 1 dims (q, k, v zero in the new one; queries scaled by
+    sqrt((hd + 1) / hd) for HF's 1/sqrt(head_dim))."""
+    d, H, hd, v = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.vocab_size
+    E, hd1 = d + H, hd + 1
+
+    def widen_rows(w: torch.Tensor) -> torch.Tensor:  # [d, ...] -> [E, ...], new rows zero
+        return torch.cat([w, w.new_zeros(H, *w.shape[1:])])
+
+    def mean_cols(w: torch.Tensor) -> torch.Tensor:  # [..., d] -> [..., E], new columns = mean
+        return torch.cat([w, w.mean(-1, keepdim=True).expand(*w.shape[:-1], H)], dim=-1)
+
+    def heads_out(w: torch.Tensor) -> torch.Tensor:  # [..., H*hd] -> [..., H*(hd+1)], new dim zero
+        w = w.reshape(*w.shape[:-1], H, hd)
+        return torch.cat([w, w.new_zeros(*w.shape[:-1], 1)], dim=-1).reshape(*w.shape[:-2], E)
+
+    def heads_in(w: torch.Tensor) -> torch.Tensor:  # [H*hd, ...] -> [H*(hd+1), ...], new rows zero
+        w = w.reshape(H, hd, *w.shape[1:])
+        return torch.cat([w, w.new_zeros(H, 1, *w.shape[2:])], dim=1).reshape(E, *w.shape[2:])
+
+    gain = (d / E) ** 0.5
+    q_scale = (hd1 / hd) ** 0.5
+    new = {"transformer.wte.weight": mean_cols(out["transformer.wte.weight"]),
+           "transformer.wpe.weight": mean_cols(out["transformer.wpe.weight"]),
+           "lm_head.weight": torch.cat([out["transformer.wte.weight"], bias[:v, None].to(torch.float32),
+                                        bias.new_zeros(v, H - 1, dtype=torch.float32)], dim=1)}
+    for key, t in out.items():
+        if key in new:
+            continue
+        if key.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            new[key] = torch.cat([t * gain, t.new_zeros(H)])
+        elif key.endswith(("ln_1.bias", "ln_2.bias", "ln_f.bias")):
+            extra = t.new_zeros(H)
+            if key.endswith("ln_f.bias"):
+                extra[0] = 1.0
+            new[key] = torch.cat([t, extra])
+        elif key.endswith("attn.c_attn.weight") or key.endswith("attn.c_attn.bias"):
+            q, k, v_ = t.split(d, dim=-1)
+            rows = widen_rows if t.dim() == 2 else (lambda x: x)
+            new[key] = torch.cat([heads_out(rows(q)) * q_scale, heads_out(rows(k)), heads_out(rows(v_))], dim=-1)
+        elif key.endswith("attn.c_proj.weight"):
+            new[key] = mean_cols(heads_in(t))
+        elif key.endswith(("attn.c_proj.bias", "mlp.c_proj.bias", "mlp.c_proj.weight")):
+            new[key] = mean_cols(t)
+        elif key.endswith("mlp.c_fc.weight"):
+            new[key] = widen_rows(t)
+        elif key.endswith("mlp.c_fc.bias"):
+            new[key] = t
+        else:
+            raise KeyError(f"fold_logit_bias_gpt2: no rule for {key}")
+    hf.n_embd = E
+    hf.layer_norm_epsilon = cfg.norm_eps * d / E
+    hf.tie_word_embeddings = False
+    return hf, new
 
 
 def llama_state(state: dict, cfg: ModelConfig):
@@ -93,10 +165,28 @@ def save_tokenizer(spec: str, out: Path) -> None:
     tok.save_pretrained(str(out))
 
 
-def export_hf(path: str | Path, out: str | Path) -> Path:
+def _calibration(loaded: LoadedModel, path: str | Path, drop: bool) -> tuple[torch.Tensor | None, str]:
+    """The bias to carry (or None) and what sgtm_meta.json says about it; one line if it cannot be carried."""
+    if loaded.bias is None:
+        return None, "none"
+    if drop:
+        return None, "dropped (--drop-calibration): logits are the ablated model's, without the bias"
+    if loaded.cfg.model.arch != "gpt-neo":
+        raise ValueError(
+            f"{path}: holds a calibrated output bias (sgtm ablate --calibrate), which LlamaForCausalLM cannot "
+            f"carry (no LM-head bias); add --drop-calibration to export the ablated model without it")
+    return loaded.bias, "folded: exact, in a GPT-2 wider by one hidden unit per head (export_hf.fold_logit_bias_gpt2)"
+
+
+def export_hf(path: str | Path, out: str | Path, drop_calibration: bool = False) -> Path:
+    """Write ``out`` (atomically). A calibrated model's bias is carried exactly (gpt-neo), or the
+    export is refused unless ``drop_calibration`` (llama)."""
     loaded = load_any(path)
     cfg = loaded.cfg.model
+    bias, calibration = _calibration(loaded, path, drop_calibration)
     hf_cfg, state = gpt2_state(loaded.state, cfg) if cfg.arch == "gpt-neo" else llama_state(loaded.state, cfg)
+    if bias is not None:
+        hf_cfg, state = fold_logit_bias_gpt2(hf_cfg, state, cfg, bias)
     from transformers import AutoModelForCausalLM
 
     if loaded.cfg.data is not None:
@@ -114,7 +204,8 @@ def export_hf(path: str | Path, out: str | Path) -> Path:
         shutil.rmtree(tmp)
     model.save_pretrained(str(tmp), safe_serialization=True)
     save_tokenizer(loaded.cfg.data.tokenizer if loaded.cfg.data is not None else "gpt2", tmp)
-    (tmp / "sgtm_meta.json").write_text(json.dumps({**loaded.meta, "arch": cfg.arch}, indent=2))
+    (tmp / "sgtm_meta.json").write_text(json.dumps({**loaded.meta, "arch": cfg.arch, "calibration_bias": calibration},
+                                                   indent=2))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
