@@ -861,49 +861,55 @@ def parse_override(override: str) -> tuple[list[str | int], Any]:
     return tokens, value
 
 
+def _child(node: DictConfig | ListConfig, tok: str | int) -> Any:
+    """The node under ``tok`` (interpolations unresolved), or None when absent or null."""
+    if isinstance(node, DictConfig) and tok not in node:
+        return None
+    child = node._get_node(tok)
+    if isinstance(child, (DictConfig, ListConfig)):
+        return None if child._is_none() else child
+    return None if child._value() is None else child
+
+
 def _apply(cfg: DictConfig, override: str, base_dir: Path) -> None:
-    """Set one override on the composed config: a mapping merges into the mapping it replaces,
-    anything else (and a fragment: ``model=models/x.yaml``, ``model={base: ...}``) replaces."""
+    """Set one override on the composed config. A mapping merges into the mapping it replaces;
+    anything else replaces, and so does a fragment (``model=models/x.yaml``, ``model={base: ...}``):
+    it names a whole section, the file's keys for that section must not leak into it."""
     tokens, value = parse_override(override)
     key = _key_str(tokens)
-    fragment = (len(tokens) == 1 and _is_fragment_ref(value)) or (isinstance(value, dict) and "base" in value)
     if len(tokens) == 1 and _is_fragment_ref(value):
-        value = _load_fragment(value, base_dir, key, ())
+        fragment, value = True, _load_fragment(value, base_dir, key, ())
     else:
-        value = _expand(value, base_dir, key, ())
+        fragment, value = isinstance(value, dict) and "base" in value, _expand(value, base_dir, key, ())
     node: Any = cfg
     for i, tok in enumerate(tokens):
-        here = _key_str(tokens[: i + 1])
-        last = i == len(tokens) - 1
+        here, parent = _key_str(tokens[: i + 1]), _key_str(tokens[:i])
         if isinstance(tok, int):
             if not isinstance(node, ListConfig):
-                raise ConfigError(f"{here}: {_key_str(tokens[:i]) or 'the config'} is not a list")
+                raise ConfigError(f"{here}: {parent or 'the config'} is not a list")
             if not 0 <= tok < len(node):
                 n = len(node)
-                raise ConfigError(f"{here}: index out of range ({_key_str(tokens[:i])} has {n} item"
-                                  f"{'' if n == 1 else 's'}; set the whole list to change its length)")
+                raise ConfigError(f"{here}: index out of range ({parent} has {n} item{'' if n == 1 else 's'}; "
+                                  "set the whole list to change its length)")
         elif not isinstance(node, DictConfig):
-            raise ConfigError(f"{here}: {_key_str(tokens[:i])} is a list; index it with a number")
-        if last:
+            raise ConfigError(f"{here}: {parent} is a list; index it with a number")
+        if i == len(tokens) - 1:
             break
-        child = node._get_node(tok) if isinstance(node, DictConfig) and tok in node else (
-            node._get_node(tok) if isinstance(node, ListConfig) else None)
-        if child is None or (not isinstance(child, (DictConfig, ListConfig)) and child._value() is None):
-            default = _schema_default(tokens[: i + 1]) if isinstance(tokens[i + 1], int) else {}
-            if not isinstance(default, (dict, list)):
+        child = _child(node, tok)
+        if child is None:  # absent or null: a mapping to fill, or the schema's default list to index
+            fresh = _schema_default(tokens[: i + 1]) if isinstance(tokens[i + 1], int) else {}
+            if not isinstance(fresh, (dict, list)):
                 raise ConfigError(f"{_key_str(tokens[: i + 2])}: {here} has no list to index")
-            node[tok] = default
+            node[tok] = fresh
             child = node._get_node(tok)
         elif not isinstance(child, (DictConfig, ListConfig)):
             raise ConfigError(f"{here}: cannot override inside {child._value()!r} (not a mapping or list)")
         node = child
-    last_tok = tokens[-1]
+    current = _child(node, tokens[-1])
     try:
-        current = node._get_node(last_tok) if (isinstance(node, ListConfig) or last_tok in node) else None
         if isinstance(value, dict) and isinstance(current, DictConfig) and not fragment:
-            node[last_tok] = OmegaConf.merge(current, value)
-        else:
-            node[last_tok] = value
+            value = merge(current, value, key=key)
+        node[tokens[-1]] = value
     except OmegaConfBaseException as exc:
         raise _omega_error(exc, key) from None
 

@@ -161,6 +161,7 @@ def test_interpolation_and_required_values(tmp_path):
     (["name=${nowhere}"], "name", "not found"),
     (["a..b=1"], "a..b", "expected a key path"),
     (["sgtm.domains.0.heads=99"], "sgtm.domains[0].heads", "forget heads"),
+    (["sgtm={domains: {name: x}}"], "sgtm.domains", "expected a list"),  # a mapping merged over a list
 ])
 def test_errors_are_one_line_naming_the_key(overrides, key, words):
     with pytest.raises(ConfigError) as info:
