@@ -11,119 +11,178 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.experiments.common import (
+    ci_text,
     deployed,
     deployed_kind,
+    diff_text,
     figure,
-    load_cells,
+    finished,
     loss,
     method_of,
+    per_seed,
     size_label,
+    value,
     write_analysis,
 )
-from pipeline.experiments.stats import compute_penalty, dose_equivalent, fit_power_law
+from pipeline.experiments.stats import (
+    CONFIDENCE,
+    all_of,
+    compute_penalty,
+    diff_interval,
+    dose_equivalent,
+    fit_power_law,
+    t_interval,
+    verdict,
+)
 
 COLORS = {"sgtm": "tab:red", "weak_filter": "tab:blue", "strict_filter": "tab:cyan", "no_filter": "tab:gray",
-          "gradient_routing": "tab:green", "activation_masking": "tab:purple", "rmu": "tab:orange"}
+          "gradient_routing": "tab:green", "activation_masking": "tab:purple", "rmu": "tab:orange",
+          "perfect_filter": "tab:brown"}
 SETS = ("forget", "retain", "adjacent")
-# Two single-seed losses closer than this are "within noise". It covers the largest seed-to-seed
-# spread (max - min over seeds 0-2) of a deployed loss measured at CPU scale, 0.153 nats (SGTM's
-# forget loss; `sgtm analyze seeds`, docs/results.md "Seed-to-seed spread"), and ~2 standard
-# deviations of the difference of two single runs (sd <= 0.081 each). Verdicts compare against it.
-NOISE_NATS = 0.2
+CAL, RAW = "deployed_calibrated", "deployed"
+INTERVAL_NOTE = ("Every number is the mean over seeds with its 95% t-interval in brackets (`mean [lo, hi]`); a "
+                 "verdict is `holds` when the 95% interval of the difference (paired by seed when both sides ran "
+                 "the same seeds, else Welch) lies wholly on the claimed side of 0, `does not hold` when it lies "
+                 "wholly on the other side, `inconclusive` otherwise (one seed gives no interval: inconclusive). "
+                 "`compare` rows state a measurement, not a claim.")
+DEPLOYED_NOTE = ("Losses come from each cell's final checkpoint on the whole held-out split (`deployed.json`). "
+                 "Deployed model: ablated for SGTM / Gradient Routing / activation masking, the full model for "
+                 "filters and no filter. `_cal` columns add the logit-calibration bias fitted on that deployed "
+                 "model, by the same procedure for every method; columns without `_cal` use no bias. Verdicts "
+                 "use the calibrated loss; the verdict without bias is given next to it.")
 
 
-def beats(a: float, b: float, noise: float = NOISE_NATS) -> bool | str:
-    """Is ``a`` above ``b``: True / False when they differ by more than ``noise``, else "within noise"."""
-    if abs(a - b) < noise:
-        return "within noise"
-    return a > b
+def claim(text: str, paper: str, here: str, holds: str | None, **extra) -> dict:
+    return {"claim": text, "paper": paper, "here": here, "holds": holds, **extra}
 
 
-def dominates(*verdicts: bool | str) -> bool | str:
-    """Pareto dominance from per-axis ``beats`` verdicts: clearly better on one axis, worse on none."""
-    if False in verdicts:
-        return False
-    return True if True in verdicts else "within noise"
+def compare(a: dict, b: dict) -> tuple[dict, str]:
+    """Interval and verdict of "mean(a) > mean(b)" from per-seed values."""
+    iv = diff_interval(a, b)
+    return iv, verdict(iv)
 
 
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
+def _groups(cells: list[dict], key) -> dict:
+    g = defaultdict(list)
+    for c in cells:
+        g[key(c)].append(c)
+    return dict(g)
+
+
+def _interval_columns(row: dict, cells: list[dict], sets=SETS, kinds=(CAL, RAW)) -> dict:
+    """``<set>_cal`` / ``<set>`` mean, 95% half-width ``_pm`` (None for one seed), per kind."""
+    for s in sets:
+        for kind in kinds:
+            iv = t_interval(list(per_seed(cells, lambda c, s=s, k=kind: value(c, s, k)).values()))
+            if iv["mean"] is None:
+                continue
+            col = f"{s}_cal" if kind == CAL else s if kind == RAW else f"{s}_{kind}"
+            row[col] = iv["mean"]
+            row[f"{col}_pm"] = None if iv["lo"] is None else iv["hi"] - iv["mean"]
+    return row
+
+
+def _seed_note(groups: dict) -> str:
+    counts = sorted({len({c.get("seed", c.get("model_seed")) for c in cs}) for cs in groups.values()})
+    return "/".join(str(n) for n in counts)
+
+
+def _errorbar(ax, x, cells_fn, **kw):
+    iv = t_interval(list(cells_fn.values()))
+    if iv["mean"] is None:
+        return iv
+    err = None if iv["lo"] is None else [[iv["mean"] - iv["lo"]], [iv["hi"] - iv["mean"]]]
+    ax.errorbar([x], [iv["mean"]], yerr=err, fmt="o", capsize=3, **kw)
+    return iv
 
 
 # ------------------------------------------------------------------------------------ tradeoff
 
 
 def tradeoff(sweeps: list[str], out: str, command: str) -> dict:
-    cells = [c for c in load_cells(sweeps) if c["done"]]
+    cells = finished(sweeps)
     if not cells:
         raise ValueError("tradeoff: no finished cells in " + ", ".join(map(str, sweeps)))
+    groups = _groups(cells, method_of)
     fig, (ax1, ax2) = figure(2)
     rows, curves = [], {}
-    for c in cells:
-        m = method_of(c)
-        seed = c["seed"]
-        label = m if seed == 0 else f"{m} (seed {seed})"
-        hist = c["history"]
-        pts = [(r["step"], deployed(c, "retain", r), deployed(c, "forget", r)) for r in hist]
-        curves[label] = pts
-        col = COLORS.get(m)
-        ax1.plot([p[1] for p in pts], [p[2] for p in pts], "o-", color=col, ms=3, label=label)
-        ax1.annotate(str(pts[-1][0]), (pts[-1][1], pts[-1][2]), fontsize=6)
-        ax2.plot([p[0] for p in pts], [p[2] for p in pts], "-", color=col, label=f"{label} forget")
-        f = c["final"]
-        row = {"method": m, "seed": seed, "undiscovered_rate": c["undiscovered_rate"], "deployed": deployed_kind(c)}
-        for s in SETS:
-            if loss(f, s, "full") is None:
-                continue
-            row[f"{s}_full"] = loss(f, s, "full")
-            row[f"{s}_ablated"] = loss(f, s, "ablated")
-            row[f"{s}_calibrated"] = loss(f, s, "calibrated")
-            row[f"{s}_deployed"] = deployed(c, s)
-        row["run_dir"] = c["run_dir"]
-        rows.append(row)
-    ax1.set(title="forget vs retain loss of the deployed model at every eval step",
+    vals = {}  # method -> set -> kind -> {seed: loss}
+    for m, cs in sorted(groups.items()):
+        vals[m] = {s: {k: per_seed(cs, lambda c, s=s, k=k: value(c, s, k)) for k in (CAL, RAW)} for s in SETS}
+        rows.append(_interval_columns({"method": m, "seeds": len(cs), "deployed_model":
+                                       cs[0]["deployed_eval"]["deployed_model"]}, cs))
+        f, r = t_interval(list(vals[m]["forget"][CAL].values())), t_interval(list(vals[m]["retain"][CAL].values()))
+        xerr = None if r["lo"] is None else [[r["mean"] - r["lo"]], [r["hi"] - r["mean"]]]
+        yerr = None if f["lo"] is None else [[f["mean"] - f["lo"]], [f["hi"] - f["mean"]]]
+        ax1.errorbar([r["mean"]], [f["mean"]], xerr=xerr, yerr=yerr, fmt="o", capsize=3, color=COLORS.get(m),
+                     label=f"{m} ({len(cs)} seeds)")
+        # training-time curves (first eval.batches held-out batches, no bias): mean and 95% band
+        by_step = defaultdict(list)
+        for c in cs:
+            for rec in c["history"]:
+                v = deployed(c, "forget", rec) if deployed_kind(c) == "full" else loss(rec, "forget", "ablated")
+                if v is not None:
+                    by_step[rec["step"]].append(v)
+        steps = sorted(by_step)
+        ivs = [t_interval(by_step[st]) for st in steps]
+        curves[m] = {"step": steps, "forget_mean": [iv["mean"] for iv in ivs]}
+        ax2.plot(steps, [iv["mean"] for iv in ivs], "-", color=COLORS.get(m), label=m)
+        if all(iv["lo"] is not None for iv in ivs):
+            ax2.fill_between(steps, [iv["lo"] for iv in ivs], [iv["hi"] for iv in ivs], color=COLORS.get(m),
+                             alpha=0.2)
+    ax1.set(title="deployed model, whole held-out split (calibrated; 95% intervals)",
             xlabel="retain loss (lower is better)", ylabel="forget loss (higher is better)")
-    ax2.set(title="deployed forget loss during training", xlabel="step", ylabel="nats/token")
+    ax2.set(title="forget loss during training (first eval batches, no bias; 95% band)", xlabel="step",
+            ylabel="nats/token")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    by = {r["method"]: r for r in rows if r["seed"] == 0}
     claims = []
-    if "sgtm" in by and "weak_filter" in by:
-        s, w = by["sgtm"], by["weak_filter"]
-        claims.append({"claim": "SGTM's deployed forget loss is above the weak filter's with noisy labels",
-                       "paper": "SGTM > weak filter at every retain loss (TinyStories 20% undiscovered; Wikipedia)",
-                       "here": f"{s['forget_deployed']:.3f} vs {w['forget_deployed']:.3f}",
-                       "holds": beats(s["forget_deployed"], w["forget_deployed"])})
-    if "sgtm" in by and "strict_filter" in by:
-        s, w = by["sgtm"], by["strict_filter"]
-        claims.append({"claim": "SGTM's forget loss is above the strict filter's",
-                       "paper": "SGTM > strict filter on Wikipedia biology",
-                       "here": f"{s['forget_deployed']:.3f} vs {w['forget_deployed']:.3f}",
-                       "holds": beats(s["forget_deployed"], w["forget_deployed"])})
-    if "sgtm" in by and "gradient_routing" in by:
-        s, g = by["sgtm"], by["gradient_routing"]
-        dom = dominates(beats(s["forget_deployed"], g["forget_deployed"]),
-                        beats(g["retain_deployed"], s["retain_deployed"]))
-        claims.append({"claim": "SGTM Pareto-dominates Gradient Routing (higher forget, lower retain loss)",
-                       "paper": "yes (TinyStories)",
-                       "here": f"forget {s['forget_deployed']:.3f} vs {g['forget_deployed']:.3f}; "
-                               f"retain {s['retain_deployed']:.3f} vs {g['retain_deployed']:.3f}",
-                       "holds": dom})
-    if "sgtm" in by and "no_filter" in by:
-        s, n = by["sgtm"], by["no_filter"]
-        claims.append({"claim": "SGTM's retain loss costs little against no filtering",
-                       "paper": "a few percent (compute penalty 5% on Wikipedia)",
-                       "here": f"retain {s['retain_deployed']:.3f} vs {n['retain_deployed']:.3f} "
-                               f"({100 * (s['retain_deployed'] / n['retain_deployed'] - 1):+.1f}%); uncalibrated "
-                               f"ablated {s['retain_ablated']:.3f} "
-                               f"({100 * (s['retain_ablated'] / n['retain_deployed'] - 1):+.1f}%)",
-                       "holds": None})
+
+    def vs(a, b, s, kind=CAL):
+        return compare(vals[a][s][kind], vals[b][s][kind])
+
+    def here(a, b, s):
+        ia = t_interval(list(vals[a][s][CAL].values()))
+        ib = t_interval(list(vals[b][s][CAL].values()))
+        return f"{ci_text(ia)} vs {ci_text(ib)}; {diff_text(diff_interval(vals[a][s][CAL], vals[b][s][CAL]))}"
+
+    papers = (("weak_filter", "SGTM > weak filter at every retain loss (TinyStories 20% undiscovered; Wikipedia)"),
+              ("strict_filter", "SGTM > strict filter on Wikipedia biology"))
+    for other, paper in papers:
+        if "sgtm" in vals and other in vals:
+            iv, v = vs("sgtm", other, "forget")
+            claims.append(claim(f"SGTM's deployed forget loss is above the {other.replace('_', ' ')}'s",
+                                paper, here("sgtm", other, "forget"), v, diff=iv,
+                                holds_uncalibrated=vs("sgtm", other, "forget", RAW)[1]))
+    if "sgtm" in vals and "gradient_routing" in vals:
+        ivf, vf = vs("sgtm", "gradient_routing", "forget")
+        ivr, vr = vs("gradient_routing", "sgtm", "retain")
+        raw = all_of(vs("sgtm", "gradient_routing", "forget", RAW)[1], vs("gradient_routing", "sgtm", "retain", RAW)[1])
+        claims.append(claim("SGTM Pareto-dominates Gradient Routing: higher forget loss AND lower retain loss",
+                            "yes (TinyStories)",
+                            f"forget: {here('sgtm', 'gradient_routing', 'forget')} ({vf}); "
+                            f"retain: {here('sgtm', 'gradient_routing', 'retain')} (lower: {vr})",
+                            all_of(vf, vr), holds_uncalibrated=raw))
+    for other in ("no_filter", "weak_filter"):
+        if "sgtm" in vals and other in vals:
+            iv, _ = vs("sgtm", other, "retain")
+            base = t_interval(list(vals[other]["retain"][CAL].values()))["mean"]
+            pct = "" if iv["mean"] is None or not base else f" ({100 * iv['mean'] / base:+.1f}% of the loss)"
+            claims.append(claim(f"SGTM's retain loss increase over {other.replace('_', ' ')} (a loss increase, "
+                                "not a compute penalty)",
+                                "the paper reports retain cost as compute: a 5% compute penalty on Wikipedia "
+                                "(see Compute penalty)", here("sgtm", other, "retain") + pct, None, diff=iv))
+    c0 = cells[0]
+    setup = {"n_params": c0["n_params"], "d_model": c0["d_model"], "n_layers": c0["n_layers"], "steps": c0["steps"],
+             "tokens": c0["tokens"], "tokens_per_step": c0["tokens_per_step"],
+             "seeds": sorted({c["seed"] for c in cells}), "undiscovered_rate": c0["undiscovered_rate"],
+             "eval_tokens": {k: v["tokens"] for k, v in c0["deployed_eval"]["sets"].items()},
+             "calibration": c0["deployed_eval"].get("calibration"), "confidence": CONFIDENCE,
+             **{k: c0.get(k) for k in ("vocab_size", "seq_len", "lr", "retain_fraction")}}
     payload = {"title": "Retain/forget trade-off", "command": command, "inputs": [str(s) for s in sweeps],
-               "table": rows, "curves": curves, "claims": claims,
-               "notes": ["deployed = calibrated loss after ablation for SGTM / Gradient Routing / activation "
-                         "masking, the full model for filters and no filter"]}
+               "seeds": _seed_note(groups), "setup": setup, "table": rows, "curves": curves, "claims": claims,
+               "notes": [DEPLOYED_NOTE, INTERVAL_NOTE]}
     write_analysis(out, "tradeoff", payload, fig)
     return payload
 
@@ -132,60 +191,71 @@ def tradeoff(sweeps: list[str], out: str, command: str) -> dict:
 
 
 def undiscovered(sweeps: list[str], out: str, command: str) -> dict:
-    cells = [c for c in load_cells(sweeps) if c["done"]]
-    groups = defaultdict(list)
-    for c in cells:
-        groups[(method_of(c), c["undiscovered_rate"])].append(c)
-    rows = []
-    for (m, r), cs in sorted(groups.items()):
-        row = {"method": m, "undiscovered_rate": r, "seeds": sorted(c["seed"] for c in cs)}
-        for s in SETS:
-            row[f"{s}_deployed"] = _mean(deployed(c, s) for c in cs)
-        row["forget_ablated"] = _mean(loss(c["final"], "forget", "ablated") for c in cs)
-        row["forget_full"] = _mean(loss(c["final"], "forget", "full") for c in cs)
-        row["retain_ablated"] = _mean(loss(c["final"], "retain", "ablated") for c in cs)
-        rows.append(row)
+    cells = finished(sweeps)
+    groups = _groups(cells, lambda c: (method_of(c), c["undiscovered_rate"]))
+    vals = {k: {s: per_seed(cs, lambda c, s=s: value(c, s, CAL)) for s in ("forget", "retain")}
+            for k, cs in groups.items()}
+    raw = {k: {s: per_seed(cs, lambda c, s=s: value(c, s, RAW)) for s in ("forget", "retain")}
+           for k, cs in groups.items()}
+    rows = [_interval_columns({"method": m, "undiscovered_rate": r, "seeds": len(cs)}, cs, sets=("forget", "retain"))
+            for (m, r), cs in sorted(groups.items())]
     fig, (ax1, ax2) = figure(2)
-    for m in sorted({r["method"] for r in rows}):
-        rs = [r for r in rows if r["method"] == m]
-        x = [100 * r["undiscovered_rate"] for r in rs]
-        ax1.plot(x, [r["forget_deployed"] for r in rs], "o-", color=COLORS.get(m), label=m)
-        ax2.plot(x, [r["retain_deployed"] for r in rs], "o-", color=COLORS.get(m), label=m)
-    ax1.set(title="forget loss of the deployed model", xlabel="undiscovered forget data (%)",
+    for m in sorted({m for m, _ in groups}):
+        for ax, s in ((ax1, "forget"), (ax2, "retain")):
+            pts = sorted((r, t_interval(list(vals[(m, r)][s].values()))) for mm, r in groups if mm == m)
+            x = [100 * r for r, _ in pts]
+            y = [iv["mean"] for _, iv in pts]
+            err = [[iv["mean"] - iv["lo"] if iv["lo"] is not None else 0 for _, iv in pts],
+                   [iv["hi"] - iv["mean"] if iv["hi"] is not None else 0 for _, iv in pts]]
+            ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, color=COLORS.get(m), label=m)
+    ax1.set(title="forget loss of the deployed model (calibrated; 95% intervals)",
+            xlabel="undiscovered forget data (%)",
             ylabel="nats/token (higher = more removed)")
-    ax2.set(title="retain loss of the deployed model", xlabel="undiscovered forget data (%)", ylabel="nats/token")
+    ax2.set(title="retain loss of the deployed model (calibrated)", xlabel="undiscovered forget data (%)",
+            ylabel="nats/token")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     claims = []
-    sg = {r["undiscovered_rate"]: r for r in rows if r["method"] == "sgtm"}
-    wf = {r["undiscovered_rate"]: r for r in rows if r["method"] == "weak_filter"}
-    common = sorted(set(sg) & set(wf))
-    for rate in common:
+    sg = sorted(r for m, r in groups if m == "sgtm")
+    wf = sorted(r for m, r in groups if m == "weak_filter")
+
+    def txt(a, b, s="forget"):
+        ia, ib = t_interval(list(vals[a][s].values())), t_interval(list(vals[b][s].values()))
+        return f"{ci_text(ia)} vs {ci_text(ib)}; {diff_text(diff_interval(vals[a][s], vals[b][s]))}"
+
+    for rate in sorted(set(sg) & set(wf)):
         if rate == 0:
             continue
-        claims.append({"claim": f"SGTM forgets more than filtering at {100 * rate:g}% undiscovered",
-                       "paper": "yes at every rate up to 40% (TinyStories 64M)",
-                       "here": f"{sg[rate]['forget_deployed']:.3f} vs {wf[rate]['forget_deployed']:.3f}",
-                       "holds": beats(sg[rate]["forget_deployed"], wf[rate]["forget_deployed"])})
+        a, b = ("sgtm", rate), ("weak_filter", rate)
+        iv, v = compare(vals[a]["forget"], vals[b]["forget"])
+        claims.append(claim(f"SGTM forgets more than the weak filter at {100 * rate:g}% undiscovered",
+                            "yes at every rate up to 40% (TinyStories 64M)", txt(a, b), v, diff=iv,
+                            holds_uncalibrated=compare(raw[a]["forget"], raw[b]["forget"])[1]))
     if 0.0 in wf and 0.2 in sg:
-        perfect, s20 = wf[0.0]["forget_deployed"], sg[0.2]["forget_deployed"]
-        claims.append({"claim": "SGTM at 20% undiscovered stays close to perfect filtering",
-                       "paper": "close to the 0%-undiscovered filter",
-                       "here": f"SGTM@20% {s20:.3f} vs perfect filter {perfect:.3f} ({s20 / perfect:.0%} of it)",
-                       "holds": s20 >= 0.9 * perfect})
-    small = [r for r in sorted(wf) if 0 < r <= 0.05]
-    if 0.0 in wf and small and max(wf) > 0:
-        drop_small = wf[0.0]["forget_deployed"] - wf[small[0]]["forget_deployed"]
-        drop_all = wf[0.0]["forget_deployed"] - wf[max(wf)]["forget_deployed"]
-        claims.append({"claim": f"filtering loses much of its effect as soon as a little forget data slips through "
-                                f"({100 * small[0]:g}%)",
-                       "paper": "forget loss drops sharply at small undiscovered rates",
-                       "here": f"{100 * small[0]:g}% undiscovered already gives {drop_small / drop_all:.0%} of the "
-                               f"drop seen at {100 * max(wf):g}%" if drop_all > 0 else "no drop",
-                       "holds": drop_all > 0 and drop_small / drop_all >= 0.3})
+        a, b = ("sgtm", 0.2), ("weak_filter", 0.0)
+        iv, v = compare(vals[a]["forget"], vals[b]["forget"])
+        claims.append(claim("SGTM at 20% undiscovered forgets at least as much as perfect filtering (forget loss above "
+                            "the 0%-undiscovered filter's)", "close to the 0%-undiscovered filter",
+                            txt(a, b), v, diff=iv, holds_uncalibrated=compare(raw[a]["forget"], raw[b]["forget"])[1]))
+    small = [r for r in wf if 0 < r <= 0.05]
+    if 0.0 in wf and small:
+        a, b = ("weak_filter", 0.0), ("weak_filter", small[0])
+        iv, v = compare(vals[a]["forget"], vals[b]["forget"])
+        claims.append(claim("filtering loses effect as soon as a little forget data slips through: the filter's "
+                            f"forget loss at {100 * small[0]:g}% undiscovered is below its loss at 0%",
+                            "forget loss drops sharply at small undiscovered rates", txt(a, b), v, diff=iv))
+    if 0.0 in wf and 0.0 in sg:
+        a, b = ("sgtm", 0.0), ("weak_filter", 0.0)
+        iv, _ = compare(vals[a]["retain"], vals[b]["retain"])
+        base = t_interval(list(vals[b]["retain"].values()))["mean"]
+        pct = "" if iv["mean"] is None else f" ({100 * iv['mean'] / base:+.1f}% of the loss)"
+        claims.append(claim("SGTM's retain loss against the perfect filter's at 0% undiscovered (a loss increase; the "
+                            "filter trains on more English tokens at equal steps)", "a small retain cost",
+                            txt(a, b, "retain") + pct, None, diff=iv))
     payload = {"title": "Undiscovered forget data (paper Fig. 3)", "command": command,
-               "inputs": [str(s) for s in sweeps], "table": rows, "claims": claims}
+               "inputs": [str(s) for s in sweeps], "seeds": _seed_note(groups), "table": rows, "claims": claims,
+               "notes": [DEPLOYED_NOTE, INTERVAL_NOTE]}
     write_analysis(out, "undiscovered", payload, fig)
     return payload
 
@@ -194,36 +264,31 @@ def undiscovered(sweeps: list[str], out: str, command: str) -> dict:
 
 
 def seeds(sweeps: list[str], out: str, command: str) -> dict:
-    """Per method, the spread of the deployed forget / retain loss over seeds: the noise level
-    below which one-seed differences in the other analyses mean nothing."""
-    cells = [c for c in load_cells(sweeps) if c["done"]]
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for c in cells:
-        groups[method_of(c)].append(c)
+    """Per method, the seed-to-seed spread of the deployed forget / retain loss: how far one run
+    can be from the mean (why every verdict uses an interval over seeds, not one run)."""
+    cells = finished(sweeps)
+    groups = _groups(cells, method_of)
     rows = []
     fig, axes = figure(2)
     for i, (m, cs) in enumerate(sorted(groups.items())):
         cs = sorted(cs, key=lambda c: c["seed"])
         row = {"method": m, "seeds": [c["seed"] for c in cs]}
         for ax, s in zip(axes, ("forget", "retain")):
-            vals = [deployed(c, s) for c in cs]
+            vals = [value(c, s, CAL) for c in cs]
             ax.plot([i] * len(vals), vals, "o", color=COLORS.get(m, "k"))
-            row.update({f"{s}_mean": float(np.mean(vals)),
-                        f"{s}_std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+            iv = t_interval(vals)
+            row.update({f"{s}_mean": iv["mean"], f"{s}_sd": iv["sd"],
+                        f"{s}_pm": None if iv["lo"] is None else iv["hi"] - iv["mean"],
                         f"{s}_spread": float(max(vals) - min(vals))})
         rows.append(row)
     for ax, s in zip(axes, ("forget", "retain")):
         ax.set_xticks(range(len(groups)), sorted(groups), fontsize=8)
-        ax.set(title=f"deployed {s} loss per seed", ylabel="nats/token")
+        ax.set(title=f"deployed {s} loss per seed (calibrated, whole held-out split)", ylabel="nats/token")
         ax.grid(alpha=0.3)
-    spreads = [r[f"{s}_spread"] for r in rows for s in ("forget", "retain") if len(r["seeds"]) > 1]
-    claims = [{"claim": f"one-seed differences under {NOISE_NATS} nats are called 'within noise' (NOISE_NATS)",
-               "paper": "(this project's margin, not a paper claim)",
-               "here": f"largest seed-to-seed spread of a deployed loss: {max(spreads):.3f} nats over "
-                       f"{max(len(r['seeds']) for r in rows)} seeds" if spreads else "one seed only",
-               "holds": bool(spreads) and max(spreads) <= NOISE_NATS}]
     payload = {"title": "Seed-to-seed spread", "command": command, "inputs": [str(s) for s in sweeps],
-               "table": rows, "claims": claims}
+               "seeds": _seed_note(groups), "table": rows, "claims": [],
+               "notes": ["sd: standard deviation over seeds; pm: half-width of the 95% t-interval of the mean; "
+                         "spread: max - min over seeds."]}
     write_analysis(out, "seeds", payload, fig)
     return payload
 
@@ -232,27 +297,26 @@ def seeds(sweeps: list[str], out: str, command: str) -> dict:
 
 
 def capacity(sweeps: list[str], out: str, command: str) -> dict:
-    cells = [c for c in load_cells(sweeps) if c["done"] and "capacity" in c["labels"]]
-    rows = []
-    for c in cells:
-        rows.append({"capacity": c["labels"]["capacity"], "seed": c["seed"],
-                     "forget_deployed": deployed(c, "forget"), "forget_ablated": loss(c["final"], "forget", "ablated"),
-                     "forget_full": loss(c["final"], "forget", "full"), "retain_deployed": deployed(c, "retain"),
-                     "retain_full": loss(c["final"], "retain", "full")})
+    cells = [c for c in finished(sweeps) if "capacity" in c["labels"]]
+    groups = _groups(cells, lambda c: c["labels"]["capacity"])
+    rows = [_interval_columns({"capacity": k, "seeds": len(cs)}, cs, sets=("forget", "retain"))
+            for k, cs in groups.items()]
     rows.sort(key=lambda r: (r["capacity"][-2:], int(r["capacity"][1:].split("_")[0])))
     fig, (ax1, ax2) = figure(2)
     for h in sorted({r["capacity"].split("_")[1] for r in rows}):
         rs = [r for r in rows if r["capacity"].endswith(h)]
         x = [int(r["capacity"][1:].split("_")[0]) for r in rs]
-        ax1.plot(x, [r["forget_deployed"] for r in rs], "o-", label=f"{h[1:]} forget head(s)")
-        ax2.plot(x, [r["retain_deployed"] for r in rs], "o-", label=f"{h[1:]} forget head(s)")
-    ax1.set(title="forget loss after removal", xlabel="forget MLP units per block", xscale="log")
-    ax2.set(title="retain loss after removal", xlabel="forget MLP units per block", xscale="log")
+        for ax, s in ((ax1, "forget"), (ax2, "retain")):
+            err = [r.get(f"{s}_cal_pm") or 0 for r in rs]
+            ax.errorbar(x, [r[f"{s}_cal"] for r in rs], yerr=err, fmt="o-", capsize=3, label=f"{h[1:]} forget head(s)")
+    ax1.set(title="forget loss after removal (calibrated)", xlabel="forget MLP units per block", xscale="log")
+    ax2.set(title="retain loss after removal (calibrated)", xlabel="forget MLP units per block", xscale="log")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     payload = {"title": "Forget capacity (MLP units x heads)", "command": command,
-               "inputs": [str(s) for s in sweeps], "table": rows, "claims": []}
+               "inputs": [str(s) for s in sweeps], "seeds": _seed_note(groups), "table": rows, "claims": [],
+               "notes": [DEPLOYED_NOTE]}
     write_analysis(out, "capacity", payload, fig)
     return payload
 
@@ -294,31 +358,29 @@ def count_tokens(run_dir: str | Path) -> dict:
 
 def leakage(sweeps: list[str], out: str, command: str) -> dict:
     """Per model size: dose-response of plain runs (weak filter at undiscovered rate r = retain data
-    plus the N forget tokens that slipped through) -> forget loss(N); each SGTM run's uncalibrated
-    post-ablation forget loss -> N_equivalent; leakage = N_equivalent / undiscovered tokens it saw."""
-    cells = [c for c in load_cells(sweeps) if c["done"]]
-    by_size = defaultdict(list)
-    for c in cells:
-        by_size[(c["d_model"], c["n_layers"], c["n_params"])].append(c)
-    rows, curves = [], {}
+    plus the N forget tokens that slipped through) -> forget loss(N), pooled over seeds; each SGTM
+    run's post-ablation forget loss (no bias) -> N_equivalent; leakage = N_equivalent / undiscovered
+    tokens it saw; mean and 95% interval over seeds per (size, rate). Sizes are compared at one
+    matched undiscovered rate only (leakage depends on the rate)."""
+    cells = finished(sweeps)
+    by_size = _groups(cells, lambda c: (c["d_model"], c["n_layers"], c["n_params"]))
+    runs, curves = [], {}
     fig, (ax1, ax2) = figure(2)
+    from pipeline.experiments.stats import nonincreasing
+
     for (d, L, n), cs in sorted(by_size.items()):
         doses = [c for c in cs if c["strategy"] == "none" and c["filter"] == "weak"]
         sgtm = [c for c in cs if c["strategy"] == "sgtm" and c["undiscovered_rate"] > 0]
         if len(doses) < 2 or not sgtm:
             continue
-        pts = sorted((count_tokens(c["run_dir"])["forget_unlabelled"], loss(c["final"], "forget", "full"))
-                     for c in doses)
         agg = defaultdict(list)
-        for x, y in pts:
-            agg[x].append(y)
+        for c in doses:
+            agg[count_tokens(c["run_dir"])["forget_unlabelled"]].append(value(c, "forget", "full"))
         xs = sorted(agg)
         ys = [float(np.mean(agg[x])) for x in xs]
         size = size_label(cs[0])
-        curves[size] = {"forget_tokens": xs, "forget_loss": ys}
+        curves[size] = {"forget_tokens": xs, "forget_loss": ys, "dose_runs": len(doses)}
         line = ax1.plot([max(x, 1) for x in xs], ys, "o", label=f"plain + N forget tokens, {size}")[0]
-        from pipeline.experiments.stats import nonincreasing
-
         mono = nonincreasing(ys)
         for i in range(1, len(xs)):  # the interpolation actually used: linear in N from 0, in log N after
             grid = np.geomspace(max(xs[i - 1], 1), xs[i], 30)
@@ -329,23 +391,28 @@ def leakage(sweeps: list[str], out: str, command: str) -> dict:
             ax1.plot(grid, yy, "-", color=line.get_color())
         for c in sgtm:
             tok = count_tokens(c["run_dir"])
-            target = loss(c["final"], "forget", "ablated")
+            target = value(c, "forget", "deployed")  # ablated, no bias: the dose runs have no bias either
             eq = dose_equivalent(xs, ys, target)
             leak = eq["n"] / tok["forget_unlabelled"] if tok["forget_unlabelled"] else None
-            rows.append({"size": size, "d_model": d, "n_layers": L, "n_params": n,
+            runs.append({"size": size, "d_model": d, "n_layers": L, "n_params": n,
                          "undiscovered_rate": c["undiscovered_rate"], "seed": c["seed"],
                          "sgtm_forget_ablated": target, "undiscovered_tokens_seen": tok["forget_unlabelled"],
-                         "n_equivalent": eq["n"], "bound": eq["bound"], "leakage": leak,
-                         "run_dir": c["run_dir"]})
-            ax1.plot([max(eq["n"], 1)], [target], "*", ms=11, color=line.get_color())
-            ax1.annotate(f"SGTM {100 * c['undiscovered_rate']:g}%", (max(eq["n"], 1), target), fontsize=7)
+                         "n_equivalent": eq["n"], "bound": eq["bound"], "leakage": leak})
+            ax1.plot([max(eq["n"], 1)], [target], "*", ms=9, color=line.get_color())
+    rows = []
+    for (size, rate), rs in sorted(_groups(runs, lambda r: (r["size"], r["undiscovered_rate"])).items(),
+                                   key=lambda kv: (kv[1][0]["n_params"], kv[0][1])):
+        iv = t_interval([r["leakage"] for r in rs])
+        rows.append({"size": size, "n_params": rs[0]["n_params"], "undiscovered_rate": rate, "seeds": len(rs),
+                     "leakage": iv["mean"], "leakage_pm": None if iv["lo"] is None else iv["hi"] - iv["mean"],
+                     "bounds": ",".join(sorted({str(r["bound"]) for r in rs if r["bound"]})) or None})
     for size in sorted({r["size"] for r in rows}):
-        rs = sorted((r for r in rows if r["size"] == size), key=lambda r: r["undiscovered_rate"])
-        ax2.plot([100 * r["undiscovered_rate"] for r in rs], [max(r["leakage"] or 0, 1e-5) for r in rs], "o-",
-                 label=size)
+        rs = [r for r in rows if r["size"] == size]
+        ax2.errorbar([100 * r["undiscovered_rate"] for r in rs], [max(r["leakage"] or 0, 1e-5) for r in rs],
+                     yerr=[r["leakage_pm"] or 0 for r in rs], fmt="o-", capsize=3, label=size)
     ax1.set(xscale="log", title="dose-response (N = 0 drawn at 1) and SGTM runs (stars)",
-            xlabel="forget tokens seen by a plain run (N)", ylabel="forget loss (uncalibrated)")
-    ax2.set(yscale="log", title="leakage = N_equivalent / undiscovered forget tokens seen",
+            xlabel="forget tokens seen by a plain run (N)", ylabel="forget loss (no bias)")
+    ax2.set(yscale="log", title="leakage = N_equivalent / undiscovered forget tokens seen (95% intervals)",
             xlabel="undiscovered forget data (%)", ylabel="leakage")
     ax2.axhspan(0.005, 0.02, color="tab:green", alpha=0.15, label="paper, 64M: 0.005-0.02")
     for ax in (ax1, ax2):
@@ -353,23 +420,40 @@ def leakage(sweeps: list[str], out: str, command: str) -> dict:
         ax.legend(fontsize=7)
     claims = []
     if rows:
-        vals = [r["leakage"] for r in rows if r["leakage"] is not None]
-        claims.append({"claim": "leakage is two orders of magnitude below filtering's (1 by definition): <= 0.05",
-                       "paper": "0.005-0.02 at 64M for undiscovered rates up to 40%",
-                       "here": f"{min(vals):.3g}-{max(vals):.3g}" if vals else "-",
-                       "holds": bool(vals) and max(vals) <= 0.05})
-        sizes = sorted({(r["n_params"], r["size"]) for r in rows})
-        if len(sizes) > 1:
-            per = {s: _mean(r["leakage"] for r in rows if r["size"] == s) for _, s in sizes}
-            seq = [per[s] for _, s in sizes]
-            claims.append({"claim": "leakage falls with model size", "paper": "8M -> 64M: falls",
-                           "here": ", ".join(f"{s}: {per[s]:.3g}" for _, s in sizes),
-                           "holds": all(a >= b for a, b in zip(seq, seq[1:]))})
+        iv_all = [r for r in rows if r["leakage"] is not None]
+        worst = max(iv_all, key=lambda r: r["leakage"] + (r["leakage_pm"] or 0)) if iv_all else None
+        if worst is not None:
+            per = [r["leakage"] for r in runs if r["size"] == worst["size"] and
+                   r["undiscovered_rate"] == worst["undiscovered_rate"]]
+            iv = t_interval(per)
+            # claim: leakage <= 0.05, i.e. 0.05 - leakage > 0 with the interval of the worst cell
+            hold = verdict({"lo": None if iv["lo"] is None else 0.05 - iv["hi"],
+                            "hi": None if iv["hi"] is None else 0.05 - iv["lo"]})
+            claims.append(claim("leakage stays at most 0.05 (two orders of magnitude below filtering's 1) at every "
+                                "size and rate", "0.005-0.02 at 64M for undiscovered rates up to 40%",
+                                f"largest: {worst['size']} at {100 * worst['undiscovered_rate']:g}% undiscovered: "
+                                f"{ci_text(iv)}", hold))
+        sizes = sorted({(r["n_params"], r["size"]) for r in runs})
+        rates = [rate for rate in sorted({r["undiscovered_rate"] for r in runs})
+                 if all(any(r["size"] == s and r["undiscovered_rate"] == rate for r in runs) for _, s in sizes)]
+        if len(sizes) > 1 and rates:
+            rate = 0.2 if 0.2 in rates else rates[-1]
+            by = {s: {r["seed"]: r["leakage"] for r in runs if r["size"] == s and r["undiscovered_rate"] == rate}
+                  for _, s in sizes}
+            steps = [compare(by[a], by[b]) for (_, a), (_, b) in zip(sizes, sizes[1:])]
+            claims.append(claim(f"leakage falls with model size (sizes compared at {100 * rate:g}% undiscovered only)",
+                                "8M -> 64M: falls",
+                                "; ".join(f"{s}: {ci_text(t_interval(list(by[s].values())), 4)}" for _, s in sizes)
+                                + "; steps: " + ", ".join(v for _, v in steps),
+                                all_of(*(v for _, v in steps)), diffs=[iv for iv, _ in steps]))
     payload = {"title": "Leakage", "command": command, "inputs": [str(s) for s in sweeps], "table": rows,
-               "curves": curves, "claims": claims,
+               "runs": runs, "curves": curves, "claims": claims, "seeds": _seed_note(
+                   _groups(runs, lambda r: (r["size"], r["undiscovered_rate"]))) if runs else "0",
                "notes": ["N counts the forget tokens a plain run trained on (weak filter at a small undiscovered "
-                         "rate), replayed from the loader; bound=below: SGTM forgot more than the N=0 run; "
-                         "bound=above: less than the largest dose (leakage is then a lower bound)"]}
+                         "rate), replayed from the loader; the dose-response pools the dose runs of every seed. "
+                         "bound=below: SGTM forgot more than the N=0 run (leakage 0); bound=above: less than the "
+                         "largest dose (leakage is then a lower bound). Losses without bias, whole held-out split.",
+                         INTERVAL_NOTE]}
     write_analysis(out, "leakage", payload, fig)
     return payload
 
@@ -379,71 +463,78 @@ def leakage(sweeps: list[str], out: str, command: str) -> dict:
 
 def compute_penalty_analysis(sweeps: list[str], out: str, command: str, from_history: bool = False) -> dict:
     """Fit loss = a * C^-b on the no-filter runs of several sizes (C = 6 * params * tokens), per set,
-    and express every other run's deployed loss as the compute fraction it gave up.
+    and express every other run's deployed loss as the compute fraction it gave up; mean and 95%
+    interval over seeds per (set, method).
 
     ``from_history`` also uses every intermediate evaluation of the no-filter runs as a (C, loss)
     point (C from the tokens seen by then): a one-size stand-in when several sizes are not
     available; the points before the end of the cosine schedule are not converged."""
-    cells = [c for c in load_cells(sweeps) if c["done"]]
+    cells = finished(sweeps)
     plain = [c for c in cells if c["strategy"] == "none" and c["filter"] == "none"]
     compute = {c["key"]: 6.0 * c["n_params"] * c["tokens"] for c in cells}
-    fits, rows = {}, []
+    fits, runs = {}, []
     fig, axes = figure(3, width=5)
     for ax, s in zip(axes, SETS):
         if from_history:
             pts = [(6.0 * c["n_params"] * c["tokens_per_step"] * r["step"], loss(r, s, "full"))
                    for c in plain for r in c["history"]]
         else:
-            pts = [(compute[c["key"]], loss(c["final"], s, "full")) for c in plain]
+            pts = [(compute[c["key"]], value(c, s, "full")) for c in plain]
         pts = [p for p in pts if p[1] is not None]
         if len({p[0] for p in pts}) < 2:
             ax.set_visible(False)
             continue
         fit = fit_power_law([p[0] for p in pts], [p[1] for p in pts])
-        fits[s] = fit
+        fits[s] = {**fit, "compute_span": max(p[0] for p in pts) / min(p[0] for p in pts)}
         cs = np.geomspace(min(p[0] for p in pts) / 2, max(p[0] for p in pts) * 2, 50)
         ax.plot(cs, fit["a"] * cs ** -fit["b"], "k--", lw=1, label=f"fit a*C^-b, b={fit['b']:.3f}")
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "ko", label="no filter")
         for c in cells:
-            if c in plain or c["history"] is None:
+            if c in plain:
                 continue
-            v = deployed(c, s)
+            v, raw = value(c, s, CAL), value(c, s, RAW)
             if v is None:
                 continue
             m = method_of(c)
-            pen = compute_penalty(fit["a"], fit["b"], v, compute[c["key"]])
-            raw = loss(c["final"], s, "ablated") if deployed_kind(c) == "calibrated" else v
-            rows.append({"set": s, "method": m, "size": size_label(c), "undiscovered_rate": c["undiscovered_rate"],
-                         "seed": c["seed"], "compute_flops": compute[c["key"]], "loss": v, "penalty": pen,
-                         "loss_uncalibrated": raw,
-                         "penalty_uncalibrated": compute_penalty(fit["a"], fit["b"], raw, compute[c["key"]])})
-            ax.plot([compute[c["key"]]], [v], "o", color=COLORS.get(m, "tab:olive"), ms=5)
+            runs.append({"set": s, "method": m, "size": size_label(c), "undiscovered_rate": c["undiscovered_rate"],
+                         "seed": c["seed"], "compute_flops": compute[c["key"]], "loss": v,
+                         "penalty": compute_penalty(fit["a"], fit["b"], v, compute[c["key"]]),
+                         "loss_no_bias": raw,
+                         "penalty_no_bias": compute_penalty(fit["a"], fit["b"], raw, compute[c["key"]])})
+            ax.plot([compute[c["key"]]], [v], "o", color=COLORS.get(m, "tab:olive"), ms=4)
         ax.set(xscale="log", yscale="log", title=f"{s} loss vs compute", xlabel="C = 6 N D (FLOPs)",
-               ylabel="loss (deployed model)")
+               ylabel="loss (deployed model, calibrated)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    summary = defaultdict(list)
-    for r in rows:
-        summary[(r["set"], r["method"])].append((r["penalty"], r["penalty_uncalibrated"]))
-    table = [{"set": s, "method": m, "penalty_mean": float(np.mean([x[0] for x in v])),
-              "penalty_uncalibrated_mean": float(np.mean([x[1] for x in v])), "runs": len(v)}
-             for (s, m), v in sorted(summary.items())]
+    table = []
+    for (s, m, size), rs in sorted(_groups(runs, lambda r: (r["set"], r["method"], r["size"])).items()):
+        iv, ivr = t_interval([r["penalty"] for r in rs]), t_interval([r["penalty_no_bias"] for r in rs])
+        table.append({"set": s, "method": m, "size": size, "seeds": len(rs), "penalty": iv["mean"],
+                      "penalty_pm": None if iv["lo"] is None else iv["hi"] - iv["mean"],
+                      "penalty_no_bias": ivr["mean"]})
     paper = {("retain", "sgtm"): "5%", ("retain", "weak_filter"): "-10%", ("retain", "strict_filter"): "-15%",
              ("forget", "sgtm"): "99%", ("forget", "weak_filter"): "95%", ("forget", "strict_filter"): "96%"}
-    claims = [{"claim": f"compute penalty on {r['set']} for {r['method']}",
-               "paper": paper[(r["set"], r["method"])] + " (Wikipedia 254M; retain = general knowledge)",
-               "here": f"{100 * r['penalty_mean']:.0f}%" + (
-                   f" (uncalibrated ablated: {100 * r['penalty_uncalibrated_mean']:.0f}%)"
-                   if r["penalty_uncalibrated_mean"] != r["penalty_mean"] else ""), "holds": None}
-              for r in table if (r["set"], r["method"]) in paper]
+    claims = []
+    for (s, m), rs in sorted(_groups(runs, lambda r: (r["set"], r["method"])).items()):
+        if (s, m) not in paper:
+            continue
+        iv = t_interval([100 * r["penalty"] for r in rs])
+        claims.append(claim(f"compute penalty (from the fitted scaling law) on {s} for {m}",
+                            paper[(s, m)] + " (Wikipedia 254M; retain = general knowledge)",
+                            f"{ci_text(iv, 0)} % over {iv['n']} runs", None))
+    span = {k: v["compute_span"] for k, v in fits.items()}
     payload = {"title": "Compute penalty", "command": command, "inputs": [str(s) for s in sweeps],
-               "fits": fits, "table": table, "runs": rows, "claims": claims,
+               "fits": fits, "table": table, "runs": runs, "claims": claims, "seeds": _seed_note(
+                   _groups(runs, lambda r: (r["set"], r["method"], r["size"]))) if runs else "0",
                "notes": ["penalty = 1 - C_equivalent / C: C_equivalent is the compute at which the no-filter fit "
-                         "reaches the run's deployed loss. Positive: the method costs compute on that set; "
-                         "on the forget set a large penalty is the goal.",
-                         "Fit on no-filter runs of several sizes at a fixed step count (not 20 tokens/param)."
-                         if not from_history else "Fit on the intermediate evaluations of the no-filter run(s) "
-                         "(--from-history): compute varies by tokens seen, not by model size."]}
+                         "reaches the run's deployed (calibrated) loss; penalty_no_bias uses the loss without bias. "
+                         "Positive: the method costs compute on that set; on the forget set a large penalty is the "
+                         "goal. A loss increase and a compute penalty are different quantities: with a shallow fit "
+                         "(small b) a small loss gap is a large compute fraction.",
+                         f"Fit on no-filter runs spanning {max(span.values()):.1f}x in compute at a fixed step count "
+                         "(not compute-optimal)." if span and not from_history else
+                         "Fit on the intermediate evaluations of the no-filter run(s) (--from-history): compute "
+                         "varies by tokens seen, not by model size." if from_history else ""]}
     write_analysis(out, "compute_penalty", payload, fig)
     return payload
 
@@ -540,54 +631,84 @@ def classifier(sweeps: list[str], out: str, command: str) -> dict:
 # -------------------------------------------------------------------------------------- attacks
 
 
-def _steps(v) -> float:
-    """Steps to a threshold; '>N' (not reached in N steps) counts as just above N."""
-    return float(v[1:]) + 0.5 if isinstance(v, str) else float(v)
+def _censored_steps(r: dict, level: float) -> tuple[float, bool]:
+    """Steps an attack took to bring the forget loss to ``level`` and whether that is censored
+    (not reached in the steps run: the value is then a lower bound, the steps run + 1)."""
+    from pipeline.experiments.stats import steps_to_threshold
+
+    h = r["history"]
+    hit = steps_to_threshold([x["step"] for x in h], [x["forget_loss"] for x in h], level)
+    if hit["step"] is None:
+        return float(h[-1]["step"] + 1), True
+    return float(hit["step"]), False
 
 
 def attacks(runs: list[str], out: str, command: str, thresholds: list[float] | None = None) -> dict:
-    """All fine-tuning attack results (``attack*.analysis.json`` under ``runs``) on one plot, with
-    steps to reach each threshold: the no-filter model's forget loss (the paper's criterion) and
-    any extra ``thresholds`` (useful when short attacks never get all the way back)."""
-    from pipeline.experiments.stats import steps_to_threshold
-
+    """All fine-tuning attack results (``attack*.analysis.json`` under ``runs``), grouped by the
+    attacked method over model seeds: how far each model starts above its target (the no-filter
+    model's forget loss on the same held-out batches, per seed) and how many steps the attack
+    needs to reach it."""
     found = sorted({p.resolve() for r in runs for p in Path(r).rglob("attack*.analysis.json")
                     if p.name != "attacks.analysis.json"})
     if not found:
         raise FileNotFoundError("attacks: no attack*.analysis.json under " + ", ".join(map(str, runs)))
-    results = {json.loads(p.read_text())["analysis"]: json.loads(p.read_text())["results"] for p in found}
-    ref = next((r["threshold"] for r in results.values() if r.get("threshold") is not None), None)
-    levels = ([ref] if ref is not None else []) + list(thresholds or [])
+    results = [json.loads(p.read_text())["results"] for p in found]
+    groups = _groups(results, lambda r: r.get("label") or r["strategy"])
     fig, (ax,) = figure(1, width=7.5)
-    rows = []
-    for name, r in sorted(results.items()):
-        h = r["history"]
-        steps, fl = [x["step"] for x in h], [x["forget_loss"] for x in h]
-        ax.plot(steps, fl, "o-", ms=3, label=name.removeprefix("attack_"),
-                color=COLORS.get(name.removeprefix("attack_"), None))
-        row = {"attack": name, "start_forget": fl[0], "end_forget": fl[-1], "steps_run": steps[-1],
-               "tokens_per_step": r["tokens_per_step"], "retain_start": h[0]["retain_loss"],
-               "retain_end": h[-1]["retain_loss"]}
-        for lv in levels:
-            hit = steps_to_threshold(steps, fl, lv)
-            row[f"steps_to_{lv:.3f}"] = hit["step"] if hit["step"] is not None else f">{steps[-1]}"
+    rows, per = [], {}
+    for m, rs in sorted(groups.items()):
+        ok = [r for r in rs if r.get("threshold") is not None]
+        gap = {r.get("model_seed", 0): r["forget_loss_start"] - r["threshold"] for r in ok}
+        steps = {r.get("model_seed", 0): _censored_steps(r, r["threshold"]) for r in ok}
+        per[m] = {"gap": gap, "steps": {k: v for k, (v, _) in steps.items()},
+                  "censored": {k for k, (_, c) in steps.items() if c}}
+        for r in rs:
+            h = r["history"]
+            ax.plot([x["step"] for x in h], [x["forget_loss"] - (r["threshold"] or 0) for x in h], "-", lw=1,
+                    color=COLORS.get(m), label=m if r is rs[0] else None)
+        giv, siv = t_interval(list(gap.values())), t_interval(list(per[m]["steps"].values()))
+        row = {"attacked": m, "seeds": len(rs), "start_above_target": giv["mean"],
+               "start_above_target_pm": None if giv["lo"] is None else giv["hi"] - giv["mean"],
+               "steps_to_target": siv["mean"],
+               "steps_to_target_pm": None if siv["lo"] is None else siv["hi"] - siv["mean"],
+               "not_reached": len(per[m]["censored"]), "steps_run": max(r["history"][-1]["step"] for r in rs),
+               "retain_start": float(np.mean([r["retain_loss_start"] for r in rs])),
+               "retain_end": float(np.mean([r["retain_loss_end"] for r in rs]))}
+        for lv in thresholds or []:
+            vals = [_censored_steps(r, lv) for r in rs]
+            row[f"steps_to_{lv:g}"] = float(np.mean([v for v, _ in vals]))
         rows.append(row)
-    for i, lv in enumerate(levels):
-        ax.axhline(lv, color="k", ls="--" if i == 0 else ":", lw=1,
-                   label="no-filter model's forget loss" if i == 0 and ref is not None else f"threshold {lv:.3f}")
-    ax.set(title="fine-tuning attack: held-out forget loss", xlabel="attack step", ylabel="forget loss")
+    ax.axhline(0, color="k", ls="--", lw=1, label="target: the no-filter model's forget loss")
+    ax.set(title="fine-tuning attack: held-out forget loss minus the target, per model seed", xlabel="attack step",
+           ylabel="forget loss - target (nats)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     claims = []
-    by = {r["attack"]: r for r in rows}
-    if ref is not None and "attack_sgtm" in by and "attack_rmu" in by:
-        k = f"steps_to_{ref:.3f}"
-        claims.append({"claim": "SGTM resists fine-tuning longer than RMU", "paper": "RMU 50 steps; SGTM 350 (~7x)",
-                       "here": f"RMU {by['attack_rmu'][k]} steps, SGTM {by['attack_sgtm'][k]} steps",
-                       "holds": _steps(by["attack_sgtm"][k]) > _steps(by["attack_rmu"][k])})
+    if "sgtm" in per and "rmu" in per:
+        s_, r_ = per["sgtm"], per["rmu"]
+        removed = {m: verdict(t_interval(list(per[m]["gap"].values()))) for m in ("sgtm", "rmu")}
+        iv = diff_interval(s_["steps"], r_["steps"])
+        if removed["rmu"] != "holds" or removed["sgtm"] != "holds":
+            who = [m.upper() for m in ("sgtm", "rmu") if removed[m] != "holds"]
+            v, why = "inconclusive", (f"; {' and '.join(who)} did not start measurably above the target (interval of "
+                                      "start - target not above 0): nothing to recover, so steps measure nothing")
+        elif r_["censored"]:
+            v, why = "inconclusive", "; the RMU attack did not reach the target in some seeds (censored)"
+        else:
+            v, why = verdict(iv), (" (SGTM's censored seeds count as steps run + 1, a lower bound)"
+                                   if s_["censored"] else "")
+        claims.append(claim("SGTM resists fine-tuning longer than RMU (steps to the no-filter forget loss)",
+                            "RMU 50 steps; SGTM 350 (~7x)",
+                            f"start above target: SGTM {ci_text(t_interval(list(s_['gap'].values())))}, RMU "
+                            f"{ci_text(t_interval(list(r_['gap'].values())))}; steps: SGTM "
+                            f"{ci_text(t_interval(list(s_['steps'].values())), 0)}, RMU "
+                            f"{ci_text(t_interval(list(r_['steps'].values())), 0)}; {diff_text(iv, 0)}" + why,
+                            v, diff=iv))
     payload = {"title": "Fine-tuning attacks compared", "command": command, "inputs": [str(p) for p in found],
-               "table": rows, "claims": claims,
-               "notes": ["steps_to_X: first evaluated attack step whose held-out forget loss is <= X "
-                         "(>N: not reached in the N steps run)"]}
+               "seeds": _seed_note(groups), "table": rows, "claims": claims,
+               "notes": ["target: the no-filter model of the same seed, its forget loss on the attack's own held-out "
+                         "batches (the whole held-out forget split); start_above_target: the attacked model's forget "
+                         "loss before the attack minus that target; steps_to_target: first evaluated attack step at "
+                         "or below the target (not reached: steps run + 1, counted in not_reached).", INTERVAL_NOTE]}
     write_analysis(out, "attacks", payload, fig)
     return payload

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       ("leakage", "dose-response baselines -> SGTM leakage per undiscovered rate and size"),
                       ("compute-penalty", "power-law fit on no-filter runs -> equivalent compute of each method"),
                       ("classifier", "precision/recall of the tags that reached training"),
-                      ("seeds", "seed-to-seed spread of the deployed losses (the noise level of one-seed verdicts)")):
+                      ("seeds", "seed-to-seed spread of the deployed losses")):
         q = asub.add_parser(name, help=hlp)
         q.add_argument("--sweeps", nargs="+", required=True, help="sweep result dirs (OUT/<name>) or results.json")
         q.add_argument("--out", required=True, help="directory for <analysis>.analysis.json and .png")
@@ -60,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.add_argument("--eval-every", type=int, default=10)
         q.add_argument("--lr", type=float, default=1e-3, help="attack learning rate")
         q.add_argument("--batch-size", type=int, default=8, help="sequences per attack step (half forget)")
-        q.add_argument("--eval-batches", type=int, default=4)
+        q.add_argument("--eval-batches", type=int, default=None,
+                       help="held-out batches to evaluate on (default: the whole held-out split)")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--stop-at-target", action="store_true", help="stop once the target is reached")
         if name == "attack":
@@ -83,7 +84,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report directory (results.md + figures/)")
     p.add_argument("--name", default="results.md")
     p.add_argument("--title", default="SGTM results")
-    p.add_argument("--intro", help="Markdown file placed under the title")
+    p.add_argument("--intro", help="Markdown template placed under the title ({{tag/name:path|fmt}} fields are "
+                                   "filled from the summaries)")
+    p.add_argument("--readme", help="also fill the results block of this README from the same summaries")
     p.set_defaults(func=cmd_report)
 
 
@@ -163,6 +166,6 @@ def cmd_rmu(args) -> int:
 def cmd_report(args) -> int:
     from pipeline.experiments.report import build_report
 
-    path = build_report(args.runs, args.out, args.title, args.intro, args.name, command=_cmd())
+    path = build_report(args.runs, args.out, args.title, args.intro, args.name, command=_cmd(), readme=args.readme)
     print(f"[report] wrote {path}")
     return 0

@@ -36,11 +36,78 @@ def load_cells(paths: list[str | Path]) -> list[dict]:
             c["final"] = json.loads(final.read_text()) if final.is_file() else None
             c["done"] = c["final"] is not None
             c["history"] = eval_history(run_dir)
+            c["deployed_eval"] = deployed_record(run_dir)
             if c["key"] in seen:
                 continue
             seen.add(c["key"])
             cells.append(c)
     return cells
+
+
+def deployed_record(run_dir: str | Path) -> dict | None:
+    from pipeline.experiments.deployed import load
+
+    return load(run_dir)
+
+
+def ensure_deployed(cells: list[dict], log=print) -> list[dict]:
+    """Give every finished cell its whole-split deployed evaluation (computed once, cached in the
+    run dir): the numbers every verdict uses."""
+    from pipeline.experiments.deployed import ensure
+
+    for c in cells:
+        if c["done"]:
+            c["deployed_eval"] = ensure(c["run_dir"], c["final"].get("step"), log=log)
+    return cells
+
+
+def finished(paths: list[str | Path], log=print) -> list[dict]:
+    """Finished cells of the sweeps, each with its deployed evaluation."""
+    return ensure_deployed([c for c in load_cells(paths) if c["done"]], log=log)
+
+
+def value(cell: dict, name: str, kind: str = "deployed_calibrated") -> float | None:
+    """A set's loss from the cell's whole-split deployed evaluation. ``kind``: ``full`` (the
+    unablated model), ``deployed`` (what ships: ablated for SGTM / Gradient Routing / activation
+    masking, full otherwise; no bias) or ``deployed_calibrated`` (the same model with the fitted
+    output bias; one procedure for every method)."""
+    rec = cell.get("deployed_eval")
+    if not rec:
+        return None
+    v = rec["sets"].get(name, {}).get(kind)
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def per_seed(cells: list[dict], fn) -> dict[int, float]:
+    """{seed: fn(cell)} over cells of one group (one value per seed)."""
+    out = {}
+    for c in cells:
+        v = fn(c)
+        if v is not None:
+            if c["seed"] in out:
+                raise ValueError(f"two cells of one group share seed {c['seed']}: {c['run_dir']}")
+            out[c["seed"]] = float(v)
+    return out
+
+
+def ci_text(iv: dict, digits: int = 3) -> str:
+    """``mean [lo, hi]`` (95% t-interval over seeds) or ``mean (1 seed)``."""
+    if iv.get("mean") is None:
+        return "-"
+    m = f"{iv['mean']:.{digits}f}"
+    if iv.get("lo") is None:
+        return f"{m} (1 seed)"
+    return f"{m} [{iv['lo']:.{digits}f}, {iv['hi']:.{digits}f}]"
+
+
+def diff_text(iv: dict, digits: int = 3) -> str:
+    if iv.get("mean") is None:
+        return "-"
+    m = f"{iv['mean']:+.{digits}f}"
+    if iv.get("lo") is None:
+        return f"difference {m} (no interval: one seed)"
+    kind = "paired" if iv.get("paired") else "Welch"
+    return f"difference {m} [{iv['lo']:+.{digits}f}, {iv['hi']:+.{digits}f}] ({iv['n']} seeds, {kind})"
 
 
 def method_of(cell: dict) -> str:

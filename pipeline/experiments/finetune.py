@@ -17,7 +17,6 @@ gradient-norm analysis.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -59,7 +58,8 @@ def _mean_loss(model, batches, device) -> float:
     return total / max(n, 1)
 
 
-def _eval_batches(cfg, n: int, batch_size: int):
+def _eval_batches(cfg, n: int | None, batch_size: int):
+    """Held-out forget / retain batches; ``n`` None: the whole held-out split."""
     from pipeline.data.loader import build_eval_batches
 
     out = {}
@@ -69,25 +69,43 @@ def _eval_batches(cfg, n: int, batch_size: int):
     return out
 
 
-def _reference_loss(reference: str | None, target: float | None) -> tuple[float | None, str | None]:
+def _reference_loss(reference: str | None, target: float | None,
+                    batches: list[dict]) -> tuple[float | None, str | None]:
+    """The attack's target: ``--target-loss``, or the reference model's (the no-filter run's) forget
+    loss on exactly the batches the attack evaluates on, so the target and the attacked model's
+    losses are measured on one set (the unablated reference model, no calibration bias)."""
     if target is not None:
         return float(target), "--target-loss"
     if reference is None:
         return None, None
-    p = Path(reference)
-    f = p / "final.json" if p.is_dir() else p
-    if f.is_file() and f.suffix == ".json":
-        data = json.loads(f.read_text())
-        if "forget_full" in data:
-            return float(data["forget_full"]), str(f)
-        if "forget_loss_start" in data:  # an attack/rmu result
-            return float(data["forget_loss_start"]), str(f)
-    raise FileNotFoundError(f"--reference: {reference}: no final.json with forget_full")
+    try:
+        _, ref_model, ref_dist = _load(reference)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--reference: {reference}: not a run, checkpoint or model directory ({e})") from None
+    ref_model.set_ablated([])
+    ref_model.eval()
+    return _mean_loss(ref_model, batches, ref_dist.device), f"{reference} (full model, the attack's forget batches)"
+
+
+def _label(cfg, meta: dict) -> str:
+    """What the attacked model is: its method (rmu for an RMU model directory)."""
+    if meta.get("rmu"):
+        return "rmu"
+    if cfg.sgtm.strategy != "none":
+        return cfg.sgtm.strategy
+    if cfg.data.filter == "weak" and cfg.data.tagging.source == "simulated" and cfg.data.tagging.undiscovered_rate == 0:
+        return "perfect_filter"
+    return {"none": "no_filter", "weak": "weak_filter", "strict": "strict_filter"}[cfg.data.filter]
 
 
 def attack(checkpoint: str, out: str, command: str, *, steps: int = 200, eval_every: int = 10, lr: float = 1e-3,
-           batch_size: int = 8, eval_batches: int = 4, reference: str | None = None, target_loss: float | None = None,
-           ablate: str = "auto", seed: int = 0, name: str = "attack", stop_at_target: bool = False) -> dict:
+           batch_size: int = 8, eval_batches: int | None = None, reference: str | None = None,
+           target_loss: float | None = None, ablate: str = "auto", seed: int = 0, name: str = "attack",
+           stop_at_target: bool = False) -> dict:
+    """Fine-tune the deployed model on 50/50 forget/retain training text; held-out forget loss every
+    ``eval_every`` steps (retain loss at the start and the end), on the whole held-out split unless
+    ``eval_batches`` limits it; the target is the reference model's forget loss on the same
+    batches."""
     from pipeline.sgtm.ablate import ablate as ablate_fn
 
     loaded, model, dist = _load(checkpoint)
@@ -99,9 +117,9 @@ def attack(checkpoint: str, out: str, command: str, *, steps: int = 200, eval_ev
     if do_ablate:
         ablate_fn(model, None, how="zero")
     model.set_ablated([])  # zeroed slices stay in the graph: the attacker may train them
-    threshold, ref_src = _reference_loss(reference, target_loss)
     seq = cfg.model.max_seq_len
     evals = _eval_batches(cfg, eval_batches, batch_size)
+    threshold, ref_src = _reference_loss(reference, target_loss, evals["forget"])
     fstream = _split_stream(cfg, "forget", seed + 101, batch_size // 2, seq)
     rstream = _split_stream(cfg, "retain", seed + 202, batch_size - batch_size // 2, seq)
     torch.manual_seed(seed)
@@ -109,17 +127,16 @@ def attack(checkpoint: str, out: str, command: str, *, steps: int = 200, eval_ev
                             weight_decay=0.0)
     history = []
 
-    def record(step: int) -> None:
+    def record(step: int, retain: bool = False) -> None:
         model.eval()
         history.append({"step": step, "tokens": step * batch_size * seq,
                         "forget_loss": _mean_loss(model, evals["forget"], device),
-                        "retain_loss": _mean_loss(model, evals["retain"], device)})
+                        "retain_loss": _mean_loss(model, evals["retain"], device) if retain else None})
         model.train()
-        print(f"[{name}] step {step}: forget {history[-1]['forget_loss']:.3f} "
-              f"retain {history[-1]['retain_loss']:.3f}", flush=True)
+        print(f"[{name}] step {step}: forget {history[-1]['forget_loss']:.3f}", flush=True)
 
     t0 = time.perf_counter()
-    record(0)
+    record(0, retain=True)
     model.train()
     for step in range(1, steps + 1):
         fb, rb = next(fstream), next(rstream)
@@ -134,13 +151,18 @@ def attack(checkpoint: str, out: str, command: str, *, steps: int = 200, eval_ev
             record(step)
             if stop_at_target and threshold is not None and history[-1]["forget_loss"] <= threshold:
                 break
+    if history[-1]["retain_loss"] is None:
+        model.eval()
+        history[-1]["retain_loss"] = _mean_loss(model, evals["retain"], device)
     fstream.close()
     rstream.close()
     reached = steps_to_threshold([h["step"] for h in history], [h["forget_loss"] for h in history], threshold) \
         if threshold is not None else {"step": None, "interpolated": None}
     tok = batch_size * seq
     result = {"checkpoint": str(checkpoint), "strategy": strategy, "filter": cfg.data.filter,
-              "ablated": do_ablate or already,
+              "label": _label(cfg, loaded.meta), "model_seed": cfg.train.seed, "attack_seed": seed,
+              "eval_tokens": {k: sum(int((b["labels"] != -100).sum()) for b in v) for k, v in evals.items()},
+              "eval_every": eval_every, "ablated": do_ablate or already,
               "threshold": threshold, "threshold_source": ref_src, "steps_to_threshold": reached["step"],
               "steps_to_threshold_interpolated": reached["interpolated"],
               "tokens_to_threshold": reached["step"] * tok if reached["step"] is not None else None,
@@ -150,7 +172,8 @@ def attack(checkpoint: str, out: str, command: str, *, steps: int = 200, eval_ev
               "history": history, "seconds": time.perf_counter() - t0}
     fig, (ax,) = figure(1)
     ax.plot([h["step"] for h in history], [h["forget_loss"] for h in history], "o-", label="forget (held out)")
-    ax.plot([h["step"] for h in history], [h["retain_loss"] for h in history], "s-", label="retain (held out)")
+    ax.plot([h["step"] for h in history if h["retain_loss"] is not None],
+            [h["retain_loss"] for h in history if h["retain_loss"] is not None], "s", label="retain (held out)")
     if threshold is not None:
         ax.axhline(threshold, color="k", ls="--", lw=1, label="no-filter model's forget loss")
     ax.set(title=f"fine-tuning attack on {Path(checkpoint).name} ({strategy}, filter {cfg.data.filter})",
@@ -207,7 +230,7 @@ def rmu(checkpoint: str, out: str, command: str, *, layer: int | None = None, co
     fstream = _split_stream(cfg, "forget", seed + 11, batch_size, seq)
     rstream = _split_stream(cfg, "retain", seed + 22, batch_size, seq)
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    evals = _eval_batches(cfg, 4, batch_size)
+    evals = _eval_batches(cfg, None, batch_size)  # the whole held-out split
     before = {k: _mean_loss(model, v, device) for k, v in evals.items()}
     log = []
     model.train()

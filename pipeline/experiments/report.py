@@ -1,26 +1,137 @@
 """`sgtm report --runs DIR... --out DIR`: gather every ``*.analysis.json`` (and its PNG) under the
-given directories into one Markdown report, each number next to the command that produced it."""
+given directories, write a small summary of each to ``OUT/results/<tag>_<name>.json`` (committed:
+the numbers a reader can check without rerunning anything), and render the Markdown report from
+those summaries only, each number next to the command that produced it.
+
+The intro (``--intro``) is a template: ``{{tag/name:path|format}}`` fields are filled from the
+summaries (``path``: dotted keys and list indices, ``table[key=value]`` picks a row, e.g.
+``{{bilingual/tradeoff:table[method=sgtm].forget_cal|.3f}}``); a field whose analysis was not
+regenerated renders as "(pending)", so prose never shows a number the summaries do not hold.
+``--readme FILE`` replaces the block between ``<!-- results:begin -->`` and
+``<!-- results:end -->`` in FILE with the claims table rendered from the same summaries.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from pipeline.experiments.common import fmt
 
-VERDICT = {True: "holds", False: "does not hold", None: "compare", "within noise": "within noise"}
-ORDER = ["seeds", "tradeoff", "undiscovered", "leakage", "compute_penalty", "capacity", "classifier", "attacks",
+VERDICT = {None: "compare", True: "holds", False: "does not hold"}
+ORDER = ["tradeoff", "undiscovered", "seeds", "leakage", "compute_penalty", "capacity", "classifier", "attacks",
          "attack", "rmu", "gradnorm", "per_token"]
 SKIP_COLUMNS = {"run_dir", "confusion", "checkpoint"}
+# What a summary keeps of an analysis: the numbers the report shows, not curves or paths.
+SUMMARY_KEYS = ("analysis", "title", "command", "seeds", "setup", "claims", "table", "fits", "notes", "results_brief",
+                "param_norms")
+# The analyses tools/reproduce_results.sh produces; any of them missing is listed as pending.
+EXPECTED = {"bilingual": ["tradeoff", "undiscovered", "seeds", "leakage", "compute_penalty", "capacity", "attacks",
+                          "gradnorm", "per_token"],
+            "wiki": ["tradeoff", "classifier", "attacks"]}
+README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
+FIELD = re.compile(r"\{\{([\w-]+)/([\w-]+):([^}|]+)(?:\|([^}]*))?\}\}")
 
 
-def _order(path: Path) -> tuple:
-    name = json.loads(path.read_text()).get("analysis", path.stem)
+def verdict_text(v: Any) -> str:
+    return v if isinstance(v, str) else VERDICT[v]
+
+
+def _order(summary: dict) -> tuple:
+    name = summary.get("analysis", "")
     for i, prefix in enumerate(ORDER):
         if name.startswith(prefix):
-            return (i, str(path))
-    return (len(ORDER), str(path))
+            return (i, name)
+    return (len(ORDER), name)
+
+
+def summarize(analysis: dict) -> dict:
+    """The small, committed part of an analysis."""
+    out = {k: analysis[k] for k in SUMMARY_KEYS if k in analysis}
+    if "results" in analysis and isinstance(analysis["results"], dict):  # single-run analyses: scalars only
+        out["results_brief"] = {k: v for k, v in analysis["results"].items()
+                                if isinstance(v, (int, float, str)) and k not in SKIP_COLUMNS}
+    return out
+
+
+def write_summaries(runs: list[str | Path], summary_dir: Path) -> dict[str, dict]:
+    """``<tag>_<name>.json`` for every analysis under ``runs`` (tag: the analysis directory's name);
+    summaries of analyses not found are removed, so the directory holds one regeneration."""
+    files = sorted({p.resolve() for r in runs for p in Path(r).rglob("*.analysis.json")})
+    summaries = {}
+    for f in files:
+        a = json.loads(f.read_text())
+        if a["analysis"].startswith("attack_") or a["analysis"] == "rmu":
+            continue  # one attack / RMU run each: the inputs the `attacks` analysis summarises
+        key = f"{f.parent.name}/{a['analysis']}"
+        s = summarize(a)
+        s["tag"] = f.parent.name
+        s["png"] = a.get("png")
+        s["_dir"] = str(f.parent)
+        summaries[key] = s
+    summary_dir.mkdir(parents=True, exist_ok=True)
+    for old in summary_dir.glob("*.json"):
+        old.unlink()
+    for key, s in summaries.items():
+        path = summary_dir / (key.replace("/", "_") + ".json")
+        body = {k: v for k, v in s.items() if not k.startswith("_") and k != "png"}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(body, indent=1, default=str, allow_nan=False) + "\n")
+        tmp.replace(path)
+    return summaries
+
+
+def load_summaries(summary_dir: Path) -> dict[str, dict]:
+    out = {}
+    for f in sorted(Path(summary_dir).glob("*.json")):
+        s = json.loads(f.read_text())
+        if "analysis" in s and "tag" in s:
+            out[f"{s['tag']}/{s['analysis']}"] = s
+    return out
+
+
+def _resolve(obj: Any, path: str) -> Any:
+    for part in re.findall(r"[^.\[\]]+(?:\[[^\]]*\])?", path):
+        m = re.fullmatch(r"([^\[]+)(?:\[([^\]]*)\])?", part)
+        key, sel = m.group(1), m.group(2)
+        obj = obj[int(key)] if isinstance(obj, list) else obj[key]
+        if sel is not None:
+            if "=" in sel:
+                conds = [c.split("=", 1) for c in sel.split(",")]
+                hits = [r for r in obj if all(str(r.get(k)) == v for k, v in conds)]
+                if len(hits) != 1:
+                    raise KeyError(f"[{sel}] matches {len(hits)} rows")
+                obj = hits[0]
+            else:
+                obj = obj[int(sel)]
+    return obj
+
+
+def render_template(text: str, summaries: dict[str, dict]) -> str:
+    """Fill ``{{tag/name:path|format}}`` fields; format: a Python format spec (``.3f``), ``pct``
+    (x100, no decimals, with %), ``pct1`` (one decimal) or nothing (as stored)."""
+
+    def sub(m: re.Match) -> str:
+        key, path, spec = f"{m.group(1)}/{m.group(2)}", m.group(3), m.group(4) or ""
+        if key not in summaries:
+            return "(pending)"
+        try:
+            v = _resolve(summaries[key], path)
+        except (KeyError, IndexError, TypeError, ValueError):
+            return "(pending)"
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "(pending)"
+        if spec == "pct":
+            return f"{100 * v:.0f}%"
+        if spec == "pct1":
+            return f"{100 * v:.1f}%"
+        return format(v, spec) if spec else str(v)
+
+    return FIELD.sub(sub, text)
 
 
 def _table(rows: list[dict], limit: int = 40) -> str:
@@ -35,69 +146,93 @@ def _table(rows: list[dict], limit: int = 40) -> str:
     for r in rows[:limit]:
         lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
     if len(rows) > limit:
-        lines.append(f"\n({len(rows) - limit} more rows in the JSON)")
+        lines.append(f"\n({len(rows) - limit} more rows in the summary)")
     return "\n".join(lines)
 
 
-def _claims(claims: list[dict]) -> str:
-    if not claims:
-        return ""
-    lines = ["| claim | paper | here | verdict |", "| --- | --- | --- | --- |"]
-    for c in claims:
-        lines.append(f"| {c['claim']} | {c['paper']} | {c['here']} | {VERDICT[c.get('holds')]} |")
+def _claim_row(c: dict, prefix: str = "") -> str:
+    raw = c.get("holds_uncalibrated", "")
+    raw = verdict_text(raw) if raw != "" else ""
+    return f"| {prefix}{c['claim']} | {c['paper']} | {c['here']} | {verdict_text(c.get('holds'))} | {raw} |"
+
+
+CLAIMS_HEADER = ["| claim | paper | here (mean [95% interval] over seeds) | verdict | verdict without bias |",
+                 "| --- | --- | --- | --- | --- |"]
+
+
+def claims_table(summaries: dict[str, dict], with_analysis: bool = True) -> str:
+    lines = (["| analysis " + CLAIMS_HEADER[0], "| --- " + CLAIMS_HEADER[1]] if with_analysis
+             else list(CLAIMS_HEADER))
+    for _key, s in sorted(summaries.items(), key=lambda kv: _order(kv[1])):
+        for c in s.get("claims", []):
+            lines.append(_claim_row(c, f"| {s['title']} [{s['tag']}] " if with_analysis else ""))
     return "\n".join(lines)
 
 
 def build_report(runs: list[str | Path], out: str | Path, title: str = "SGTM results", intro: str | None = None,
-                 name: str = "results.md", command: str = "") -> Path:
+                 name: str = "results.md", command: str = "", readme: str | Path | None = None) -> Path:
     out = Path(out)
     figs = out / "figures"
-    files = sorted({p.resolve() for r in runs for p in Path(r).rglob("*.analysis.json")}, key=_order)
-    if not files:
+    summaries = write_summaries(runs, out / "results")
+    if not summaries:
         raise FileNotFoundError("report: no *.analysis.json under " + ", ".join(map(str, runs)))
     parts = [f"# {title}", ""]
     if command:
-        parts += [f"Generated by `{command}` from {len(files)} analyses.", ""]
+        parts += [f"Generated by `{command}`; every number below is in a summary under `{out.name}/results/` "
+                  "(one JSON per analysis, committed).", ""]
     if intro:
-        parts += [Path(intro).read_text().rstrip(), ""]
-    summary = []
+        parts += [render_template(Path(intro).read_text().rstrip(), summaries), ""]
+    pending = [f"{tag}/{a}" for tag, names in EXPECTED.items() for a in names if f"{tag}/{a}" not in summaries]
+    if pending:
+        parts += ["## Pending", "",
+                  "Not regenerated with the current code in the session that wrote this report (CPU time went to "
+                  "the headline cells first; `tools/reproduce_results.sh` produces them). No older numbers are "
+                  "shown for them: " + ", ".join(f"`{p}`" for p in pending) + ".", ""]
+    if any(s.get("claims") for s in summaries.values()):
+        parts += ["## Paper claims at a glance", "", claims_table(summaries), ""]
     sections = []
-    for f in files:
-        a = json.loads(f.read_text())
-        tag = f.parent.name
-        heading = f"{a.get('title', a['analysis'])} [{tag}]"
-        sec = [f"## {heading}", "", "```bash", a.get("command", "(command not recorded)"), "```", ""]
-        if a.get("claims"):
-            sec += [_claims(a["claims"]), ""]
-            for c in a["claims"]:
-                summary.append((heading, c))
-        if a.get("png"):
+    for key, s in sorted(summaries.items(), key=lambda kv: _order(kv[1])):
+        heading = f"{s.get('title', s['analysis'])} [{s['tag']}]"
+        sec = [f"## {heading}", "", "```bash", s.get("command", "(command not recorded)"), "```", ""]
+        if s.get("seeds"):
+            sec += [f"Seeds per cell: {s['seeds']}.", ""]
+        if s.get("claims"):
+            sec += ["\n".join(CLAIMS_HEADER + [_claim_row(c) for c in s["claims"]]), ""]
+        if s.get("png"):
             figs.mkdir(parents=True, exist_ok=True)
-            target = figs / f"{tag}_{a['png']}"
-            shutil.copyfile(f.parent / a["png"], target)
+            target = figs / f"{s['tag']}_{s['png']}"
+            shutil.copyfile(Path(s["_dir"]) / s["png"], target)
             sec += [f"![{heading}](figures/{target.name})", ""]
-        if a.get("fits"):
+        if s.get("fits"):
             sec += ["Fits (loss = a * C^-b): " + "; ".join(
-                f"{k}: a={v['a']:.4g}, b={v['b']:.4f}, R^2={v['r2']:.3f} ({v['points']} runs)"
-                for k, v in a["fits"].items()), ""]
-        if a.get("table"):
-            sec += [_table(a["table"]), ""]
-        for note in a.get("notes", []):
-            sec += [f"*{note}*", ""]
-        try:
-            shown = f.relative_to(Path.cwd())
-        except ValueError:
-            shown = f
-        sec += [f"Data: `{shown}`", ""]
+                f"{k}: a={fmt(v['a'])}, b={fmt(v['b'], 4)}, R^2={fmt(v['r2'])} ({v['points']} runs)"
+                for k, v in s["fits"].items()), ""]
+        if s.get("table"):
+            sec += [_table(s["table"]), ""]
+        for note in s.get("notes", []):
+            if note:
+                sec += [f"*{note}*", ""]
+        sec += [f"Summary: `{out.name}/results/{key.replace('/', '_')}.json`", ""]
         sections.append("\n".join(sec))
-    if summary:
-        parts += ["## Paper claims at a glance", "", "| analysis | claim | paper | here | verdict |",
-                  "| --- | --- | --- | --- | --- |"]
-        parts += [f"| {h} | {c['claim']} | {c['paper']} | {c['here']} | {VERDICT[c.get('holds')]} |"
-                  for h, c in summary]
-        parts.append("")
     text = "\n".join(parts) + "\n" + "\n".join(sections)
     out.mkdir(parents=True, exist_ok=True)
     target = out / name
-    target.write_text(text)
+    tmp = target.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(target)
+    if readme is not None:
+        update_readme(Path(readme), summaries)
     return target
+
+
+def update_readme(readme: Path, summaries: dict[str, dict]) -> None:
+    """Replace the README's results block with the claims table (same summaries as the report)."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme}: no '{README_BEGIN}' ... '{README_END}' block to fill")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    block = claims_table(summaries)
+    tmp = readme.with_suffix(".md.tmp")
+    tmp.write_text(f"{head}{README_BEGIN}\n{block}\n{README_END}{tail}")
+    tmp.replace(readme)

@@ -86,3 +86,83 @@ def steps_to_threshold(steps: Sequence[int], losses: Sequence[float], threshold:
             frac = (v0 - threshold) / (v0 - v) if v0 != v else 1.0
             return {"step": int(s), "interpolated": float(s0 + frac * (s - s0))}
     return {"step": None, "interpolated": None}
+
+
+# ------------------------------------------------------------------------- intervals and verdicts
+
+CONFIDENCE = 0.95
+HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+
+
+def _t_quantile(df: int, confidence: float = CONFIDENCE) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + confidence / 2, df))
+
+
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict:
+    """Mean and two-sided t-interval of the mean over independent runs (seeds). One value gives
+    no interval (``lo``/``hi`` None): one run says nothing about run-to-run spread."""
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
+    n = int(v.size)
+    if n == 0:
+        return {"mean": None, "lo": None, "hi": None, "n": 0, "sd": None}
+    mean = float(v.mean())
+    if n < 2:
+        return {"mean": mean, "lo": None, "hi": None, "n": n, "sd": None}
+    sd = float(v.std(ddof=1))
+    half = _t_quantile(n - 1, confidence) * sd / math.sqrt(n)
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n, "sd": sd}
+
+
+def diff_interval(a: dict, b: dict, confidence: float = CONFIDENCE) -> dict:
+    """Interval of mean(a) - mean(b) from per-seed values ``{seed: value}``.
+
+    Paired (t-interval of the per-seed differences) when both sides ran the same >= 2 seeds: a
+    seed fixes model init, data order and the label-noise draw for every method, so the pairing
+    removes what the methods share. Otherwise Welch's interval of two independent means."""
+    a = {k: float(v) for k, v in a.items() if v is not None and not math.isnan(v)}
+    b = {k: float(v) for k, v in b.items() if v is not None and not math.isnan(v)}
+    if not a or not b:
+        return {"mean": None, "lo": None, "hi": None, "n": 0, "paired": False}
+    if set(a) == set(b) and len(a) >= 2:
+        r = t_interval([a[k] - b[k] for k in sorted(a)], confidence)
+        return {**r, "paired": True}
+    va, vb = np.array(list(a.values())), np.array(list(b.values()))
+    mean = float(va.mean() - vb.mean())
+    n = min(va.size, vb.size)
+    if va.size < 2 or vb.size < 2:
+        return {"mean": mean, "lo": None, "hi": None, "n": n, "paired": False}
+    sa, sb = va.var(ddof=1) / va.size, vb.var(ddof=1) / vb.size
+    se = math.sqrt(sa + sb)
+    if se == 0:
+        return {"mean": mean, "lo": mean, "hi": mean, "n": n, "paired": False}
+    df = (sa + sb) ** 2 / (sa ** 2 / (va.size - 1) + sb ** 2 / (vb.size - 1))
+    from scipy.stats import t
+
+    half = float(t.ppf(0.5 + confidence / 2, df)) * se
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n, "paired": False}
+
+
+def verdict(interval: dict) -> str:
+    """The claim "difference > 0": ``holds`` when the whole interval is above 0, ``does not hold``
+    when it is wholly below 0, ``inconclusive`` when it contains 0 or there is no interval (one
+    seed)."""
+    lo, hi = interval.get("lo"), interval.get("hi")
+    if lo is None or hi is None:
+        return INCONCLUSIVE
+    if lo > 0:
+        return HOLDS
+    if hi < 0:
+        return FAILS
+    return INCONCLUSIVE
+
+
+def all_of(*verdicts: str) -> str:
+    """A claim made of several parts (e.g. Pareto dominance: better on both axes): it holds when
+    every part holds, does not hold when any part does not, else inconclusive."""
+    if FAILS in verdicts:
+        return FAILS
+    if all(v == HOLDS for v in verdicts):
+        return HOLDS
+    return INCONCLUSIVE

@@ -13,6 +13,11 @@ A sweep file (``configs/sweeps/NAME.yaml``)::
         weak_filter: [sgtm.strategy=none, data.filter=weak]
       data.tagging.undiscovered_rate: [0.0, 0.2]   # a list axis: key -> values
     exclude: [{method: weak_filter, data.tagging.undiscovered_rate: 0.2}]   # optional
+    seeds: [0, 1, 2]                     # optional: every cell once per seed (label ``seed``)
+
+A seed sets ``train.seed`` (model init and data order) and ``data.tagging.seed`` (which documents
+the simulated label noise leaves undiscovered or puts in retain mode): the analyses report the mean
+and a 95% interval over seeds, and verdicts come from the interval of a difference.
 
 A cell's directory is ``<out>/cells/<key>`` where ``key`` hashes the fully resolved config (not the
 run dir), so the same cell in two sweeps is trained once. A cell is finished when its
@@ -104,9 +109,14 @@ def load_sweep(path: str | Path) -> dict:
     for key in ("name", "base", "grid"):
         if key not in spec:
             raise ConfigError(f"{path}: sweep needs '{key}'")
-    unknown = set(spec) - {"name", "base", "data", "overrides", "grid", "exclude", "description", "analyses"}
+    unknown = set(spec) - {"name", "base", "data", "overrides", "grid", "exclude", "description", "analyses",
+                           "seeds"}
     if unknown:
         raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}")
+    seeds = spec.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+                              or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise ConfigError(f"{path}: seeds: expected a list of distinct non-negative integers, got {seeds!r}")
     spec["_path"] = str(path)
     return spec
 
@@ -121,6 +131,10 @@ def expand(spec: dict) -> list[Cell]:
             axes.append([(axis, v, [f"{axis}={_word(v)}"]) for v in values])
         else:
             raise ConfigError(f"grid.{axis}: expected a list of values or a mapping label -> overrides")
+    if spec.get("seeds") is not None:
+        if "seed" in spec["grid"]:
+            raise ConfigError("grid.seed: use the sweep's top-level 'seeds:' list instead")
+        axes.append([("seed", s, [f"train.seed={s}", f"data.tagging.seed={s}"]) for s in spec["seeds"]])
     common = [normalize_override(o) for o in spec.get("overrides", [])]
     excludes = spec.get("exclude", []) or []
     cells = []
@@ -262,6 +276,13 @@ def _run_locked(base: Path, cell: Cell, run_dir: Path, log) -> bool:
     with open(run_dir / "train.log", "a") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     log(f"[sweep] cell {cell.key} {cell.labels}: rc={rc} in {time.perf_counter() - t0:.0f}s")
+    if rc == 0 and cell.done():  # the whole-split deployed evaluation every analysis reads
+        from pipeline.experiments.deployed import ensure
+
+        try:
+            ensure(run_dir, json.loads((run_dir / "final.json").read_text()).get("step"), log=log)
+        except RuntimeError as e:  # the analyses retry it; the trained cell stays finished
+            log(f"[sweep] {e}")
     return rc == 0 and cell.done()
 
 
@@ -296,6 +317,8 @@ def collect(spec: dict, cells: list[Cell], base: Path, out: Path) -> dict:
             "undiscovered_rate": cell.config["data"]["tagging"]["undiscovered_rate"],
             "d_model": m["d_model"], "n_layers": m["n_layers"], "n_params": n_params,
             "steps": t["steps"], "seed": t["seed"], "tokens_per_step": tokens_per_step,
+            "vocab_size": m["vocab_size"], "seq_len": m["max_seq_len"], "lr": cell.config["optimizer"]["lr"],
+            "retain_fraction": cell.config["data"]["tagging"]["retain_fraction"],
             "tokens": tokens_per_step * t["steps"],
             "command": " ".join(shlex.quote(c) for c in cell_command(base, cell)),
         })
