@@ -25,8 +25,6 @@ import torch
 from pipeline.config import ConfigError, ModelConfig, SGTMConfig, assign_domains
 from pipeline.sgtm.codes import ParamClass, class_name, update_table
 
-RETAIN, JOINT_NON_FORGET, JOINT_ALL = ParamClass.RETAIN, ParamClass.JOINT_NON_FORGET, ParamClass.JOINT_ALL  # TEMP
-
 ROLE_KINDS = (
     "embedding", "position_embedding", "norm", "qkv", "attn_out", "attn_out_bias",
     "mlp_in", "mlp_out", "mlp_out_bias", "final_norm", "lm_head",
