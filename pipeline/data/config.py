@@ -4,6 +4,4 @@ layer's imports."""
 
 from pipeline.config import DataConfig, SourceConfig, TaggingConfig
 
-FILTERS = ("none", "weak", "strict")
-
-__all__ = ["DataConfig", "SourceConfig", "TaggingConfig", "FILTERS"]
+__all__ = ["DataConfig", "SourceConfig", "TaggingConfig"]
