@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast test-launch lint demo clean
+.PHONY: venv test test-fast test-launch test-docs lint demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(STAMP)
 # Launchers for real (SLURM on localhost, torchrun multi-node, MPI, Dockerfile checks); root, ~10 min.
 test-launch: $(STAMP)
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -m launch tests/test_launch.py
+
+# The README's and docs' command blocks marked runnable, as written, at tiny sizes (~2-5 min).
+test-docs: $(STAMP)
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -m docs tests/test_docs.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tools tests
