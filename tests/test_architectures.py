@@ -158,3 +158,41 @@ def test_llama3_fragments_have_the_published_sizes(fragment, billions):
 def test_llama3_8b_experiment_composes():
     cfg = load_config("configs/experiments/llama3_8b_8xh100.yaml")
     assert cfg.model.arch == "llama3" and cfg.model.query_heads_per_kv_head == 4
+
+
+@pytest.mark.parametrize("n_kv,heads", [(2, [4, 5, 6, 7]), (1, [])])
+def test_gqa_hf_export_matches_logits_full_and_ablated(single_process_world, tmp_path, monkeypatch, n_kv, heads):
+    """LlamaForCausalLM with num_key_value_heads: the exported logits equal ours to 1e-4, for the
+    trained-from-init model and for its ablated form (forget group's rows and columns zero)."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.sgtm.ablate import ablate
+    from pipeline.train.export_hf import export_hf
+    from pipeline.train.offline import LoadedModel, write_model_dir
+
+    cfg = gqa_config(n_kv, heads)
+    _, model = build_model(cfg, single_process_world)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    for name in ("full", "ablated"):
+        if name == "ablated":
+            ablate(model, [0])
+        meta = {"partition": {}, "ablated_domains": [0] if name == "ablated" else []}
+        src = write_model_dir(LoadedModel(cfg, gather_full_state_dict(model), meta), tmp_path / f"m_{name}")
+        out = export_hf(src, tmp_path / f"hf_{name}")
+        hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+        assert hf.config.num_key_value_heads == n_kv
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, model(ids)[..., :97], rtol=0, atol=1e-4)
+
+
+def test_export_refuses_an_architecture_no_hf_class_computes(single_process_world, tmp_path):
+    from pipeline.train.export_hf import export_hf
+    from pipeline.train.offline import LoadedModel, write_model_dir
+
+    cfg = tiny_config("gpt-neo", "sgtm", two_domains=False, model={"positions": "rope"})
+    _, model = build_model(cfg, single_process_world)
+    src = write_model_dir(LoadedModel(cfg, gather_full_state_dict(model), {"partition": {}, "ablated_domains": []}),
+                          tmp_path / "m")
+    with pytest.raises(ValueError, match=r"^model: no HF class matches norm=layernorm, positions=rope"):
+        export_hf(src, tmp_path / "hf")

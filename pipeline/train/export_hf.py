@@ -1,7 +1,9 @@
 """Export to a HF ``transformers`` model directory (safetensors + tokenizer), loadable offline.
 
-gpt-neo family -> ``GPT2LMHeadModel`` (learned positions, LayerNorm, exact GELU, tied embeddings,
-attention scaled by 1/sqrt(head_dim): exactly our block); llama family -> ``LlamaForCausalLM``.
+The HF class follows the architecture's features (:func:`hf_family`): learned positions, LayerNorm,
+GELU, biases, tied embeddings -> ``GPT2LMHeadModel`` (attention scaled by 1/sqrt(head_dim): exactly
+our block); RoPE, RMSNorm, SwiGLU, no biases -> ``LlamaForCausalLM`` (``num_key_value_heads`` for
+grouped-query attention). Any other mix is a one-line error.
 Padded vocabulary rows are dropped. HF models attend causally over the whole sequence, so
 logits match ours for sequences holding one document (packed documents need our doc mask).
 
@@ -24,11 +26,26 @@ from pipeline.config import ModelConfig
 from pipeline.train.offline import LoadedModel, load_any
 
 
+def hf_family(cfg: ModelConfig) -> str:
+    """'gpt2' or 'llama': the HF class that computes exactly what this architecture computes."""
+    if (cfg.norm, cfg.positions, cfg.mlp) == ("layernorm", "learned", "gelu") and cfg.bias and cfg.tie_embeddings \
+            and cfg.n_kv_heads == cfg.n_heads:
+        return "gpt2"
+    if (cfg.norm, cfg.positions, cfg.mlp) == ("rmsnorm", "rope", "swiglu") and not cfg.bias:
+        return "llama"
+    raise ValueError(f"model: no HF class matches norm={cfg.norm}, positions={cfg.positions}, mlp={cfg.mlp}, "
+                     f"bias={cfg.bias}, tie_embeddings={cfg.tie_embeddings}, n_kv_heads={cfg.n_kv_heads} "
+                     f"(GPT2LMHeadModel: layernorm/learned/gelu/biases/tied/multi-head; "
+                     f"LlamaForCausalLM: rmsnorm/rope/swiglu/no biases)")
+
+
 def _split_qkv(w: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Our QKV rows are head-major ([q_h, k_h, v_h] per head); return the q, k, v blocks."""
-    H, hd = cfg.n_heads, cfg.head_dim
-    w = w.view(H, 3, hd, *w.shape[1:])
-    return tuple(w[:, j].reshape(H * hd, *w.shape[3:]) for j in range(3))
+    """Our QKV rows are KV-group-major ([q of the group's heads, k_g, v_g] per KV head g; multi-head:
+    [q_h, k_h, v_h] per head); return the q, k, v blocks in HF's head order."""
+    G, r, hd = cfg.n_kv_heads, cfg.query_heads_per_kv_head, cfg.head_dim
+    w = w.view(G, r + 2, hd, *w.shape[1:])
+    rest = w.shape[3:]
+    return (w[:, :r].reshape(G * r * hd, *rest), w[:, r].reshape(G * hd, *rest), w[:, r + 1].reshape(G * hd, *rest))
 
 
 def gpt2_state(state: dict, cfg: ModelConfig):
@@ -132,7 +149,7 @@ def llama_state(state: dict, cfg: ModelConfig):
 
     v, f = cfg.vocab_size, cfg.d_ff
     hf = LlamaConfig(vocab_size=v, hidden_size=cfg.d_model, intermediate_size=f, num_hidden_layers=cfg.n_layers,
-                     num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+                     num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
                      max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
                      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
                      tie_word_embeddings=bool(cfg.tie_embeddings), attention_bias=False, mlp_bias=False,
@@ -171,7 +188,7 @@ def _calibration(loaded: LoadedModel, path: str | Path, drop: bool) -> tuple[tor
         return None, "none"
     if drop:
         return None, "dropped (--drop-calibration): logits are the ablated model's, without the bias"
-    if loaded.cfg.model.arch != "gpt-neo":
+    if hf_family(loaded.cfg.model) != "gpt2":
         raise ValueError(
             f"{path}: holds a calibrated output bias (sgtm ablate --calibrate), which LlamaForCausalLM cannot "
             f"carry (no LM-head bias); add --drop-calibration to export the ablated model without it")
@@ -184,7 +201,7 @@ def export_hf(path: str | Path, out: str | Path, drop_calibration: bool = False)
     loaded = load_any(path)
     cfg = loaded.cfg.model
     bias, calibration = _calibration(loaded, path, drop_calibration)
-    hf_cfg, state = gpt2_state(loaded.state, cfg) if cfg.arch == "gpt-neo" else llama_state(loaded.state, cfg)
+    hf_cfg, state = gpt2_state(loaded.state, cfg) if hf_family(cfg) == "gpt2" else llama_state(loaded.state, cfg)
     if bias is not None:
         hf_cfg, state = fold_logit_bias_gpt2(hf_cfg, state, cfg, bias)
     from transformers import AutoModelForCausalLM
