@@ -34,12 +34,19 @@ def run(args: argparse.Namespace) -> int:
     n_forget = int(sum(len(part.heads(b, d)) * per_head + len(part.units(b, d)) * per_unit
                        for d in range(len(part.domains)) for b in range(m.n_layers)))
     print(f"forget parameters: {n_forget / 1e6:.3f}M ({100 * n_forget / m.num_params():.2f}% of the model)")
+    per_group = m.query_heads_per_kv_head
     for r in range(part.tp_size):
         owned = part.owned(r)
+        h0, g0 = r * part.heads_per_rank, r * part.kv_heads_per_rank
+        where = (f"TP rank {r} (query heads {h0}-{h0 + part.heads_per_rank - 1}, KV groups "
+                 f"{g0}-{g0 + part.kv_heads_per_rank - 1}, units {r * part.units_per_rank}-"
+                 f"{(r + 1) * part.units_per_rank - 1})")
         parts = []
         for name, layers in owned.items():
-            nh = sum(len(v["heads"]) for v in layers.values())
+            heads = sorted({h for v in layers.values() for h in v["heads"]})
+            groups = sorted({h // per_group for h in heads})
             nu = sum(len(v["units"]) for v in layers.values())
-            parts.append(f"{name}: {nh} head-blocks, {nu} unit-blocks over {len(layers)} blocks")
-        print(f"TP rank {r}: " + ("; ".join(parts) if parts else "no forget parameters"))
+            what = f"KV groups {groups} (query heads {heads})" if per_group > 1 else f"heads {heads}"
+            parts.append(f"{name}: {what if heads else 'no heads'}, {nu} (unit, block) pairs in {len(layers)} blocks")
+        print(f"{where}: " + ("; ".join(parts) if parts else "no forget parameters"))
     return 0
