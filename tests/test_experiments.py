@@ -300,19 +300,24 @@ def test_sweep_seeds_key_runs_every_cell_per_seed_with_seeded_init_data_and_labe
             load_sweep(bad)
 
 
-def _synthetic_sweep(tmp_path: Path, cells: list[tuple[str, int, dict]], name: str = "syn",
-                     extra: dict | None = None) -> Path:
+def _synthetic_sweep(tmp_path: Path, cells: list[tuple], name: str = "syn", extra: dict | None = None) -> Path:
     """results.json + per-cell final.json + deployed.json with given losses: analyses run on known inputs.
-    ``cells``: (method, seed, {set: (deployed_calibrated, deployed)})."""
+    ``cells``: (method, seed, {set: (deployed_calibrated, deployed)}[, {row field: value}]); a row
+    field ``forget_unlabelled`` becomes the cell's cached token count (tokens.json)."""
     from pipeline.experiments.deployed import VERSION
 
     strategies = {"sgtm": "sgtm", "gradient_routing": "gradient_routing", "weak_filter": "none",
                   "no_filter": "none"}
     filters = {"weak_filter": "weak"}
     rows = []
-    for i, (method, seed, losses) in enumerate(cells):
+    for i, (method, seed, losses, *more) in enumerate(cells):
+        fields = dict(more[0]) if more else {}
         run = tmp_path / f"{name}_cell{i}"
         run.mkdir()
+        if "forget_unlabelled" in fields:
+            n = fields.pop("forget_unlabelled")
+            (run / "tokens.json").write_text(json.dumps({"forget_unlabelled": n, "forget_labelled": 0,
+                                                         "forget_total": n, "total": 10 * n + 1}))
         (run / "final.json").write_text(json.dumps({"kind": "eval", "step": 10}))
         sets = {s: {"full": v[1], "deployed": v[1], "deployed_calibrated": v[0], "tokens": 100}
                 for s, v in losses.items()}
@@ -321,7 +326,7 @@ def _synthetic_sweep(tmp_path: Path, cells: list[tuple[str, int, dict]], name: s
         rows.append({"key": f"{name}{i}", "labels": {"method": method, "seed": seed}, "run_dir": str(run),
                      "seed": seed, "strategy": strategies.get(method, "none"), "filter": filters.get(method, "none"),
                      "undiscovered_rate": 0.2, "d_model": 8, "n_layers": 1, "n_params": 1000, "steps": 10,
-                     "tokens": 640, "tokens_per_step": 64, **(extra or {})})
+                     "tokens": 640, "tokens_per_step": 64, **(extra or {}), **fields})
     d = tmp_path / name
     d.mkdir()
     (d / "results.json").write_text(json.dumps({"sweep": name, "cells": rows}))
@@ -533,3 +538,38 @@ def test_seeds_analysis_reports_spread_per_method(tmp_path):
     assert row["seeds"] == [0, 1, 2] and row["forget_mean"] == pytest.approx(5.05)
     assert row["forget_spread"] == pytest.approx(0.1) and row["retain_spread"] == pytest.approx(0.1)
     assert row["forget_pm"] == pytest.approx(4.302653 * 0.05 / math.sqrt(3), rel=1e-4)
+
+
+def test_leakage_compares_sizes_at_one_matched_rate_and_compute_penalty_runs(tmp_path):
+    """Two sizes; the small one also has a 5% cell with a much larger leakage. The size claim
+    uses the 20% cells only (the old report averaged every rate of a size into its point)."""
+    from pipeline.experiments.analyses import compute_penalty_analysis, leakage
+
+    cells = []
+    for seed in range(3):
+        for size, n_params, d in (("s", 1000, 8), ("b", 4000, 16)):
+            f = {"n_params": n_params, "d_model": d}
+            # dose-response: forget loss falls with N forget tokens seen (same curve for both sizes)
+            for n_tok, loss_ in ((0, 9.0), (1000, 7.0), (10000, 5.0)):
+                cells.append(("weak_filter", seed, {"forget": (loss_, loss_), "retain": (4.0, 4.0)},
+                              {**f, "forget_unlabelled": n_tok, "undiscovered_rate": n_tok / 1e5}))
+            # SGTM at 20%: saw 20000 undiscovered tokens; small model leaks more (lower forget loss)
+            target = (7.0 if size == "s" else 8.0) + 0.01 * seed
+            cells.append(("sgtm", seed, {"forget": (target, target), "retain": (4.2, 4.2)},
+                          {**f, "forget_unlabelled": 20000, "undiscovered_rate": 0.2}))
+            cells.append(("no_filter", seed, {"forget": (4.0, 4.0), "retain": (4.0 - 0.3 * (d == 16), 4.0)},
+                          {**f, "undiscovered_rate": 0.2}))
+        # a 5% cell at the big size only, leaking far more: it must not enter the size comparison
+        cells.append(("sgtm", seed, {"forget": (5.0, 5.0), "retain": (4.2, 4.2)},
+                      {"n_params": 4000, "d_model": 16, "forget_unlabelled": 5000, "undiscovered_rate": 0.05}))
+    sweep = _synthetic_sweep(tmp_path, cells)
+    res = leakage([str(sweep)], str(tmp_path / "out"), "test")
+    (size_claim,) = [c for c in res["claims"] if "model size" in c["claim"]]
+    assert "at 20% undiscovered only" in size_claim["claim"] and size_claim["holds"] == "holds"
+    rows = {(r["n_params"], r["undiscovered_rate"]): r for r in res["table"]}
+    # small model at 20%: loss 7.0 -> N = 1000 -> leakage 1000 / 20000; big at 5%: N = 10000 / 5000 (above)
+    assert rows[(1000, 0.2)]["leakage"] == pytest.approx(0.05, rel=0.05) and rows[(1000, 0.2)]["seeds"] == 3
+    assert rows[(4000, 0.2)]["leakage"] < rows[(1000, 0.2)]["leakage"]
+    cp = compute_penalty_analysis([str(sweep)], str(tmp_path / "out"), "test")
+    assert cp["fits"]["retain"]["points"] == 6 and all(c["holds"] is None for c in cp["claims"])
+    assert any(r["method"] == "sgtm" and r["set"] == "retain" and r["seeds"] == 3 for r in cp["table"])
