@@ -81,9 +81,11 @@ class MetricsLogger:
         require_wandb()
         import wandb
 
+        from pipeline.components.checkpoint import atomic_write_text
+
         id_file = run_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-        id_file.write_text(run_id + "\n")
+        atomic_write_text(id_file, run_id + "\n")
         run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_name, group=cfg.group,
                          tags=list(cfg.tags) or None, mode=cfg.mode, dir=str(run_dir), id=run_id, resume="allow",
                          config=run_config)
