@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import ExperimentConfig, ModelConfig, load_config  # noqa: E402
+from pipeline.config import ConfigError, ExperimentConfig, ModelConfig, load_config  # noqa: E402
 
 GiB = 1024**3
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
@@ -141,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overrides", nargs="*", default=[], help="key=value overrides applied to every config")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
-    rows = [estimate(load_config(c, args.overrides), args.gpus, Path(c).stem) for c in args.configs]
+    try:
+        rows = [estimate(load_config(c, args.overrides), args.gpus, Path(c).stem) for c in args.configs]
+    except ConfigError as exc:
+        raise SystemExit(f"memory_estimate: {exc}") from None
     if args.json:
         print(json.dumps([{**asdict(r), "total": r.total} for r in rows], indent=2))
     else:
