@@ -5,13 +5,24 @@ come after filtering. Shards keep their packed seq_len+1 samples on disk; the lo
 documents from them, decides each document's mode (tags + thresholds or the noise simulator),
 drops what the policy drops, and packs the survivors into sequences of `seq_len + 1` tokens.
 
-Determinism and exact resume: the stream of one (dp rank, worker) *slot* is a pure function of
-(seed, slot, config). Shards are split across slots by a seeded per-epoch permutation; source
-choice and the shuffle buffer use RNGs seeded by (seed, rank, worker); per-document draws (noise,
-retain sampling, held-out split) hash the document id. So the state is just how many batches each
-worker has delivered: a restored loader replays each worker's stream and skips that many batches
-(reading, not tokenizing: ~1-2M tokens/s per worker), and the DataLoader's round-robin over
-workers is rotated so that the next batch comes from the worker that was next.
+Determinism: the stream of one (dp rank, worker) *slot* is a pure function of (seed, slot, number
+of slots, config). Each epoch of a source has one shard order, a permutation seeded by (seed,
+source, epoch) whatever the layout, dealt round-robin to the slots; source choice and the shuffle
+buffer use RNGs seeded by (seed, slot); per-document draws (noise, retain sampling, held-out split)
+hash the document id.
+
+Exact resume in constant time: a slot's state at a batch boundary is positions, not counts: per
+source the epoch, the shard reached and the documents passed in it; the RNG states of the mix and
+the shuffle; the shuffle buffer as document references (source, shard, document, first token); the
+packer's cut document (the only packer state at a row end). Restoring re-reads the referenced
+documents and opens each source's current shard: O(shuffle_buffer + one shard per source),
+whatever the step. With DataLoader workers every batch carries its slot's state, so the main
+process holds the state matching what it delivered, and the round-robin over workers is rotated
+so the next batch comes from the worker that was next.
+
+Elastic resume: `load_global_state` takes every rank's state; on another DP size or worker count
+:func:`reshard_slots` deals what the old slots had still to read in the epochs they had begun, and
+the documents they held undelivered, to the new slots (docs/reliability.md defines the guarantee).
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +54,7 @@ from pipeline.data.tagging import (
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.sgtm.codes import Mode, TrueLabel, mode_name
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 IGNORE_INDEX = -100
 
 
@@ -53,6 +65,12 @@ class _Doc:
     true_code: int
     source_id: int
     doc_index: int
+    shard: int = -1  # manifest index of the shard it was read from
+    start: int = 0  # first token to pack (> 0: the rest of a document cut at a row end)
+
+    def ref(self) -> list[int]:
+        """What a loader state stores for this document (it is read again on restore)."""
+        return [self.source_id, self.shard, self.doc_index, self.start]
 
 
 @dataclass
@@ -151,8 +169,111 @@ def _rng(*parts: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(p) for p in parts]))
 
 
+def fresh_items(plan: _Plan, seed: int, source_id: int, epoch: int, slot: int, n_slots: int) -> list[list[int]]:
+    """The shards slot `slot` of `n_slots` reads from a source in one epoch: [[shard, first doc], ...].
+
+    The epoch's shard order is a permutation seeded by (seed, source, epoch) alone, so it is the
+    same for every layout; a layout only decides how it is dealt (`order[slot::n_slots]`)."""
+    order = _rng(seed, 11, source_id, epoch).permutation(len(plan.sources[source_id].shards))
+    return [[int(i), 0] for i in order[slot::n_slots]]
+
+
+class _SourceCursor:
+    """Where one slot stands in one source: the plan of the epoch being read (shards in order, each
+    with the first document to read), the shard reached (`k`) and how many of its documents were
+    passed (`doc`), and plans queued by a reshard. A state is these integers: restoring opens one
+    shard and passes `doc` documents, whatever the position in the run."""
+
+    def __init__(self, stream: _SlotStream, source_id: int, state: dict) -> None:
+        self.stream, self.source_id = stream, source_id
+        self.src = stream.plan.sources[source_id]
+        self.epoch: int = state["epoch"]
+        self.items: list[list[int]] | None = state["items"]  # None: this slot's share of the permutation
+        self.k: int = state["k"]
+        self.doc: int = state["doc"]
+        self.seen: int = state["seen"]
+        self.queue: list[list] = [list(q) for q in state["queue"]]  # [[epoch, items], ...] from a reshard
+        self.next_epoch: int = state["next_epoch"]  # the first epoch after the queue (fresh plans)
+        self.done: bool = state["done"]
+        self._plan_items = self._resolve(self.items, self.epoch)
+        self._open: Iterator[tuple[Any, dict | None]] | None = None
+
+    @staticmethod
+    def initial(plan: _Plan, epochs: int | None) -> dict:
+        return {"epoch": 0, "items": None, "k": 0, "doc": 0, "seen": 0, "queue": [], "next_epoch": 1,
+                "done": epochs is not None and epochs < 1}
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "items": self.items, "k": self.k, "doc": self.doc, "seen": self.seen,
+                "queue": self.queue, "next_epoch": self.next_epoch, "done": self.done}
+
+    def _resolve(self, items: list[list[int]] | None, epoch: int) -> list[list[int]]:
+        s = self.stream
+        return fresh_items(s.plan, s.seed, self.source_id, epoch, s.slot, s.n_slots) if items is None else items
+
+    def _next_plan(self) -> None:
+        if self.items is None and self.seen == 0:
+            self.done = True  # nothing readable for this slot in a whole epoch: stop instead of spinning
+            return
+        if self.queue:
+            self.epoch, self.items = self.queue.pop(0)
+        else:
+            epochs = self.stream.cfg.epochs
+            if epochs is not None and self.next_epoch >= epochs:
+                self.done = True
+                return
+            self.epoch, self.items = self.next_epoch, None
+            self.next_epoch += 1
+        self._plan_items = self._resolve(self.items, self.epoch)
+        self.k = self.doc = self.seen = 0
+
+    def _read(self, shard: int, skip: int) -> Iterator[tuple[Any, dict | None]]:
+        entry = self.src.shards[shard]
+        tags = load_sidecar(self.src.tags, entry) if self.src.tags is not None else None
+        for i, doc in enumerate(iter_shard_documents(Path(self.src.path) / entry["name"], entry)):
+            if i >= skip:
+                yield doc, tags
+
+    def next(self) -> _Doc | None:
+        """The next document (None: read, but not in this split or dropped by the policy);
+        StopIteration once this source is exhausted for this slot (finite epochs)."""
+        while not self.done:
+            if self._open is None:
+                if self.k >= len(self._plan_items):
+                    self._next_plan()
+                    continue
+                shard, first = self._plan_items[self.k]
+                self.doc = max(self.doc, first)
+                self._open = self._read(shard, self.doc)
+            shard = self._plan_items[self.k][0]
+            try:
+                raw, tags = next(self._open)
+                made = self.stream._make_doc(self.source_id, self.src, raw, tags)
+            except StopIteration:
+                self._open, self.k, self.doc = None, self.k + 1, 0
+                continue
+            except DataError as exc:
+                if not self.stream.cfg.skip_bad_shards:
+                    raise
+                self.stream.skipped.append(str(exc))
+                self._open, self.k, self.doc = None, self.k + 1, 0
+                continue
+            self.doc += 1
+            self.seen += 1
+            if made is not None:
+                made.shard = shard
+            return made
+        raise StopIteration
+
+
 class _SlotStream:
-    """The deterministic batch stream of one (dp rank, worker) slot."""
+    """The deterministic batch stream of one (dp rank, worker) slot, and its state at a batch boundary.
+
+    The stream is shards -> source cursors -> weighted source mix -> shuffle buffer -> packer ->
+    batches. Its state (:meth:`snapshot`) is the cursors' positions, the RNG states of the mix and
+    the shuffle, the shuffle buffer as document references and the packer's carried-over document;
+    :meth:`__init__` with a state re-reads only the referenced documents (O(buffer), not O(position)).
+    """
 
     def __init__(
         self,
@@ -163,38 +284,80 @@ class _SlotStream:
         seq_len: int,
         batch_size: int,
         split: str = "train",
+        state: dict | None = None,
     ) -> None:
         self.plan, self.slot, self.n_slots, self.seed = plan, slot, n_slots, seed
         self.seq_len, self.batch_size, self.split = seq_len, batch_size, split
         self.cfg = plan.cfg
         self.assigner = ModeAssigner(self.cfg.tagging, self.cfg.domains, plan.false_positive_rate)
-        self.skipped: list[str] = []
-        self.epochs = [0] * len(plan.sources)
+        state = state if state is not None else initial_slot_state(plan, seed, slot)
+        self.generation = int(state["generation"])
+        self.skipped: list[str] = list(state["skipped"])
+        self.cursors = [_SourceCursor(self, i, c) for i, c in enumerate(state["cursors"])]
+        mix = state["mix"]
+        self.mix_rng = self.rng(12)
+        self.mix_rng.bit_generator.state = mix["rng"]
+        self.active: list[int] = list(mix["active"])
+        self.picks, self.kept = int(mix["picks"]), int(mix["kept"])
+        self.shuffle_rng = self.rng(13)
+        self.shuffle_rng.bit_generator.state = state["shuffle_rng"]
+        self.flushing: bool = state["flushing"]
+        self.buffer: list[_Doc] = self.read_refs(state["buffer"])
+        self.carry: list[_Doc] = self.read_refs(state["carry"])
 
-    # documents of one source, epoch after epoch
-    def _source_docs(self, source_id: int) -> Iterator[_Doc | None]:
-        src = self.plan.sources[source_id]
-        cfg = self.cfg
-        epoch = 0
-        while cfg.epochs is None or epoch < cfg.epochs:
-            self.epochs[source_id] = epoch
-            order = _rng(self.seed, 11, source_id, epoch).permutation(len(src.shards))
-            mine = [src.shards[i] for i in order[self.slot :: self.n_slots]]
-            seen = 0
-            for entry in mine:
-                shard_path = str(Path(src.path) / entry["name"])
-                try:
-                    tags = load_sidecar(src.tags, entry) if src.tags is not None else None
-                    for doc in iter_shard_documents(shard_path, entry):
-                        seen += 1
-                        yield self._make_doc(source_id, src, doc, tags)
-                except DataError as exc:
-                    if not cfg.skip_bad_shards:
-                        raise
-                    self.skipped.append(str(exc))
-            epoch += 1
-            if seen == 0:
-                return  # this slot has nothing readable from this source: stop instead of spinning
+    def rng(self, stream_id: int) -> np.random.Generator:
+        return _slot_rng(self.seed, stream_id, self.slot, self.generation)
+
+    @property
+    def epochs(self) -> list[int]:
+        return [c.epoch for c in self.cursors]
+
+    def snapshot(self) -> dict:
+        """This slot's state now; taken at batch boundaries, where no row is half full. The buffer
+        references are one int64 array (cheap to send from a worker); :func:`_plain` makes it JSON."""
+        return {
+            "generation": self.generation,
+            "cursors": [c.state() for c in self.cursors],
+            "mix": {"rng": self.mix_rng.bit_generator.state, "active": list(self.active),
+                    "picks": self.picks, "kept": self.kept},
+            "shuffle_rng": self.shuffle_rng.bit_generator.state,
+            "flushing": self.flushing,
+            "buffer": np.array([d.ref() for d in self.buffer], dtype=np.int64).reshape(-1, 4),
+            "carry": [d.ref() for d in self.carry],
+            "skipped": list(self.skipped),
+            "done": False,
+        }
+
+    def read_refs(self, refs: list) -> list[_Doc]:
+        """Documents named by [source, shard, doc_index, start] references, read again from their
+        shards (each shard once, stopping at the last wanted document)."""
+        wanted: dict[tuple[int, int], set[int]] = defaultdict(set)
+        for source_id, shard, doc_index, _ in refs:
+            wanted[(int(source_id), int(shard))].add(int(doc_index))
+        found: dict[tuple[int, int, int], _Doc] = {}
+        for (source_id, shard), indices in wanted.items():
+            if not (0 <= source_id < len(self.plan.sources) and 0 <= shard < len(self.plan.sources[source_id].shards)):
+                raise DataError(f"loader state: no shard {shard} in source {source_id}; not this data config")
+            src = self.plan.sources[source_id]
+            entry = src.shards[shard]
+            left = set(indices)
+            tags = load_sidecar(src.tags, entry) if src.tags is not None else None
+            for raw in iter_shard_documents(Path(src.path) / entry["name"], entry):
+                if raw.doc_index not in left:
+                    continue
+                made = self._make_doc(source_id, src, raw, tags)
+                if made is None:
+                    raise DataError(f"loader state: document {raw.doc_index} of {src.name} is not in the "
+                                    "training stream of this data config")
+                made.shard = shard
+                found[(source_id, shard, raw.doc_index)] = made
+                left.discard(raw.doc_index)
+                if not left:
+                    break
+            if left:
+                raise DataError(f"{Path(src.path) / entry['name']}: loader state names documents "
+                                f"{sorted(left)[:3]} that are not in this shard")
+        return [dataclasses.replace(found[(int(s), int(h), int(d))], start=int(start)) for s, h, d, start in refs]
 
     def _make_doc(self, source_id: int, src: _SourcePlan, doc: Any, tags: dict | None) -> _Doc | None:
         """None when the document is not in this split (held out / train) or the policy drops it."""
@@ -229,48 +392,66 @@ class _SlotStream:
             token_modes = modes.mode
         return _Doc(doc.tokens, token_modes, code, source_id, doc.doc_index)
 
-    def _mixed_docs(self) -> Iterator[_Doc]:
+    def _mixed_doc(self) -> _Doc:
         """Pick the source per document with p ~ weight / mean doc length (so weights are token shares);
         the filter applies after the pick, so dropping forget docs never over-samples the rest."""
         sources = self.plan.sources
-        streams = {i: self._source_docs(i) for i in range(len(sources))}
-        rng = _rng(self.seed, 12, self.slot)
-        kept_since_check, picks_since_check = 0, 0
-        while streams:
-            ids = sorted(streams)
+        while self.active:
+            ids = self.active
             p = np.array([sources[i].weight / sources[i].mean_doc_tokens for i in ids])
-            choice = ids[int(rng.choice(len(ids), p=p / p.sum()))]
+            choice = ids[int(self.mix_rng.choice(len(ids), p=p / p.sum()))]
             try:
-                doc = next(streams[choice])
+                doc = self.cursors[choice].next()
             except StopIteration:
-                del streams[choice]
+                self.active = [i for i in ids if i != choice]
                 continue
-            picks_since_check += 1
+            self.picks += 1
             if doc is not None:
-                kept_since_check += 1
-                yield doc
-            if picks_since_check >= 1_000_000:
-                if kept_since_check == 0:
+                self.kept += 1
+                return doc
+            if self.picks >= 1_000_000:
+                if self.kept == 0:
                     raise DataError("data: the filter policy and split drop every document of every source")
-                kept_since_check = picks_since_check = 0
+                self.picks = self.kept = 0
+        raise StopIteration
 
-    def _shuffled_docs(self) -> Iterator[_Doc]:
-        rng = _rng(self.seed, 13, self.slot)
-        size = self.cfg.shuffle_buffer
-        buffer: list[_Doc] = []
-        for doc in self._mixed_docs():
-            if len(buffer) < size:
-                buffer.append(doc)
-                continue
-            i = int(rng.integers(len(buffer)))
-            buffer[i], doc = doc, buffer[i]
-            yield doc
-        order = rng.permutation(len(buffer))
-        for i in order:
-            yield buffer[i]
+    def _shuffled_doc(self) -> _Doc:
+        """A shuffle buffer of `shuffle_buffer` documents; when the sources end, the rest in a
+        seeded permutation. A buffer over its size (prefilled by a reshard) is drained first."""
+        rng, buffer = self.shuffle_rng, self.buffer
+        if not self.flushing:
+            size = self.cfg.shuffle_buffer
+            if len(buffer) > size:
+                i = int(rng.integers(len(buffer)))
+                buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                return buffer.pop()
+            while True:
+                try:
+                    doc = self._mixed_doc()
+                except StopIteration:
+                    self.flushing = True
+                    order = rng.permutation(len(buffer))
+                    buffer[:] = [buffer[i] for i in order[::-1]]  # popped from the end: permutation order
+                    break
+                if len(buffer) < size:
+                    buffer.append(doc)
+                    continue
+                i = int(rng.integers(len(buffer)))
+                buffer[i], doc = doc, buffer[i]
+                return doc
+        if buffer:
+            return buffer.pop()
+        raise StopIteration
+
+    def _docs(self) -> Iterator[_Doc]:
+        while True:
+            try:
+                yield self._shuffled_doc()
+            except StopIteration:
+                return
 
     def sequences(self, docs: Iterator[_Doc] | None = None) -> Iterator[dict[str, np.ndarray]]:
-        return pack_rows(self._shuffled_docs() if docs is None else docs, self.seq_len, self.plan.pad_id)
+        return _pack(self._docs() if docs is None else docs, self.seq_len, self.plan.pad_id, self.carry)
 
     def batches(self, docs: Iterator[_Doc] | None = None) -> Iterator[dict[str, np.ndarray]]:
         rows: list[dict[str, np.ndarray]] = []
@@ -283,11 +464,48 @@ class _SlotStream:
             yield _collate(rows)
 
 
+def _slot_rng(seed: int, stream_id: int, slot: int, generation: int) -> np.random.Generator:
+    """Per-slot RNGs; a reshard starts a new generation so its slots draw fresh, distinct streams."""
+    return _rng(seed, stream_id, slot) if generation == 0 else _rng(seed, stream_id, slot, generation)
+
+
+def _plain(state: dict) -> dict:
+    """A slot state as plain JSON data (worker states arrive with the buffer as an array/tensor)."""
+    buffer = state["buffer"]
+    if not isinstance(buffer, list):
+        buffer = np.asarray(buffer).reshape(-1, 4).tolist()
+    return json.loads(json.dumps({**state, "buffer": buffer}))
+
+
+def initial_slot_state(plan: _Plan, seed: int, slot: int, generation: int = 0) -> dict:
+    """The state of a slot before its first batch."""
+    cursors = [_SourceCursor.initial(plan, plan.cfg.epochs) for _ in plan.sources]
+    return {
+        "generation": generation,
+        "cursors": cursors,
+        "mix": {"rng": _slot_rng(seed, 12, slot, generation).bit_generator.state,
+                "active": [i for i, c in enumerate(cursors) if not c["done"]], "picks": 0, "kept": 0},
+        "shuffle_rng": _slot_rng(seed, 13, slot, generation).bit_generator.state,
+        "flushing": False,
+        "buffer": [],
+        "carry": [],
+        "skipped": [],
+        "done": False,
+    }
+
+
 def pack_rows(docs: Iterable[_Doc], seq_len: int, pad_id: int) -> Iterator[dict[str, np.ndarray]]:
     """Pack documents into seq_len+1 token rows; a document cut at a row end continues in the next
     row as a new segment that starts with the row's last token again (that token was only a target
     there), so every token but a document's first is predicted exactly once. Only a finite stream
     ends with a padded row."""
+    return _pack(iter(docs), seq_len, pad_id, [])
+
+
+def _pack(docs: Iterator[_Doc], seq_len: int, pad_id: int, carry: list[_Doc]) -> Iterator[dict[str, np.ndarray]]:
+    """:func:`pack_rows` with its state in `carry`: at every row end the rest of a cut document
+    (from its repeated token on, `start`) is put there, and carried documents are packed first. A
+    batch ends at a row end, so a slot's packer state at a batch boundary is just `carry`."""
     rows = seq_len + 1
 
     def empty() -> dict[str, np.ndarray]:
@@ -301,8 +519,14 @@ def pack_rows(docs: Iterable[_Doc], seq_len: int, pad_id: int) -> Iterator[dict[
         }
 
     row, fill, segment = empty(), 0, 0
-    for doc in docs:
-        n, offset = len(doc.tokens), 0
+    while True:
+        if carry:
+            doc = carry.pop(0)
+        else:
+            doc = next(docs, None)
+            if doc is None:
+                break
+        n, offset = len(doc.tokens), doc.start
         while offset < n:
             take = min(n - offset, rows - fill)
             sl = slice(fill, fill + take)
@@ -316,10 +540,11 @@ def pack_rows(docs: Iterable[_Doc], seq_len: int, pad_id: int) -> Iterator[dict[
             offset += take
             segment += 1
             if fill == rows:
+                if offset < n:  # continuing: repeat the last token so every next token is a target once
+                    carry.insert(0, dataclasses.replace(doc, start=offset - 1))
                 yield row
                 row, fill, segment = empty(), 0, 0
-                if offset < n:  # continuing: repeat the last token so every next token is a target once
-                    offset -= 1
+                break
     if fill:
         row["segment"][fill:] = segment  # padding is its own document
         yield row
@@ -349,11 +574,98 @@ def _to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
 
+# --------------------------------------------------------------------------------------------- reshard
+
+
+def _remaining_plans(plan: _Plan, seed: int, source_id: int, cursor: dict, slot: int, n_slots: int,
+                     upto: int) -> list[tuple[int, list[list[int]]]]:
+    """What a slot has still to read from a source in epochs <= `upto`: (epoch, items) in order."""
+    entries = plan.sources[source_id].shards
+    items = cursor["items"]
+    if items is None:
+        items = fresh_items(plan, seed, source_id, cursor["epoch"], slot, n_slots)
+    current: list[list[int]] = []
+    k = cursor["k"]
+    if k < len(items):
+        shard, first = items[k]
+        start = max(first, cursor["doc"])
+        if start < entries[shard]["docs"]:
+            current.append([shard, start])
+        current += [list(i) for i in items[k + 1 :]]
+    out = [(cursor["epoch"], current)] + [(int(e), [list(i) for i in its]) for e, its in cursor["queue"]]
+    epochs = plan.cfg.epochs
+    for epoch in range(cursor["next_epoch"], upto + 1):
+        if epochs is not None and epoch >= epochs:
+            break
+        out.append((epoch, fresh_items(plan, seed, source_id, epoch, slot, n_slots)))
+    return out
+
+
+def reshard_slots(plan: _Plan, seed: int, old: list[dict], n_new: int) -> list[dict]:
+    """The states of `n_new` slots that continue the `len(old)` slots of another layout.
+
+    Per source, the last epoch any slot has begun is E (for a slot, the epoch before its next
+    fresh one). Everything the old slots have still to
+    read in epochs <= E (the rest of their current shard from the next document on, their other
+    shards, plans queued by an earlier reshard, the epochs up to E they had not begun) is dealt
+    round-robin to the new slots, epoch by epoch, in the epoch's shard order; epochs after E are
+    dealt afresh (`order[slot::n_new]`). Documents taken from the shards but not yet delivered (the
+    shuffle buffers, the packers' cut documents) are dealt round-robin too. So within an epoch no
+    document is read twice or skipped. The same layout size keeps every slot's own state (a slot's
+    stream depends only on its index and the number of slots)."""
+    if len(old) == n_new:
+        return [json.loads(json.dumps(s)) for s in old]
+    generation = max(int(s["generation"]) for s in old) + 1
+    new = [initial_slot_state(plan, seed, j, generation) for j in range(n_new)]
+    epochs = plan.cfg.epochs
+    for source_id in range(len(plan.sources)):
+        live = [(j, s["cursors"][source_id]) for j, s in enumerate(old) if not s["cursors"][source_id]["done"]]
+        if not live:
+            for state in new:
+                state["cursors"][source_id]["done"] = True
+            continue
+        last = max(c["next_epoch"] - 1 for _, c in live)  # the last epoch begun (queues hold none later)
+        pending: dict[int, list[list[int]]] = defaultdict(list)
+        for j, cursor in live:
+            for epoch, items in _remaining_plans(plan, seed, source_id, cursor, j, len(old), last):
+                pending[epoch] += items
+        queues: list[list[list]] = [[] for _ in range(n_new)]
+        for epoch in sorted(pending):
+            rank = {int(s): i for i, s in enumerate(_rng(seed, 11, source_id, epoch).permutation(
+                len(plan.sources[source_id].shards)))}
+            items = sorted(pending[epoch], key=lambda item: (rank[item[0]], item[1]))
+            for j in range(n_new):
+                mine = items[j::n_new]
+                if mine:
+                    queues[j].append([epoch, mine])
+        for j, queue in enumerate(queues):
+            cursor = {"epoch": last + 1, "items": None, "k": 0, "doc": 0, "seen": 0, "queue": [],
+                      "next_epoch": last + 2, "done": epochs is not None and last + 1 >= epochs}
+            if queue:
+                (epoch, items), rest = queue[0], queue[1:]
+                cursor.update(epoch=epoch, items=items, queue=rest, next_epoch=last + 1, done=False)
+            new[j]["cursors"][source_id] = cursor
+    inflight_carry = [ref for s in old for ref in s["carry"]]
+    inflight_buffer = [ref for s in old for ref in s["buffer"]]
+    skipped = sorted({m for s in old for m in s["skipped"]})
+    for j, state in enumerate(new):
+        state["carry"] = inflight_carry[j::n_new]
+        state["buffer"] = inflight_buffer[j::n_new]
+        state["skipped"] = list(skipped)
+        state["mix"]["active"] = [i for i, c in enumerate(state["cursors"]) if not c["done"]]
+    return new
+
+
 # ------------------------------------------------------------------------------------- worker dataset
 
 
 class _WorkerStreams(IterableDataset):
-    """One DataLoader worker = one logical worker; physical worker p plays logical (first + p) % W."""
+    """One DataLoader worker = one logical worker; physical worker p plays logical (first + p) % W.
+
+    Each batch carries its slot's state after it (`_state`), so the main process always holds the
+    state that matches what it delivered, however far the worker has read ahead. In the training
+    process (no workers) it carries the stream itself, paused right after that batch: the state is
+    taken only when a checkpoint asks for it."""
 
     def __init__(
         self,
@@ -364,51 +676,40 @@ class _WorkerStreams(IterableDataset):
         seed: int,
         seq_len: int,
         batch_size: int,
-        delivered: list[int],
-        done: list[bool],
+        states: list[dict],
         first: int,
     ) -> None:
         self.plan, self.dp_rank, self.dp_world_size, self.n_workers = plan, dp_rank, dp_world_size, n_workers
         self.seed, self.seq_len, self.batch_size = seed, seq_len, batch_size
-        self.delivered, self.done, self.first = list(delivered), list(done), first
+        self.states, self.first = states, first
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
         worker = (self.first + physical) % self.n_workers
-        if self.done[worker]:
+        state = self.states[worker]
+        if state["done"]:
             return
         slot = self.dp_rank * self.n_workers + worker
-        stream = _SlotStream(
-            self.plan, slot, self.dp_world_size * self.n_workers, self.seed, self.seq_len, self.batch_size
-        )
-        skip = self.delivered[worker]
         try:
-            for index, batch in enumerate(stream.batches()):
-                if index < skip:
-                    continue
+            stream = _SlotStream(self.plan, slot, self.dp_world_size * self.n_workers, self.seed, self.seq_len,
+                                 self.batch_size, state=state)
+            for batch in stream.batches():
                 out: dict[str, Any] = _to_torch(batch)
-                out["_worker"], out["_skipped"], out["_epochs"] = (
-                    worker,
-                    list(stream.skipped),
-                    list(stream.epochs),
-                )
+                out["_worker"], out["_state"] = worker, stream if info is None else stream.snapshot()
                 yield out
         except DataError as exc:  # one line in the main process, not a worker traceback
             yield {"_worker": worker, "_error": str(exc)}
             return
-        yield {
-            "_worker": worker,
-            "_end": True,
-            "_skipped": list(stream.skipped),
-            "_epochs": list(stream.epochs),
-        }
+        yield {"_worker": worker, "_end": True, "_state": {**stream.snapshot(), "done": True}}
 
 
 class StreamingLoader:
     """Iterator of batch dicts for one data-parallel rank; `state_dict()` makes it resume exactly.
 
-    TP ranks of one DP group build it with the same dp_rank and get identical batches.
+    TP ranks of one DP group build it with the same dp_rank and get identical batches. The state
+    holds positions, not counts (see the module docstring): `load_state_dict` costs the same at
+    batch 10 as at batch 10 million, and `load_global_state` continues on another layout.
     """
 
     def __init__(
@@ -431,29 +732,49 @@ class StreamingLoader:
                     "--shard-size-mb"
                 )
         self.source_names = [s.name for s in plan.sources]
+        self.slots: list[dict | _SlotStream] = [initial_slot_state(plan, seed, self._slot(w))
+                                                 for w in range(self.n_logical)]
         self.delivered = [0] * self.n_logical
-        self.done = [False] * self.n_logical
         self.next_worker = 0
-        self.skipped_shards: list[str] = []
-        self.epochs = [[0] * len(plan.sources) for _ in range(self.n_logical)]
         self._iterator: Iterator[dict[str, Any]] | None = None
         self._loader: DataLoader | None = None
 
+    def _slot(self, worker: int) -> int:
+        return self.dp_rank * self.n_logical + worker
+
+    def _states(self) -> list[dict]:
+        """Every logical worker's slot state, as plain JSON-able data."""
+        return [_plain(s.snapshot() if isinstance(s, _SlotStream) else s) for s in self.slots]
+
+    @property
+    def done(self) -> list[bool]:
+        return [not isinstance(s, _SlotStream) and bool(s["done"]) for s in self.slots]
+
+    @property
+    def skipped_shards(self) -> list[str]:
+        return sorted({m for s in self.slots for m in (s.skipped if isinstance(s, _SlotStream) else s["skipped"])})
+
+    @property
+    def epochs(self) -> list[list[int]]:
+        return [s.epochs if isinstance(s, _SlotStream) else [c["epoch"] for c in s["cursors"]] for s in self.slots]
+
     def _fingerprint(self) -> str:
+        """What decides the global stream; the layout (dp_world_size, num_workers) is not in it."""
         spec = {
             "data": self.plan.cfg.to_dict(),
             "seed": self.seed,
             "micro_batch_size": self.micro_batch_size,
             "seq_len": self.seq_len,
-            "dp_world_size": self.dp_world_size,
             "shards": [[e["sha256"] for e in s.shards] for s in self.plan.sources],
         }
-        spec["data"].pop("skip_bad_shards")
-        if spec["data"].get("keep_true") is None:  # fingerprints of configs without it are unchanged
+        for key in ("skip_bad_shards", "num_workers"):
+            spec["data"].pop(key)
+        if spec["data"].get("keep_true") is None:
             spec["data"].pop("keep_true", None)
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def _start(self) -> Iterator[dict[str, Any]]:
+        self.slots = self._states()
         dataset = _WorkerStreams(
             self.plan,
             self.dp_rank,
@@ -462,8 +783,7 @@ class StreamingLoader:
             self.seed,
             self.seq_len,
             self.micro_batch_size,
-            self.delivered,
-            self.done,
+            self.slots,
             self.next_worker,
         )
         if self.num_workers == 0:
@@ -490,10 +810,8 @@ class StreamingLoader:
                 self.close()
                 raise DataError(item["_error"])
             self.next_worker = (worker + 1) % self.n_logical
-            self.skipped_shards = sorted(set(self.skipped_shards) | set(item.pop("_skipped", [])))
-            self.epochs[worker] = item.pop("_epochs", self.epochs[worker])
+            self.slots[worker] = item.pop("_state")
             if item.pop("_end", False):
-                self.done[worker] = True
                 continue
             self.delivered[worker] += 1
             return item
@@ -512,32 +830,63 @@ class StreamingLoader:
             "seed": self.seed,
             "batches": sum(self.delivered),
             "delivered": list(self.delivered),
-            "done": list(self.done),
+            "done": self.done,
             "next_worker": self.next_worker,
-            "epochs": [list(e) for e in self.epochs],
-            "skipped_shards": list(self.skipped_shards),
+            "epochs": self.epochs,
+            "skipped_shards": self.skipped_shards,
+            "slots": self._states(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore; refuses a state from a different data config/seed/shape (resume would not be exact)."""
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"loader state: version {state.get('version')!r}, expected {STATE_VERSION}")
-        for key in ("seed", "dp_world_size", "num_workers"):
-            if state[key] != getattr(self, key):
-                raise DataError(f"loader state: {key}={state[key]} but this loader has {getattr(self, key)}")
+    def _check(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            found = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise DataError(f"loader state: version {found!r}, expected {STATE_VERSION} "
+                            "(written by another version of the loader)")
+        if state["seed"] != self.seed:
+            raise DataError(f"loader state: seed={state['seed']} but this loader has {self.seed}")
         if state["fingerprint"] != self._fingerprint():
             raise DataError(
                 "loader state: made with a different data config, shards, seq_len or micro batch "
                 "size; resuming would not reproduce the batch sequence"
             )
-        if state["dp_rank"] != self.dp_rank and any(state["done"]):
-            raise DataError(f"loader state: from dp_rank {state['dp_rank']} at an epoch end; load each rank's own")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore this rank's own state (same layout): the batch sequence continues bit for bit.
+        Refuses a state from a different data config/seed/shape or layout (one line)."""
+        self._check(state)
+        for key in ("dp_world_size", "num_workers", "dp_rank"):
+            if state[key] != getattr(self, key):
+                raise DataError(f"loader state: {key}={state[key]} but this loader has {getattr(self, key)} "
+                                "(a different layout resumes through load_global_state)")
         self.close()
+        self.slots = json.loads(json.dumps(state["slots"]))
         self.delivered = list(state["delivered"])
-        self.done = list(state["done"])
         self.next_worker = int(state["next_worker"])
-        self.epochs = [list(e) for e in state["epochs"]]
-        self.skipped_shards = list(state["skipped_shards"])
+
+    def load_global_state(self, states: list[dict[str, Any]]) -> None:
+        """Resume from the states of every DP rank of the run that wrote them (duplicates, e.g. one
+        per TP rank, are fine). The same layout restores this rank's state exactly; another DP size
+        or worker count continues the global stream through :func:`reshard_slots`."""
+        by_rank: dict[int, dict[str, Any]] = {}
+        for state in states:
+            self._check(state)
+            by_rank.setdefault(int(state["dp_rank"]), state)
+        layouts = {(s["dp_world_size"], s["num_workers"]) for s in by_rank.values()}
+        if len(layouts) != 1:
+            raise DataError(f"loader state: the ranks' states come from different layouts {sorted(layouts)}")
+        old_dp, old_workers = layouts.pop()
+        if sorted(by_rank) != list(range(old_dp)):
+            raise DataError(f"loader state: states for dp ranks {sorted(by_rank)}, expected 0..{old_dp - 1} "
+                            "(every rank's state is needed to change the layout)")
+        if (old_dp, old_workers) == (self.dp_world_size, self.num_workers):
+            self.load_state_dict(by_rank[self.dp_rank])
+            return
+        old = [slot for r in range(old_dp) for slot in by_rank[r]["slots"]]
+        new = reshard_slots(self.plan, self.seed, old, self.dp_world_size * self.n_logical)
+        self.close()
+        self.slots = new[self.dp_rank * self.n_logical : (self.dp_rank + 1) * self.n_logical]
+        self.delivered = [0] * self.n_logical
+        self.next_worker = 0
 
 
 def build_loader(
@@ -559,6 +908,7 @@ def build_loader(
         micro_batch_size=micro_batch_size,
         seq_len=seq_len,
     )
+
 
 
 # ----------------------------------------------------------------------------------------------- eval
