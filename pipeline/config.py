@@ -280,6 +280,9 @@ class EngineConfig:
     # Process-group timeout: a rank blocked in a collective whose peer died gives up after this
     # many seconds with an error naming the timeout (torch's default is 30 minutes).
     dist_timeout_s: float = 1800.0
+    # Megatron-style sequence parallelism inside the TP group (norms and the residual stream hold
+    # seq/tp tokens per rank); needs tensor_parallel > 1 and model.max_seq_len divisible by it.
+    sequence_parallel: bool = False
 
     def validate(self, key: str = "engine") -> None:
         for name in ("tensor_parallel", "micro_batch_size", "grad_accum_steps"):
@@ -289,6 +292,8 @@ class EngineConfig:
             raise ConfigError(f"{key}.grad_clip: must be >= 0, got {self.grad_clip}")
         if not 0 < self.dist_timeout_s < float("inf"):
             raise ConfigError(f"{key}.dist_timeout_s: must be positive, got {self.dist_timeout_s}")
+        if self.sequence_parallel and self.tensor_parallel < 2:
+            raise ConfigError(f"{key}.sequence_parallel: needs {key}.tensor_parallel > 1, got {self.tensor_parallel}")
 
 
 @dataclass
@@ -442,6 +447,9 @@ class ExperimentConfig:
         if self.data is not None and self.data.domains != names:
             raise ConfigError(f"data.domains: {self.data.domains} must equal the sgtm.domains names {names}")
         tp = self.engine.tensor_parallel
+        if self.engine.sequence_parallel and self.model.max_seq_len % tp:
+            raise ConfigError(f"engine.sequence_parallel: model.max_seq_len={self.model.max_seq_len} is not "
+                              f"divisible by engine.tensor_parallel={tp}")
         if self.model.n_heads % tp:
             raise ConfigError(
                 f"engine.tensor_parallel: {tp} does not divide model.n_heads={self.model.n_heads}")

@@ -36,7 +36,7 @@ def build_model(cfg: ExperimentConfig, dist: DistInfo) -> tuple[ForgetPartition,
     it, so the logical model is the same for any TP size."""
     partition = ForgetPartition(cfg.model, cfg.sgtm, dist.tp_size)
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model, partition, cfg.sgtm.strategy)
+    model = Transformer(cfg.model, partition, cfg.sgtm.strategy, sequence_parallel=cfg.engine.sequence_parallel)
     return partition, model
 
 

@@ -11,7 +11,15 @@ communicate, ``parallel_state`` and the vocab-parallel loss. The block is ours: 
 ``scaled_dot_product_attention`` with the per-batch mask of :meth:`TokenMasks.build` (causal,
 within a document, and never across a forget/non-forget boundary), and every linear's local
 matmul through :func:`pipeline.sgtm.masking.selective_linear`, so per-token masking happens
-where the gradient is made. Layout is [batch, seq, hidden] throughout (no sequence parallelism).
+where the gradient is made.
+
+Layout: [batch, seq, hidden]; with sequence parallelism (``engine.sequence_parallel``, megatron's
+scheme) [seq, batch, hidden] throughout, the residual stream and norms holding seq/tp tokens per
+rank: gathered along the sequence before each column-parallel linear, reduce-scattered after
+each row-parallel one. The per-token masks are built in the activations' token order and the
+sequence-sharded regions read this rank's rows (``TokenMasks.local``); replicated parameters
+applied to sharded tokens (norm gains/biases, row-parallel output biases) all-reduce their
+gradients over TP in autograd (:func:`_sp_param`). docs/architecture.md, "Sequence parallelism".
 """
 
 from __future__ import annotations
@@ -27,7 +35,10 @@ from megatron.core.tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
     vocab_parallel_cross_entropy,
 )
 from torch import nn
@@ -57,6 +68,20 @@ def _allow(masks: TokenMasks | None, role: ParamRole) -> torch.Tensor | None:
     return None if masks is None else masks.allow[int(role.classes[0])]
 
 
+def _local(masks: TokenMasks | None) -> TokenMasks | None:
+    """The masks of the tokens a sequence-sharded region holds (all of them without SP)."""
+    return masks if masks is None or masks.local is None else masks.local
+
+
+def _sp_param(p: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """A replicated parameter used on this rank's part of the sequence: with SP each rank's
+    gradient is a partial sum over its tokens, so the backward all-reduces it over TP (megatron's
+    copy-to-TP-region: identity forward, all-reduce backward). Megatron leaves that to its
+    optimizer for parameters marked ``sequence_parallel``; here DeepSpeed owns the optimizer, so it
+    happens in autograd and every TP rank holds the same full gradient before DeepSpeed sees it."""
+    return copy_to_tensor_model_parallel_region(p) if sequence_parallel else p
+
+
 class SplitColumnLinear(ColumnParallelLinear):
     """Megatron's column-parallel linear whose local matmul masks weight gradients per token."""
 
@@ -70,17 +95,21 @@ class SplitColumnLinear(ColumnParallelLinear):
         _tag(self.bias, role)
 
     def forward(self, x: torch.Tensor, masks: TokenMasks | None,  # type: ignore[override]
-                weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``weight`` is given only for a tied LM head (the embedding's weight)."""
+                weight: torch.Tensor | None = None, sequence_sharded: bool | None = None) -> torch.Tensor:
+        """``weight`` is given only for a tied LM head (the embedding's weight). Under sequence
+        parallelism ``x`` is this rank's [S/tp, B, in], gathered along the sequence here
+        (``sequence_sharded=False``: ``x`` already holds the whole sequence)."""
         weight = self.weight if weight is None else weight
-        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        if self.sequence_parallel if sequence_sharded is None else sequence_sharded:
+            x = gather_from_sequence_parallel_region(x)
+        elif parallel_state.get_tensor_model_parallel_world_size() > 1:
             x = copy_to_tensor_model_parallel_region(x)
         return selective_linear(x, weight, self.bias, self.split, 0, masks)
 
 
 class SplitRowLinear(RowParallelLinear):
     """Megatron's row-parallel linear with per-token weight-gradient masking; its (unsplit)
-    output bias is added after the all-reduce with its own per-token mask."""
+    output bias is added after the all-reduce (SP: reduce-scatter) with its own per-token mask."""
 
     def __init__(self, in_features: int, out_features: int, role: ParamRole, bias_role: ParamRole, *,
                  config: ModelParallelConfig, init_method, bias: bool):
@@ -95,25 +124,33 @@ class SplitRowLinear(RowParallelLinear):
                 features: InputFeatures | None = None) -> torch.Tensor:
         """``features``: the classes of ``x``'s columns, for the per-token activation masking
         (``x`` is then edited in place: pass a fresh activation)."""
-        y = reduce_from_tensor_model_parallel_region(
-            selective_linear(x, self.weight, None, self.split, 1, masks, features))
+        y = selective_linear(x, self.weight, None, self.split, 1, masks, features)
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel_region(y)  # [S/tp, B, out]
+        else:
+            y = reduce_from_tensor_model_parallel_region(y)
         if self.bias is None:
             return y
-        return elementwise_affine(y, None, self.bias, _allow(masks, self.bias_role))
+        return elementwise_affine(y, None, _sp_param(self.bias, self.sequence_parallel),
+                                  _allow(_local(masks), self.bias_role))
 
 
 class Norm(nn.Module):
-    """LayerNorm or RMSNorm whose gain/bias gradients are masked per token."""
+    """LayerNorm or RMSNorm whose gain/bias gradients are masked per token (under sequence
+    parallelism: over this rank's tokens, then all-reduced over TP)."""
 
-    def __init__(self, d: int, kind: str, eps: float, role: ParamRole):
+    def __init__(self, d: int, kind: str, eps: float, role: ParamRole, sequence_parallel: bool = False):
         super().__init__()
         self.rms = kind == "rmsnorm"
         self.eps = eps
         self.role = role
+        self.sequence_parallel = sequence_parallel
         self.weight = nn.Parameter(torch.ones(d))
         self.bias = None if self.rms else nn.Parameter(torch.zeros(d))
-        _tag(self.weight, role)
-        _tag(self.bias, role)
+        for p in (self.weight, self.bias):
+            _tag(p, role)
+            if p is not None:
+                p.sequence_parallel = sequence_parallel  # megatron's mark (gradient all-reduced over TP)
 
     def forward(self, x: torch.Tensor, masks: TokenMasks | None) -> torch.Tensor:
         if self.rms:
@@ -121,7 +158,9 @@ class Norm(nn.Module):
             n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         else:
             n = F.layer_norm(x, (x.shape[-1],), eps=self.eps)
-        return elementwise_affine(n, self.weight, self.bias, _allow(masks, self.role))
+        sp = self.sequence_parallel
+        bias = None if self.bias is None else _sp_param(self.bias, sp)
+        return elementwise_affine(n, _sp_param(self.weight, sp), bias, _allow(_local(masks), self.role))
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,6 +203,7 @@ class Attention(SplitFeatures):
     def __init__(self, cfg: ModelConfig, part: ForgetPartition, layer: int, tp_rank: int,
                  mpc: ModelParallelConfig, init, out_init):
         super().__init__()
+        self.seq_first = mpc.sequence_parallel  # activations [S, B, ...] (else [B, S, ...])
         self.local_heads = part.heads_per_rank
         self.local_groups = part.kv_heads_per_rank
         self.per_group = cfg.query_heads_per_kv_head
@@ -178,12 +218,17 @@ class Attention(SplitFeatures):
                                   init_method=out_init, bias=cfg.bias)
         self._init_features(part.local_head_class(layer, tp_rank), cfg.head_dim)
 
+    def _heads_first(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, S, H, hd] or (SP) [S, B, H, hd] -> [B, H, S, hd]."""
+        return t.permute(1, 2, 0, 3) if self.seq_first else t.transpose(1, 2)
+
     def forward(self, x, masks: TokenMasks, rope):
-        B, S, _ = x.shape
         r = self.per_group
-        qkv = self.qkv(x, masks).view(B, S, self.local_groups, r + 2, self.head_dim)
-        q = qkv[..., :r, :].reshape(B, S, self.local_heads, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
-        k, v = (qkv[..., r + i, :].transpose(1, 2) for i in (0, 1))  # [B, G, S, hd]
+        qkv = self.qkv(x, masks)  # the whole sequence (SP: gathered), [B, S, .] or [S, B, .]
+        L0, L1 = qkv.shape[:2]
+        qkv = qkv.view(L0, L1, self.local_groups, r + 2, self.head_dim)
+        q = self._heads_first(qkv[..., :r, :].reshape(L0, L1, self.local_heads, self.head_dim))  # [B, H, S, hd]
+        k, v = (self._heads_first(qkv[..., r + i, :]) for i in (0, 1))  # [B, G, S, hd]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask = masks.attn_live
@@ -193,9 +238,10 @@ class Attention(SplitFeatures):
             k, v = torch.cat([k, k.detach()], dim=2), torch.cat([v, v.detach()], dim=2)
             mask = torch.cat([masks.attn_live, masks.attn_detached], dim=-1)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=r > 1)
-        # [B, S, H, hd] -> [B, S, H*hd]: a fresh copy (SDPA keeps its own output for backward),
-        # which the out projection masks per head in place.
-        o = self._ablate(o.transpose(1, 2)).reshape(B, S, self.local_heads * self.head_dim)
+        # [B, H, S, hd] -> [B, S, H*hd] (SP: [S, B, H*hd]): a fresh copy (SDPA keeps its own
+        # output for backward), which the out projection masks per head in place.
+        o = o.permute(2, 0, 1, 3) if self.seq_first else o.transpose(1, 2)
+        o = self._ablate(o).reshape(L0, L1, self.local_heads * self.head_dim)
         return self.out(o, masks, self.features)
 
 
@@ -226,9 +272,10 @@ class MLP(SplitFeatures):
 class Block(nn.Module):
     def __init__(self, cfg, part, layer, tp_rank, mpc, init, out_init):
         super().__init__()
-        self.norm1 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, part.role("norm", layer, tp_rank))
+        sp = mpc.sequence_parallel
+        self.norm1 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, part.role("norm", layer, tp_rank), sp)
         self.attn = Attention(cfg, part, layer, tp_rank, mpc, init, out_init)
-        self.norm2 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, part.role("norm", layer, tp_rank))
+        self.norm2 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, part.role("norm", layer, tp_rank), sp)
         self.mlp = MLP(cfg, part, layer, tp_rank, mpc, init, out_init)
 
     def forward(self, x, masks, rope):
@@ -247,7 +294,8 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class Transformer(nn.Module):
     """Decoder-only LM. ``forward`` returns the mean next-token loss (and per-token losses on demand)."""
 
-    def __init__(self, cfg: ModelConfig, partition: ForgetPartition, strategy: str = "sgtm"):
+    def __init__(self, cfg: ModelConfig, partition: ForgetPartition, strategy: str = "sgtm",
+                 sequence_parallel: bool = False):
         super().__init__()
         self.cfg = cfg
         self.partition = partition
@@ -256,9 +304,17 @@ class Transformer(nn.Module):
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         if tp_size != partition.tp_size:
             raise ValueError(f"partition built for TP={partition.tp_size}, model parallel state is TP={tp_size}")
+        if sequence_parallel and tp_size < 2:
+            raise ValueError(f"engine.sequence_parallel: needs engine.tensor_parallel > 1, the TP group has {tp_size}")
+        self.sequence_parallel = sequence_parallel
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        if sequence_parallel:
+            from pipeline.model.cpu_compat import patch_sequence_parallel_mappings
+
+            patch_sequence_parallel_mappings()  # a no-op where CUDA is available
         mpc = ModelParallelConfig(tensor_model_parallel_size=tp_size, use_cpu_initialization=True,
                                   perform_initialization=True, gradient_accumulation_fusion=False,
-                                  params_dtype=torch.float32)
+                                  params_dtype=torch.float32, sequence_parallel=sequence_parallel)
         init = lambda w: nn.init.normal_(w, 0.0, cfg.init_std)  # noqa: E731
         out_std = cfg.init_std / math.sqrt(2.0 * cfg.n_layers)  # GPT-2's scaled residual init
         out_init = lambda w: nn.init.normal_(w, 0.0, out_std)  # noqa: E731
@@ -277,7 +333,8 @@ class Transformer(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.blocks = nn.ModuleList(Block(cfg, partition, i, tp_rank, mpc, init, out_init)
                                     for i in range(cfg.n_layers))
-        self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, partition.role("final_norm", None, tp_rank))
+        self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, partition.role("final_norm", None, tp_rank),
+                               sequence_parallel)
         tied = bool(cfg.tie_embeddings)
         head_role = self.embedding_role if tied else partition.role("lm_head", None, tp_rank)
         self.lm_head = SplitColumnLinear(cfg.d_model, cfg.padded_vocab_size, head_role, config=mpc,
@@ -292,7 +349,8 @@ class Transformer(nn.Module):
                              "(attention would cross documents); send doc_ids or set model.document_masking=false")
         return TokenMasks.build(modes, self.strategy, len(self.partition.domains), self.embedding.weight.dtype,
                                 labels=labels, target_modes=target_modes, doc_ids=doc_ids,
-                                cross_mode=self.partition.sgtm.cross_mode_attention)
+                                cross_mode=self.partition.sgtm.cross_mode_attention,
+                                sequence_shard=(self.tp_rank, self.tp_size) if self.sequence_parallel else None)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 modes: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
@@ -305,31 +363,46 @@ class Transformer(nn.Module):
         ``modes`` [B, S] is each position's mode, ``target_modes`` the mode of each label token
         (optional, see :func:`pipeline.sgtm.masking.position_modes`), ``doc_ids`` [B, S] which
         document each position belongs to (attention stays inside a document)."""
-        masks = self.token_masks(modes, labels, target_modes, doc_ids)
         B, S = input_ids.shape
-        x = grad_gate(self.embedding(input_ids), _allow(masks, self.embedding_role))
+        sp = self.sequence_parallel
+        if sp and S % self.tp_size:
+            raise ValueError(f"engine.sequence_parallel: sequence length {S} is not divisible by "
+                             f"engine.tensor_parallel={self.tp_size}")
+        masks = self.token_masks(modes, labels, target_modes, doc_ids)
+        # Under SP the activations (and the masks' token order) are [S, B, ...].
+        x = grad_gate(self.embedding(input_ids.t() if sp else input_ids), _allow(masks, self.embedding_role))
         rope = None
         if self.position_embedding is not None:
-            pos = self.position_embedding(torch.arange(S, device=input_ids.device))[None]
-            x = x + grad_gate(pos.expand(B, S, -1), _allow(masks, self.position_embedding.weight.sgtm_role))
+            pos = self.position_embedding(torch.arange(S, device=input_ids.device))
+            pos = pos[:, None].expand(S, B, -1) if sp else pos[None].expand(B, S, -1)
+            x = x + grad_gate(pos, _allow(masks, self.position_embedding.weight.sgtm_role))
         else:
             rope = (self.rope_cos[:S], self.rope_sin[:S])
+        if sp:
+            x = scatter_to_sequence_parallel_region(x)  # [S/tp, B, H]: this rank's part of the sequence
         for block in self.blocks:
             x = block(x, masks, rope)
         x = self.final_norm(x, masks)
         if return_hidden:
+            if sp:  # the whole sequence, [B, S, H] as without SP
+                x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+                x = x.transpose(0, 1).contiguous()
             return x
-        logits = self.logits(x, masks)
+        logits = self.lm_head(x, masks, self._head_weight())  # SP: gathered inside, [S, B, V/tp]
         if labels is None:
-            return logits
-        per_token = token_losses(logits, labels)
+            return logits.transpose(0, 1) if sp else logits
+        per_token = token_losses(logits, labels.t().contiguous() if sp else labels)
         if return_per_token:
-            return per_token
+            return per_token.t() if sp else per_token
         return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
+    def _head_weight(self) -> torch.Tensor | None:
+        return self.embedding.weight if self.cfg.tie_embeddings else None
+
     def logits(self, hidden: torch.Tensor, masks: TokenMasks | None = None) -> torch.Tensor:
-        """Vocab-parallel logits [B, S, V/tp] from final hidden states."""
-        return self.lm_head(hidden, masks, self.embedding.weight if self.cfg.tie_embeddings else None)
+        """Vocab-parallel logits [B, S, V/tp] from final hidden states [B, S, H] of the whole
+        sequence (also under sequence parallelism: ``return_hidden`` gathers them)."""
+        return self.lm_head(hidden, masks, self._head_weight(), sequence_sharded=False)
 
     def set_ablated(self, domains: list[int]) -> None:
         for m in self.modules():

@@ -117,19 +117,53 @@ class TokenMasks:
     ``retain_keep`` [T, 1] is 0 on retain-mode tokens (their forget features are switched off in
     the forward); ``route_keep[cls]`` [T, 1] (gradient routing) is 0 on the tokens whose gradient
     may not flow through features of class ``cls`` (a missing class: every token's may).
-    ``attn_live``/``attn_detached`` are the attention masks of :func:`attention_masks`."""
+    ``attn_live``/``attn_detached`` are the attention masks of :func:`attention_masks`.
+
+    Token order: T is the flattened [B, S] of the batch, or [S, B] under sequence parallelism
+    (``sequence_shard``), matching the layout of the activations the vectors multiply; ``local``
+    then holds this rank's rows (its 1/world of the sequence, contiguous in [S, B] order) for the
+    sequence-sharded regions (norms, row-parallel output biases)."""
 
     allow: dict[int, torch.Tensor | None]
     retain_keep: torch.Tensor | None = None
     route_keep: dict[int, torch.Tensor] | None = None
     attn_live: torch.Tensor | None = None
     attn_detached: torch.Tensor | None = None
+    local: TokenMasks | None = None
 
     @staticmethod
     def build(modes: torch.Tensor | None, strategy: str, n_domains: int,
               dtype: torch.dtype = torch.float32, *, labels: torch.Tensor | None = None,
               target_modes: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-              cross_mode: str = "segment") -> TokenMasks:
+              cross_mode: str = "segment", sequence_shard: tuple[int, int] | None = None) -> TokenMasks:
+        """``sequence_shard``: (rank, world) of the sequence-parallel group, or None."""
+        masks = TokenMasks._build(modes, strategy, n_domains, dtype, labels, target_modes, doc_ids, cross_mode,
+                                  seq_first=sequence_shard is not None)
+        if sequence_shard is not None:
+            rank, world = sequence_shard
+            ref = modes if modes is not None else doc_ids
+            n = 0 if ref is None else ref.shape[0] * (ref.shape[1] // world)
+            masks.local = masks._rows(rank * n, (rank + 1) * n)
+        return masks
+
+    def _rows(self, start: int, stop: int) -> TokenMasks:
+        """The token vectors' rows [start, stop) (views; a tensor shared by several classes stays
+        shared, as :meth:`FeatureSplit.weight_grads` relies on)."""
+        cut: dict[int, torch.Tensor] = {}
+
+        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            if id(t) not in cut:
+                cut[id(t)] = t[start:stop]
+            return cut[id(t)]
+
+        route = None if self.route_keep is None else {c: rows(t) for c, t in self.route_keep.items()}
+        return TokenMasks({c: rows(t) for c, t in self.allow.items()}, rows(self.retain_keep), route)
+
+    @staticmethod
+    def _build(modes, strategy, n_domains, dtype, labels, target_modes, doc_ids, cross_mode,
+               seq_first: bool) -> TokenMasks:
         if strategy not in STRATEGIES:
             raise ValueError(f"sgtm.strategy: expected one of {STRATEGIES}, got {strategy!r}")
         classes = [ParamClass.RETAIN, ParamClass.JOINT_NON_FORGET, ParamClass.JOINT_ALL, *range(n_domains)]
@@ -142,7 +176,7 @@ class TokenMasks:
             check_modes(target_modes, n_domains, "target_modes")
         pos = position_modes(modes, labels, target_modes)
         live, detached = attention_masks(pos, doc_ids, cross_mode)
-        flat = pos.reshape(-1, 1)
+        flat = (pos.t() if seq_first else pos).reshape(-1, 1)
         token_kind = {"unlabelled": flat == Mode.UNLABELLED, "retain": flat == Mode.RETAIN}
         rules = MAY_UPDATE[strategy]
         cache: dict[tuple, torch.Tensor | None] = {}
