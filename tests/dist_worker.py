@@ -99,10 +99,11 @@ def scenario_isolation(out: Path, runs: list[dict], steps: int) -> dict:
     return result
 
 
-def scenario_isolation_property(out: Path, seeds: list[int]) -> dict:
+def scenario_isolation_property(out: Path, seeds: list[int], sequence_parallel: bool = False) -> dict:
     """The isolation property at TP=2 over random cases (the same generator as the in-process
     hypothesis test, driven by a seeded RNG so every rank draws the same case). Gradients are
-    compared shard by shard on every rank."""
+    compared shard by shard on every rank (``sequence_parallel``: with SP on)."""
+    import dataclasses
     import random
 
     from tests.isolation_cases import forget_reaches_its_parameters, isolation_leaks, make_case
@@ -112,6 +113,8 @@ def scenario_isolation_property(out: Path, seeds: list[int]) -> dict:
         rng = random.Random(seed)
         case = make_case(rng.randint, tp=2)
         cfg = case.config()
+        if sequence_parallel:
+            cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, sequence_parallel=True)).validate()
         d = init_distributed(cfg.engine)
         _, model = build_model(cfg, d)
         leaked, forget_changed = isolation_leaks(model, case)
@@ -155,6 +158,105 @@ def global_batch(step: int) -> dict:
     b = mixed_batch(seed=step, batch=4)
     b["labels"] = b["input_ids"].roll(-1, dims=1)  # every position labelled: equal DP shares
     return b
+
+
+def _sp_mutation(name: str | None):
+    """A deliberately broken sequence-parallel model, to show the SP checks can fail: norm and
+    row-bias gradients left as per-rank partial sums, or the token masks in [B, S] order while the
+    activations are [S, B]."""
+    import contextlib
+
+    from pipeline.model import transformer
+    from pipeline.sgtm.masking import TokenMasks
+
+    stack = contextlib.ExitStack()
+    if name == "norm_grads_not_reduced":
+        orig = transformer._sp_param
+        transformer._sp_param = lambda p, sp: p
+        stack.callback(setattr, transformer, "_sp_param", orig)
+    elif name == "masks_batch_major":
+        orig_build = TokenMasks._build
+
+        def build(*args, seq_first):
+            return orig_build(*args, seq_first=False)
+
+        TokenMasks._build = staticmethod(build)
+        stack.callback(setattr, TokenMasks, "_build", staticmethod(orig_build))
+    elif name is not None:
+        raise ValueError(f"unknown mutation {name!r}")
+    return stack
+
+
+def scenario_sequence_parallel_grads(out: Path, cases: dict[str, dict]) -> dict:
+    """TP=2 + SP: loss, gathered gradients, per-token losses, logits and hidden states of a mixed
+    batch per named case (arch, model/sgtm overrides, two_domains, optional mutation); and whether
+    every SP-marked (replicated, sequence-sharded) parameter's gradient is the same on both ranks."""
+    result = {}
+    for name, over in cases.items():
+        two = over.get("two_domains", True)
+        cfg = tiny_config(over["arch"], over.get("strategy", "sgtm"), tp=2, two_domains=two,
+                          model=over.get("model", {}), sgtm=over.get("sgtm", {}), engine={"sequence_parallel": True})
+        d = init_distributed(cfg.engine)
+        with _sp_mutation(over.get("mutation")):
+            _, model = build_model(cfg, d)
+            b = mixed_batch(n_domains=2 if two else 1)
+            kw = dict(modes=b["modes"], doc_ids=b["doc_ids"], target_modes=b["target_modes"])
+            loss = model(b["input_ids"], labels=b["labels"], **kw)
+            loss.backward()
+            with torch.no_grad():
+                per_token = model(b["input_ids"], labels=b["labels"], return_per_token=True, **kw)
+                logits = model(b["input_ids"], **kw)  # vocab-parallel [B, S, V/tp]
+                hidden = model(b["input_ids"], doc_ids=b["doc_ids"], return_hidden=True)
+        parts = [torch.empty_like(logits) for _ in range(d.tp_size)]
+        dist.all_gather(parts, logits.contiguous())
+        same = True
+        for p in model.parameters():
+            if getattr(p, "sequence_parallel", False):
+                ref = p.grad.clone()
+                dist.broadcast(ref, 0)
+                same &= torch.equal(ref, p.grad)
+        flags = [None] * d.world_size
+        dist.all_gather_object(flags, same)
+        full, grads = gather_full_state_dict(model), gather_full_state_dict(model, grads=True)
+        if d.rank == 0:
+            torch.save({"state": full, "grads": grads, "loss": loss.detach(), "per_token": per_token,
+                        "logits": torch.cat(parts, dim=-1), "hidden": hidden}, out / f"sp_{name}.pt")
+        n_sp = sum(bool(getattr(p, "sequence_parallel", False)) for p in model.parameters())
+        result[name] = {"sp_grads_equal_on_ranks": flags, "sp_marked": n_sp}
+    return result
+
+
+def scenario_sequence_parallel_isolation(out: Path, seeds: list[int], mutation_seeds: list[int]) -> dict:
+    """The isolation property at TP=2 + SP over ``seeds``, then over ``mutation_seeds`` with the
+    token masks in the wrong ([B, S]) order, which the check must report (one launch for both)."""
+    clean = scenario_isolation_property(out, seeds, sequence_parallel=True)
+    with _sp_mutation("masks_batch_major"):
+        mutated = scenario_isolation_property(out, mutation_seeds, sequence_parallel=True)
+    return {"clean": clean, "mutated": mutated}
+
+
+def scenario_sequence_parallel_engine(out: Path, archs: list[str], steps: int) -> dict:
+    """DeepSpeed ZeRO-1 at TP=2, with and without SP, per-partition clipping that binds: losses and
+    the clip norms of every step, on the same mixed-mode batches."""
+    result = {}
+    for arch in archs:
+        over = {"model": {"n_heads": 8, "n_kv_heads": 2},
+                "sgtm": {"domains": [{"name": "es", "heads": [4, 5, 6, 7], "units": [3, 10, 31, 32, 40]}]},
+                "two_domains": False} if arch == "llama3" else {}
+        for sp in (False, True):
+            cfg = tiny_config(arch, "sgtm", tp=2, two_domains=over.get("two_domains", True),
+                              model=over.get("model", {}), sgtm=over.get("sgtm", {}),
+                              engine={"zero_stage": 1, "micro_batch_size": 4, "grad_clip": 0.05,
+                                      "sequence_parallel": sp},
+                              optimizer={"lr": 3e-3}, train={"steps": steps})
+            state = build_engine(cfg)
+            losses, norms = [], []
+            for step in range(steps):
+                b = mixed_batch(seed=step, batch=4, n_domains=2 if over.get("two_domains", True) else 1)
+                losses.append(float(train_step(state, [b])))
+                norms.append(state.clipper.last_norms.tolist())
+            result[f"{arch}_sp{int(sp)}"] = {"losses": losses, "norms": norms}
+    return result
 
 
 def main() -> None:

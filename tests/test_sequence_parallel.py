@@ -1,0 +1,130 @@
+"""Sequence parallelism (engine.sequence_parallel): TP=2 + SP equals TP=1, isolation holds with SP
+on, and DeepSpeed training at TP=2 + SP equals TP=2 without it (gloo, loopback)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError, load_config
+from pipeline.engine.engine import build_model
+from pipeline.model.tp_state import load_full_state_dict
+from tests.conftest import run_workers
+from tests.fixtures import mixed_batch, tiny_config
+
+GQA = {"arch": "llama3", "model": {"n_heads": 8, "n_kv_heads": 2}, "two_domains": False,
+       "sgtm": {"domains": [{"name": "es", "heads": [4, 5, 6, 7], "units": [3, 10, 31, 32, 40]}]}}
+CASES = {
+    "gpt-neo": {"arch": "gpt-neo"},
+    "llama": {"arch": "llama"},
+    "llama3_gqa": GQA,
+    "gpt-neo_routing": {"arch": "gpt-neo", "strategy": "gradient_routing"},
+    # Mutations: the comparison below must see them.
+    "mut_norm_grads_not_reduced": {"arch": "gpt-neo", "mutation": "norm_grads_not_reduced"},
+    "mut_masks_batch_major": {"arch": "llama", "mutation": "masks_batch_major"},
+}
+EXACT = [n for n in CASES if not n.startswith("mut_")]
+TOL = dict(rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def sp2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sp2")
+    return out, run_workers(2, "sequence_parallel_grads", out, cases=CASES)
+
+
+def _tp1(world, name: str, saved: dict):
+    """The TP=1 model (no SP) with the TP=2 + SP run's weights, run on the same batch."""
+    over = CASES[name]
+    two = over.get("two_domains", True)
+    cfg = tiny_config(over["arch"], over.get("strategy", "sgtm"), tp=1, two_domains=two,
+                      model=over.get("model", {}), sgtm=over.get("sgtm", {}))
+    _, model = build_model(cfg, world)
+    load_full_state_dict(model, saved["state"])
+    b = mixed_batch(n_domains=2 if two else 1)
+    kw = dict(modes=b["modes"], doc_ids=b["doc_ids"], target_modes=b["target_modes"])
+    loss = model(b["input_ids"], labels=b["labels"], **kw)
+    loss.backward()
+    with torch.no_grad():
+        extra = {"per_token": model(b["input_ids"], labels=b["labels"], return_per_token=True, **kw),
+                 "logits": model(b["input_ids"], **kw),
+                 "hidden": model(b["input_ids"], doc_ids=b["doc_ids"], return_hidden=True)}
+    return model, loss.detach(), extra
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_tp2_sp_loss_and_gradients_equal_tp1(single_process_world, sp2, name):
+    """Mixed modes (changes inside documents, target_modes): loss and every gathered gradient to
+    1e-5, and per-token losses, logits and the gathered final hidden states; SP-marked
+    parameters (norms, row-parallel output biases) hold the same gradient on both ranks."""
+    out, result = sp2
+    saved = torch.load(out / f"sp_{name}.pt", weights_only=True)
+    model, loss, extra = _tp1(single_process_world, name, saved)
+    torch.testing.assert_close(saved["loss"], loss, **TOL)
+    for pname, p in model.named_parameters():
+        torch.testing.assert_close(saved["grads"][pname], p.grad, **TOL, msg=lambda m, n=pname: f"{n}: {m}")
+    for key in ("per_token", "logits", "hidden"):
+        torch.testing.assert_close(saved[key], extra[key], **TOL, msg=lambda m, k=key: f"{k}: {m}")
+    assert result[name]["sp_grads_equal_on_ranks"] == [True, True]
+    n_norms = sum(1 for n, _ in model.named_parameters() if "norm" in n)
+    assert result[name]["sp_marked"] >= n_norms > 0
+
+
+def _grad_mismatches(single_process_world, sp2, name: str) -> list[str]:
+    out, _ = sp2
+    saved = torch.load(out / f"sp_{name}.pt", weights_only=True)
+    model, _, _ = _tp1(single_process_world, name, saved)
+    return [n for n, p in model.named_parameters()
+            if not torch.allclose(saved["grads"][n], p.grad, rtol=0, atol=1e-5)]
+
+
+def test_mutation_unreduced_norm_gradients_is_caught(single_process_world, sp2):
+    """Without the all-reduce, norm gains/biases keep per-rank partial gradients: the TP=1
+    comparison and the same-on-every-rank check both fail, and only on SP-marked parameters."""
+    bad = _grad_mismatches(single_process_world, sp2, "mut_norm_grads_not_reduced")
+    assert bad and all("norm" in n or n.endswith("out.bias") or n.endswith("fc2.bias") for n in bad), bad
+    assert any("norm" in n for n in bad)
+    assert sp2[1]["mut_norm_grads_not_reduced"]["sp_grads_equal_on_ranks"] != [True, True]
+
+
+def test_mutation_masks_in_batch_major_order_is_caught(single_process_world, sp2):
+    """Per-token masks flattened [B, S] while the activations are [S, B]: gradients differ."""
+    assert _grad_mismatches(single_process_world, sp2, "mut_masks_batch_major")
+
+
+def test_isolation_property_at_tp2_with_sp(tmp_path):
+    """The random-case isolation property (tests/isolation_cases.py) at TP=2 with SP on: every
+    shard's retain and joint(non_forget) gradients bit-identical under changed forget content,
+    forget slices changed. With the masks flattened in the wrong order the same check reports leaks."""
+    result = run_workers(2, "sequence_parallel_isolation", tmp_path, seeds=list(range(20)), mutation_seeds=[0, 1, 2])
+    clean, mutated = result["clean"], result["mutated"]
+    assert clean["checked"] == 20 and clean["reached"] > 8
+    assert not clean["failures"], clean["failures"][:3]
+    assert mutated["checked"] == 3 and any("leaked" in f for f in mutated["failures"])
+
+
+def test_deepspeed_tp2_sp_losses_equal_tp2(tmp_path):
+    """4 ZeRO-1 steps with binding per-partition clipping on mixed-mode batches: TP=2 + SP gives
+    the losses and clip norms of TP=2 without SP (so the clipper counts the all-reduced norm
+    gradients once, as before)."""
+    result = run_workers(2, "sequence_parallel_engine", tmp_path, archs=["gpt-neo", "llama3"], steps=4)
+    for arch in ("gpt-neo", "llama3"):
+        base, sp = result[f"{arch}_sp0"], result[f"{arch}_sp1"]
+        torch.testing.assert_close(torch.tensor(sp["losses"]), torch.tensor(base["losses"]), **TOL)
+        torch.testing.assert_close(torch.tensor(sp["norms"]), torch.tensor(base["norms"]), rtol=1e-5, atol=1e-7)
+        assert all(n > 0.05 for row in base["norms"] for n in row if n > 0)  # the clip binds
+        assert len(set(base["losses"])) == 4
+
+
+@pytest.mark.parametrize("engine,model,match", [
+    ({"tensor_parallel": 1, "sequence_parallel": True}, {},
+     r"^engine.sequence_parallel: needs engine.tensor_parallel > 1"),
+    ({"tensor_parallel": 2, "sequence_parallel": True}, {"max_seq_len": 15},
+     r"^engine.sequence_parallel: model.max_seq_len=15 is not divisible by engine.tensor_parallel=2"),
+])
+def test_invalid_sequence_parallel_is_a_one_line_error(engine, model, match):
+    data = {"model": {"arch": "gpt-neo", "n_heads": 4, "d_model": 32, "d_ff": 64, **model},
+            "sgtm": {"domains": [{"name": "es", "heads": 1, "units": 2}]}, "engine": engine}
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(None, [], data=data)
+    assert "\n" not in str(e.value)
