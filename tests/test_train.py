@@ -227,6 +227,7 @@ def test_eval_cli_writes_json_for_a_checkpoint(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["step"] == 4 and set(report["sets"]) == {"forget", "retain"}
+    assert " eval: forget: " in r.stderr and " eval: calibration step " in r.stderr  # batch-job progress
     final = json.loads((run_dir / "final.json").read_text())
     # The offline evaluation reproduces the training job's own final evaluation.
     assert report["sets"]["forget"]["ablated"] == pytest.approx(final["forget_ablated"], abs=1e-5)

@@ -122,6 +122,18 @@ def write_model_dir(loaded: LoadedModel, out: Path) -> Path:
     return out
 
 
+def _progress(what: str):
+    """Progress lines on stderr (stdout carries the command's JSON/summary), timestamped like the
+    training log's, so `sgtm eval` / `sgtm ablate --calibrate` in a batch job show where they are."""
+    import sys
+    import time
+
+    def report(line: str) -> None:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {what}: {line}", file=sys.stderr, flush=True)
+
+    return report
+
+
 def _eval_batches(cfg: ExperimentConfig):
     from pipeline.train.loop import eval_sets
 
@@ -144,7 +156,7 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, overrides: li
     evals, calib = _eval_batches(loaded.cfg)
     domains = list(range(len(loaded.cfg.sgtm.domains)))
     cal = loaded.cfg.eval.calibration if loaded.cfg.eval.calibrate else None
-    results = evaluate(model, evals, calib if cal else None, domains, cal, dist.device)
+    results = evaluate(model, evals, calib if cal else None, domains, cal, dist.device, report=_progress("eval"))
     report = {"checkpoint": str(resolve_checkpoint(path)), "step": loaded.meta.get("step"),
               "sets": {name: {"full": r.full, "ablated": r.ablated, "calibrated": r.calibrated, "tokens": r.tokens}
                        for name, r in results.items()}}
@@ -176,7 +188,8 @@ def ablate_checkpoint(path: str | Path, out: str | Path, domains: list[str] | No
         from pipeline.components.evaluation import fit_calibration_bias
 
         _, calib = _eval_batches(loaded.cfg)
-        loaded.bias = fit_calibration_bias(model, calib, idx, loaded.cfg.eval.calibration, dist.device).cpu()
+        loaded.bias = fit_calibration_bias(model, calib, idx, loaded.cfg.eval.calibration, dist.device,
+                                           report=_progress("ablate")).cpu()
     return write_model_dir(loaded, Path(out))
 
 
