@@ -19,7 +19,6 @@ import io
 import json
 import os
 import tarfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from webdataset.tariterators import tar_file_iterator
 
 from pipeline.data.errors import DataError
 from pipeline.data.io import atomic_write_json, sha256_file
-from pipeline.data.readers import Document, iter_documents
+from pipeline.data.readers import Document, ReadReport, iter_documents
 from pipeline.data.tokenizer import TextTokenizer
 
 FORMAT = "sgtm-shards/1"
@@ -139,21 +138,16 @@ class _ShardWriter:
         self.stats = {"samples": 0, "tokens": 0, "docs": 0, "first_doc": None, "bytes": 0}
 
 
-def write_shards(
+def shard_identity(
     inputs: list[str],
     tokenizer: TextTokenizer,
     seq_len: int,
-    out: str | os.PathLike,
     source: str | None = None,
     shard_size_mb: float = 16.0,
-    progress: bool = True,
 ) -> dict:
-    """Tokenize inputs into shards under `out`; restartable: completed shards are kept and skipped.
+    """What decides the shards' bytes (checked before any work; one-line errors naming the flag).
 
-    The manifest is rewritten (atomically) after every shard, so a crash loses at most the shard in
-    progress; a restart with the same arguments re-reads the inputs, skips the documents already in
-    shards without tokenizing them, and continues.
-    """
+    A restart, every rank of a split run and its merge must all present the same identity."""
     if not inputs:
         raise DataError("--input: expected at least one file")
     if seq_len < 1:
@@ -164,11 +158,10 @@ def write_shards(
 
     for path in inputs:  # unknown type / missing file: fail before any work
         input_kind(path)
-    out = Path(out)
     source = source or Path(inputs[0]).name.split(".")[0]
     if not source.replace("_", "").replace("-", "").isalnum():
         raise DataError(f"--source: expected letters, digits, '-' or '_', got {source!r}")
-    identity = {
+    return {
         "format": FORMAT,
         "source": source,
         "seq_len": seq_len,
@@ -182,53 +175,108 @@ def write_shards(
         "inputs": [{"path": str(Path(p).resolve()), "bytes": _input_size(p)} for p in inputs],
         "shard_size_mb": shard_size_mb,
     }
+
+
+def existing_manifest(out: Path, identity: dict) -> dict | None:
+    """The manifest already under `out` (None if there is none); one made differently is refused."""
     manifest_path = out / MANIFEST
-    manifest = {**identity, "shards": [], "complete": False}
-    if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
-        differing = [k for k in identity if old.get(k) != identity[k]]
-        if differing:
-            raise DataError(
-                f"{manifest_path}: existing shards were made with different {differing}; "
-                "use a fresh --out directory"
-            )
-        if old.get("complete"):
-            return old
-        manifest = old
+    if not manifest_path.exists():
+        return None
+    old = json.loads(manifest_path.read_text())
+    differing = [k for k in identity if old.get(k) != identity[k]]
+    if differing:
+        raise DataError(
+            f"{manifest_path}: existing shards were made with different {differing}; use a fresh --out directory"
+        )
+    return old
+
+
+def tokenized(
+    documents: Iterator[Document], tokenizer: TextTokenizer, skip: int = 0
+) -> Iterator[tuple[int, Document, np.ndarray]]:
+    """(index, document, tokens + eot) in input order, tokenized in batches; the first `skip`
+    documents are passed over without tokenizing them (a restart)."""
+    batch: list[tuple[int, Document]] = []
+
+    def flush() -> Iterator[tuple[int, Document, np.ndarray]]:
+        ids = tokenizer.encode_batch([d.text for _, d in batch])
+        for (index, document), tokens in zip(batch, ids, strict=True):
+            yield index, document, np.asarray(tokens + [tokenizer.eot_id], dtype=np.int64)
+        batch.clear()
+
+    for index, document in enumerate(documents):
+        if index < skip:
+            continue
+        batch.append((index, document))
+        if len(batch) == 512:
+            yield from flush()
+    if batch:
+        yield from flush()
+
+
+def pack_documents(
+    out: Path,
+    identity: dict,
+    stream: Iterator[tuple[int, Document, np.ndarray]],
+    report: ReadReport | None = None,
+    progress: bool = True,
+) -> dict:
+    """Pack (index, document, tokens) items, all of them from the manifest's document count on, into
+    shards and write the complete manifest. The one writer behind both `write_shards` and the merge
+    of a split run, which is why their outputs are byte-identical."""
+    manifest = existing_manifest(out, identity) or {**identity, "shards": [], "complete": False}
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):
         stale.unlink()
     done_docs = sum(s["docs"] for s in manifest["shards"])
-    dtype = token_dtype(tokenizer.vocab_size)
-    writer = _ShardWriter(out, source, seq_len, dtype, int(shard_size_mb * 1e6), manifest)
+    writer = _ShardWriter(
+        out, identity["source"], identity["seq_len"], np.dtype(identity["dtype"]),
+        int(identity["shard_size_mb"] * 1e6), manifest,
+    )
     from tqdm import tqdm
 
-    started = time.time()
-    bar = tqdm(desc=f"shard {source}", unit=" docs", disable=not progress, initial=done_docs)
-    batch: list[tuple[int, Document]] = []
-
-    def flush() -> None:
-        ids = tokenizer.encode_batch([d.text for _, d in batch])
-        for (index, document), tokens in zip(batch, ids, strict=True):
-            writer.add(index, document, np.asarray(tokens + [tokenizer.eot_id], dtype=np.int64))
-        bar.update(len(batch))
-        batch.clear()
-
-    for index, document in enumerate(iter_documents(inputs)):
+    bar = tqdm(desc=f"shard {identity['source']}", unit=" docs", disable=not progress, initial=done_docs)
+    for index, document, tokens in stream:
         if index < done_docs:
             continue
-        batch.append((index, document))
-        if len(batch) == 512:
-            flush()
-    if batch:
-        flush()
+        writer.add(index, document, tokens)
+        bar.update(1)
     writer.close_shard()
     bar.close()
     manifest["complete"] = True
     manifest["totals"] = {k: sum(s[k] for s in manifest["shards"]) for k in ("docs", "tokens", "samples")}
-    manifest["seconds"] = round(time.time() - started, 2)
-    atomic_write_json(manifest_path, manifest)
+    if report is not None and report.skip_bad:
+        manifest["bad_records"] = report.manifest_entry()
+    atomic_write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def write_shards(
+    inputs: list[str],
+    tokenizer: TextTokenizer,
+    seq_len: int,
+    out: str | os.PathLike,
+    source: str | None = None,
+    shard_size_mb: float = 16.0,
+    progress: bool = True,
+    skip_bad_records: bool = False,
+) -> dict:
+    """Tokenize inputs into shards under `out`; restartable: completed shards are kept and skipped.
+
+    The manifest is rewritten (atomically) after every shard, so a crash loses at most the shard in
+    progress; a restart with the same arguments re-reads the inputs, skips the documents already in
+    shards without tokenizing them, and continues. `skip_bad_records`: count bad input records
+    (null/missing text, bad JSON, invalid UTF-8) in the manifest's `bad_records` instead of failing.
+    """
+    out = Path(out)
+    identity = shard_identity(inputs, tokenizer, seq_len, source, shard_size_mb)
+    old = existing_manifest(out, identity)
+    if old is not None and old.get("complete"):
+        return old
+    done_docs = sum(s["docs"] for s in old["shards"]) if old else 0
+    report = ReadReport(skip_bad=skip_bad_records)
+    stream = tokenized(iter_documents(inputs, report), tokenizer, skip=done_docs)
+    return pack_documents(out, identity, stream, report, progress)
 
 
 def _input_size(path: str) -> int:
