@@ -1,4 +1,5 @@
-"""Upstream domain classifiers: hashed n-grams + logistic regression (words for topics, chars for language).
+"""Upstream domain classifiers: hashed n-grams + logistic regression (words for topics, chars for language),
+and as backends for `sgtm data tag`, a fastText model file or a local Hugging Face sequence classifier.
 
 Hashing keeps the model a plain coefficient matrix, so it is saved as .npz + JSON (no pickle) and the
 same file tags shards anywhere. Classes are roles ('forget:<d>', 'adjacent', 'retain'), so a
@@ -86,6 +87,9 @@ class HashedTextClassifier:
             raise DataError(f"{path}: unknown classifier format {header.get('format')!r}")
         return cls(header["kind"], header["classes"], coef, intercept, header.get("rules"))
 
+    def describe(self) -> dict:
+        return {"kind": f"hashed-{self.kind}", "classes": self.classes}
+
 
 def train_classifier(
     documents: list[Document],
@@ -143,3 +147,207 @@ def train_classifier(
         "accuracy": round(float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)])), 4),
     }
     return clf, report
+
+
+# ------------------------------------------------------------------------------- other backends
+#
+# Every backend has `classes` (roles, sorted), `rules` (embedded label rules or None),
+# `predict_proba(texts) -> [len(texts), len(classes)]` and `describe()` (what identifies its
+# predictions: split tagging runs check that every rank used the same). Model labels that are not
+# roles are mapped with a label map ({model label: role}); labels mapped to one role add up.
+
+
+def _is_role(label: str) -> bool:
+    return label in ("retain", "adjacent") or (label.startswith("forget:") and len(label) > 7)
+
+
+def parse_label_map(spec: str | None) -> dict[str, str]:
+    """`--label-map`: 'LABEL_0=retain,LABEL_1=forget:biology', or a .json/.yaml file holding that mapping."""
+    if not spec:
+        return {}
+    if spec.endswith((".json", ".yaml", ".yml")):
+        import yaml
+
+        try:
+            raw = yaml.safe_load(Path(spec).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise DataError(f"--label-map {spec}: cannot read ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise DataError(f"--label-map {spec}: invalid YAML/JSON ({str(exc).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise DataError(f"--label-map {spec}: expected a mapping of model label -> role")
+        pairs = [(str(k), str(v)) for k, v in raw.items()]
+    else:
+        pairs = []
+        for item in spec.split(","):
+            label, eq, role = item.partition("=")
+            if not eq or not label.strip() or not role.strip():
+                raise DataError(f"--label-map: expected LABEL=ROLE[,LABEL=ROLE...], got {item!r}")
+            pairs.append((label.strip(), role.strip()))
+    for label, role in pairs:
+        if not _is_role(role):
+            raise DataError(f"--label-map: {label}={role}: expected a role 'retain', 'adjacent' or 'forget:<domain>'")
+    return dict(pairs)
+
+
+def map_labels(labels: list[str], label_map: dict[str, str], where: str) -> tuple[np.ndarray, list[str]]:
+    """Model labels -> (a [labels, classes] 0/1 matrix summing label probabilities into roles, the roles)."""
+    unknown = sorted(set(label_map) - set(labels))
+    if unknown:
+        raise DataError(f"--label-map: {unknown} are not labels of {where} (its labels: {labels})")
+    roles = [label_map.get(label, label) for label in labels]
+    for label, role in zip(labels, roles, strict=True):
+        if not _is_role(role):
+            raise DataError(
+                f"{where}: model label {label!r} is not a role ('retain', 'adjacent', 'forget:<domain>'); "
+                f"map it with --label-map {label}=ROLE"
+            )
+    classes = sorted(set(roles))
+    matrix = np.zeros((len(labels), len(classes)))
+    for i, role in enumerate(roles):
+        matrix[i, classes.index(role)] = 1.0
+    return matrix, classes
+
+
+class FastTextClassifier:
+    """A supervised fastText model file (.bin/.ftz); labels `__label__<role>` or mapped to roles.
+
+    fastText reads one line per text, so newlines become spaces; probabilities are those of all
+    labels (k=-1), which sum to one for the softmax losses."""
+
+    rules = None
+
+    def __init__(self, path: str | Path, label_map: dict[str, str] | None = None) -> None:
+        try:
+            import fasttext
+        except ImportError:
+            raise DataError(
+                f"{path}: fastText classifiers need the fasttext module "
+                "(pip install -c constraints.txt fasttext-numpy2-wheel==0.9.2)"
+            ) from None
+        try:
+            self.model = fasttext.load_model(str(path))
+        except ValueError as exc:
+            raise DataError(f"{path}: not a fastText model file ({str(exc).splitlines()[0]})") from None
+        self.path = str(path)
+        self.labels = [label.removeprefix("__label__") for label in self.model.get_labels()]
+        self.label_map = label_map or {}
+        self.matrix, self.classes = map_labels(self.labels, self.label_map, self.path)
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, len(self.classes)))
+        column = {f"__label__{label}": i for i, label in enumerate(self.labels)}
+        names, probs = self.model.predict([t.replace("\n", " ").replace("\r", " ") for t in texts], k=-1,
+                                          threshold=0.0)
+        out = np.zeros((len(texts), len(self.labels)))
+        for row, (row_names, row_probs) in enumerate(zip(names, probs, strict=True)):
+            for name, p in zip(row_names, row_probs, strict=True):
+                out[row, column[name]] = min(1.0, float(p))
+        return out @ self.matrix
+
+    def describe(self) -> dict:
+        return {"kind": "fasttext", "labels": self.labels, "label_map": self.label_map}
+
+
+class HFSequenceClassifier:
+    """A local Hugging Face `AutoModelForSequenceClassification` directory (config + weights + tokenizer).
+
+    Labels come from the config's id2label (mapped to roles); texts are scored in batches of
+    `batch_size`, longest first (less padding), truncated to the model's length, on the GPU when one
+    is present; softmax over the logits (sigmoid for multi-label models)."""
+
+    rules = None
+
+    def __init__(
+        self,
+        path: str | Path,
+        label_map: dict[str, str] | None = None,
+        batch_size: int = 32,
+        device: str = "auto",
+    ) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if batch_size < 1:
+            raise DataError(f"--batch-size: expected a positive integer, got {batch_size}")
+        if device not in ("auto", "cpu", "cuda"):
+            raise DataError(f"--device: expected auto, cpu or cuda, got {device!r}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise DataError("--device cuda: no GPU is visible to torch")
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   device if device != "auto" else "cpu")
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar in the middle of `sgtm data tag`'s output
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            self.model = AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(
+                f"{path}: not a loadable AutoModelForSequenceClassification directory "
+                f"({str(exc).splitlines()[0]})"
+            ) from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        self.model.to(self.device).eval()
+        config = self.model.config
+        if self.tokenizer.pad_token is None:  # GPT-style tokenizers: pad with end-of-text (masked anyway)
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if config.pad_token_id is None:
+            config.pad_token_id = self.tokenizer.pad_token_id
+        self.path, self.batch_size = str(path), batch_size
+        self.labels = [str(config.id2label[i]) for i in range(config.num_labels)]
+        self.label_map = label_map or {}
+        self.matrix, self.classes = map_labels(self.labels, self.label_map, self.path)
+        limits = [n for n in (self.tokenizer.model_max_length, getattr(config, "max_position_embeddings", None))
+                  if isinstance(n, int) and 0 < n < 1_000_000]
+        self.max_length = min(limits) if limits else 512
+        self.multi_label = config.problem_type == "multi_label_classification"
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        out = np.zeros((len(texts), len(self.labels)))
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # similar lengths batch together
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start : start + self.batch_size]
+                batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                                       max_length=self.max_length, return_tensors="pt").to(self.device)
+                logits = self.model(**batch).logits.float()
+                probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
+                out[rows] = probs.cpu().double().numpy()
+        return out @ self.matrix
+
+    def describe(self) -> dict:
+        return {"kind": "hf", "model": type(self.model).__name__, "labels": self.labels,
+                "label_map": self.label_map, "max_length": self.max_length}
+
+
+Classifier = HashedTextClassifier | FastTextClassifier | HFSequenceClassifier
+
+
+def load_classifier(
+    spec: str, label_map: dict[str, str] | None = None, batch_size: int = 32, device: str = "auto"
+) -> Classifier:
+    """`--classifier`: a .npz from `train-classifier`, a fastText .bin/.ftz, or a local HF directory."""
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise DataError(f"{path}: not a Hugging Face model directory (no config.json)")
+        return HFSequenceClassifier(path, label_map, batch_size, device)
+    if not path.exists():
+        raise DataError(f"{path}: no such classifier file")
+    if path.suffix == ".npz":
+        if label_map:
+            raise DataError(f"--label-map: {path} already predicts roles (a train-classifier model)")
+        return HashedTextClassifier.load(path)
+    if path.suffix in (".bin", ".ftz"):
+        return FastTextClassifier(path, label_map)
+    raise DataError(
+        f"{path}: unknown classifier (expected a .npz from `sgtm data train-classifier`, a fastText .bin/.ftz, "
+        "a Hugging Face model directory, or 'truth')"
+    )

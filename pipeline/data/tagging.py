@@ -9,16 +9,19 @@ and the label-noise simulator decide a document's mode; the loader and the repor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.classifier import HashedTextClassifier
+from pipeline.data.classifier import Classifier, load_classifier
 from pipeline.data.config import TaggingConfig
+from pipeline.data.distributed_prep import Split, check_same, collect_ranks, shard_range
 from pipeline.data.errors import DataError
 from pipeline.data.io import atomic_write_bytes, atomic_write_json
 from pipeline.data.labels import LabelRules, unit_hash
@@ -27,7 +30,9 @@ from pipeline.data.tokenizer import TextTokenizer
 from pipeline.sgtm.codes import Mode, mode_name
 
 TAGS_FORMAT = "sgtm-tags/1"
+RANK_FORMAT = "sgtm-tags-rank/1"
 SUMMARY = "tags.json"
+RANKS = "_ranks"  # a split run's per-rank markers (deleted by the merge)
 
 
 def sidecar_path(tags_dir: str | os.PathLike, shard_name: str) -> Path:
@@ -109,6 +114,16 @@ class Confusion:
         cell[0] += 1
         cell[1] += n_tokens
 
+    def rows(self) -> list[list]:
+        """[true label, mode, docs, tokens] per cell: a rank's part of the table."""
+        return [[t, m, d, n] for (t, m), (d, n) in sorted(self.table.items())]
+
+    def add_rows(self, rows: list[list]) -> None:
+        for true_role, mode, docs, tokens in rows:
+            cell = self.table[(true_role, mode)]
+            cell[0] += docs
+            cell[1] += tokens
+
     def to_dict(self) -> dict:
         out: dict[str, dict[str, dict[str, int]]] = {}
         for (true_role, mode), (docs, tokens) in sorted(self.table.items()):
@@ -180,34 +195,30 @@ def tag_shards(
     rules: LabelRules | None = None,
     assigner: ModeAssigner | None = None,
     progress: bool = True,
+    classifier: Classifier | None = None,
+    split: Split | None = None,
 ) -> dict:
     """Tag every document (and paragraph) of a shard directory; restartable shard by shard.
 
-    `classifier_spec`: a .npz from `train-classifier`, or 'truth' (the label rules' answer with
-    confidence 1, for controlled experiments). True roles come from `rules` (default: the rules the
-    classifier was trained with).
+    `classifier_spec`: a .npz from `train-classifier`, a fastText .bin/.ftz, a local Hugging Face
+    directory (`classifier`: that spec already loaded, e.g. with a label map), or 'truth' (the label
+    rules' answer with confidence 1, for controlled experiments). True roles come from `rules`
+    (default: the rules the classifier was trained with). `split`: tag only this rank's shard range
+    and write its rank marker instead of `tags.json` (then `merge_tags`).
     """
-    manifest = load_manifest(shards_dir)
-    if classifier_spec == "truth":
-        classifier = None
-        if rules is None:
-            raise DataError("--classifier truth: needs --labels YAML (the ground-truth rules)")
-        classes = sorted({rules.default, *(label for _, label in rules.rules)})
-    else:
-        classifier = HashedTextClassifier.load(classifier_spec)
-        classes = classifier.classes
-        if rules is None and classifier.rules:
-            rules = LabelRules.from_dict(classifier.rules, f"{classifier_spec} (embedded label rules)")
-    domains = rules.domains if rules else sorted({c[7:] for c in classes if c.startswith("forget:")})
-    if assigner is None:
-        assigner = ModeAssigner(TaggingConfig(source="classifier"), domains)
+    setup = _TagSetup(shards_dir, classifier_spec, tokenizer, rules, assigner, classifier)
+    manifest = setup.manifest
+    entries = manifest["shards"]
+    if split is not None:
+        entries = [entries[i] for i in shard_range(len(entries), split)]
     newlines = _newline_tables(tokenizer)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     confusion = Confusion()
     from tqdm import tqdm
 
-    for entry in tqdm(manifest["shards"], desc="tag", unit=" shards", disable=not progress):
+    desc = "tag" if split is None else f"tag {split.name}"
+    for entry in tqdm(entries, desc=desc, unit=" shards", disable=not progress):
         path = sidecar_path(out_dir, entry["name"])
         records = None
         if path.exists():  # restart: keep sidecars already written for this exact shard
@@ -217,7 +228,8 @@ def tag_shards(
                 records = None
         if records is None:
             records = _tag_one_shard(
-                Path(shards_dir) / entry["name"], entry, classifier, classes, rules, tokenizer, newlines
+                Path(shards_dir) / entry["name"], entry, setup.classifier, setup.classes, setup.rules,
+                tokenizer, newlines,
             )
             header = {
                 "format": TAGS_FORMAT,
@@ -225,21 +237,117 @@ def tag_shards(
                 "sha256": entry["sha256"],
                 "docs": entry["docs"],
                 "classifier": str(classifier_spec),
-                "classes": classes,
+                "classes": setup.classes,
             }
             lines = [json.dumps(header)] + [json.dumps(r, separators=(",", ":")) for r in records]
             atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
         for r in records:
-            modes = assigner.assign(f"{manifest['source']}:{r['doc']}", r["true"], r)
-            confusion.add(r["true"], mode_name(modes.mode, domains), r["n_tokens"])
+            modes = setup.assigner.assign(f"{manifest['source']}:{r['doc']}", r["true"], r)
+            confusion.add(r["true"], mode_name(modes.mode, setup.domains), r["n_tokens"])
+    if split is not None:  # the rank's marker, last: its sidecars are all in place
+        marker = {"format": RANK_FORMAT, "rank": split.rank, "world": split.world, "identity": setup.identity(),
+                  "shards": [e["name"] for e in entries], "confusion": confusion.rows()}
+        atomic_write_json(out_dir / RANKS / f"{split.name}.json", marker)
+        return {**marker, "confusion_text": confusion.format()}
+    return _write_summary(setup, out_dir, confusion)
+
+
+def merge_tags(
+    shards_dir: str,
+    classifier_spec: str,
+    out: str,
+    tokenizer: TextTokenizer,
+    rules: LabelRules | None = None,
+    assigner: ModeAssigner | None = None,
+    classifier: Classifier | None = None,
+) -> dict:
+    """The merge of a split `sgtm data tag`: check that ranks 0..W-1 all finished with these settings
+    and covered every shard once, sum their tables, write `tags.json` (identical to the one-process
+    file), and delete the rank markers."""
+    setup = _TagSetup(shards_dir, classifier_spec, tokenizer, rules, assigner, classifier)
+    out_dir = Path(out)
+    root = out_dir / RANKS
+    markers = sorted(root.glob("*.json")) if root.is_dir() else []
+    ranks = collect_ranks(root, [(m.name, m) for m in markers], "sgtm data tag --rank R --world-size W")
+    check_same(ranks, "identity", setup.identity(), root,
+               "--shards, --classifier, --labels, thresholds or label map")
+    owners: dict[str, int] = {}
+    confusion = Confusion()
+    for rank, (_, record) in sorted(ranks.items()):
+        for name in record["shards"]:
+            if name in owners:
+                raise DataError(f"{root}: shard {name} tagged by ranks {owners[name]} and {rank}")
+            owners[name] = rank
+        confusion.add_rows(record["confusion"])
+    for entry in setup.manifest["shards"]:
+        if entry["name"] not in owners:
+            raise DataError(f"{root}: no rank tagged shard {entry['name']}")
+        path = sidecar_path(out_dir, entry["name"])
+        try:
+            with open(path, encoding="utf-8") as handle:
+                header = json.loads(handle.readline())
+        except (OSError, json.JSONDecodeError):
+            header = {}
+        if header.get("sha256") != entry["sha256"]:
+            raise DataError(f"{path}: missing or made for another shard (rank {owners[entry['name']]} marked it done)")
+    summary = _write_summary(setup, out_dir, confusion)
+    shutil.rmtree(root)
+    return summary
+
+
+class _TagSetup:
+    """What `tag_shards` and `merge_tags` derive from their arguments: manifest, classifier, classes,
+    true-label rules, domains and the mode policy (the identity every rank must share)."""
+
+    def __init__(
+        self,
+        shards_dir: str,
+        classifier_spec: str,
+        tokenizer: TextTokenizer,
+        rules: LabelRules | None,
+        assigner: ModeAssigner | None,
+        classifier: Classifier | None,
+    ) -> None:
+        self.shards_dir, self.spec = shards_dir, str(classifier_spec)
+        self.manifest = load_manifest(shards_dir)
+        if classifier_spec == "truth":
+            self.classifier = None
+            if rules is None:
+                raise DataError("--classifier truth: needs --labels YAML (the ground-truth rules)")
+            self.classes = sorted({rules.default, *(label for _, label in rules.rules)})
+        else:
+            self.classifier = classifier if classifier is not None else load_classifier(classifier_spec)
+            self.classes = self.classifier.classes
+            if rules is None and self.classifier.rules:
+                rules = LabelRules.from_dict(self.classifier.rules, f"{classifier_spec} (embedded label rules)")
+        self.rules = rules
+        self.domains = rules.domains if rules else sorted({c[7:] for c in self.classes if c.startswith("forget:")})
+        self.assigner = assigner or ModeAssigner(TaggingConfig(source="classifier"), self.domains)
+
+    def identity(self) -> dict:
+        return {
+            "source": self.manifest["source"],
+            "shards_dir": str(Path(self.shards_dir).resolve()),
+            "shards": {e["name"]: e["sha256"] for e in self.manifest["shards"]},
+            "classifier": self.spec,
+            "backend": self.classifier.describe() if self.classifier is not None else {"kind": "truth"},
+            "classes": self.classes,
+            "rules": self.rules.raw if self.rules else None,
+            "domains": self.domains,
+            "policy": {**dataclasses.asdict(self.assigner.cfg), "domains": self.assigner.domains,
+                       "false_positive_rate": self.assigner.fpr},
+        }
+
+
+def _write_summary(setup: _TagSetup, out_dir: Path, confusion: Confusion) -> dict:
     summary = {
         "format": TAGS_FORMAT,
-        "source": manifest["source"],
-        "shards_dir": str(Path(shards_dir).resolve()),
-        "classifier": str(classifier_spec),
-        "classes": classes,
-        "domains": domains,
-        "shards": {e["name"]: e["sha256"] for e in manifest["shards"]},
+        "source": setup.manifest["source"],
+        "shards_dir": str(Path(setup.shards_dir).resolve()),
+        "classifier": setup.spec,
+        "classes": setup.classes,
+        "domains": setup.domains,
+        "shards": {e["name"]: e["sha256"] for e in setup.manifest["shards"]},
         "confusion": confusion.to_dict(),
     }
     atomic_write_json(out_dir / SUMMARY, summary)
@@ -250,7 +358,7 @@ def tag_shards(
 def _tag_one_shard(
     path: Path,
     entry: dict,
-    classifier: HashedTextClassifier | None,
+    classifier: Classifier | None,
     classes: list[str],
     rules: LabelRules | None,
     tokenizer: TextTokenizer,
