@@ -334,6 +334,53 @@ def test_slurm_preemption_checkpoints_and_requeues(slurm, runs, data_overrides, 
     assert_same_losses(run_dir, reference, f"preempted at step {stopped} and resumed")
 
 
+def test_slurm_prepare_data_array(slurm, runs):
+    """prepare_data.sbatch: `sgtm data shard` and then `sgtm data tag` as 3-task arrays, each merged
+    by a job that depends on its array; shards and tags equal one process's byte for byte."""
+    import lzma
+
+    inputs = []
+    for lang in ("en", "es"):
+        with lzma.open(ROOT / f"data/tinystories/stories_{lang}.jsonl.xz", "rt", encoding="utf-8") as f:
+            (runs / f"prep_{lang}.jsonl").write_text("".join(next(f) for _ in range(100)), encoding="utf-8")
+        inputs.append(str(runs / f"prep_{lang}.jsonl"))
+    labels = str(ROOT / "configs/data/tinystories_labels.yaml")
+
+    def shard(out: Path) -> list[str]:
+        return ["shard", "--input", *inputs, "--tokenizer", "gpt2", "--seq-len", "64", "--out", str(out),
+                "--source", "stories", "--shard-size-mb", "0.03", "--block-records", "16", "--quiet"]
+
+    def tag(shards: Path, out: Path) -> list[str]:
+        return ["tag", "--shards", str(shards), "--classifier", "truth", "--labels", labels, "--out", str(out),
+                "--quiet"]
+
+    single = runs / "prep_single"
+    for argv in (shard(single / "shards"), tag(single / "shards", single / "tags")):
+        run([sys.executable, "-m", "pipeline", "data", *argv], runs / "prep_single.log", loopback_env())
+    t0 = time.monotonic()
+    submit = ["bash", "launch/slurm/prepare_data.sbatch", "submit", "--ranks", "3",
+              "--sbatch-args", f"--output={runs}/slurm-prep-%j.out"]
+    shard_array, shard_merge = slurm(*submit, *shard(runs / "prep_split" / "shards")).split()
+    # tags.json names the shard directory, so the split run tags the reference shards (the shard
+    # stage's equality is checked below).
+    tag_array, tag_merge = slurm(*submit, "--after", shard_merge,
+                                 *tag(single / "shards", runs / "prep_split" / "tags")).split()
+    slurm.wait(tag_merge, timeout=400)
+    jobs = [f"{shard_array}_{i}" for i in range(3)] + [shard_merge] + [f"{tag_array}_{i}" for i in range(3)] + [
+        tag_merge]
+    states = {j: slurm.job_field(j, "JobState") for j in jobs}
+    logs = "".join(p.read_text()[-1500:] for p in sorted(runs.glob("slurm-prep-*.out")))
+    assert set(states.values()) == {"COMPLETED"}, f"{states}\n{logs}"
+    print(f"SLURM data preparation (2 arrays of 3 tasks + 2 merge jobs): {time.monotonic() - t0:.0f}s")
+    for stage in ("shards", "tags"):
+        left, right = single / stage, runs / "prep_split" / stage
+        names = sorted(p.name for p in left.iterdir())
+        assert names == sorted(p.name for p in right.iterdir()), stage
+        assert all((left / n).read_bytes() == (right / n).read_bytes() for n in names), f"{stage} differ"
+        print(f"{stage}: {len(names)} files identical to the one-process run")
+    assert "rank 1 of 3 tokenized" in logs and "merged" in logs
+
+
 # ---------------------------------------------------------------------------------------- Docker
 
 
