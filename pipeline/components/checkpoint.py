@@ -194,12 +194,15 @@ def _agree(failed: bool) -> bool:
     return bool(flag.item())
 
 
-def save(engine, root: Path, step: int, client_state: dict, rank_state: dict, keep: int) -> Path:
+def save(engine, root: Path, step: int, client_state: dict, rank_state: dict, keep: int,
+         layout: dict | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory.
 
     A write error on any rank (disk full, read-only) raises :class:`CheckpointError` on every
-    rank after removing the partial directory; ``latest`` and older checkpoints are untouched."""
+    rank after removing the partial directory; ``latest`` and older checkpoints are untouched.
+    ``layout`` (:func:`layout_of`) goes into ``COMPLETE``: a resume on another layout reshards."""
     root = Path(root)
+    client_state = {**client_state, "optimizer_params": optimizer_param_names(engine)}
     tag = tag_for(step)
     rank = dist.get_rank()
     error: tuple[str, OSError] | None = None
@@ -225,7 +228,8 @@ def save(engine, root: Path, step: int, client_state: dict, rank_state: dict, ke
         faults.kill_self()  # DeepSpeed's files and the rank files are written; COMPLETE is not
     if not failed and rank == 0:
         try:
-            atomic_write_text(root / tag / COMPLETE, json.dumps({"step": step}))
+            marker = {"step": step} if layout is None else {"step": step, "layout": layout}
+            atomic_write_text(root / tag / COMPLETE, json.dumps(marker))
             atomic_write_text(root / LATEST, tag)
         except OSError as exc:
             error = (str(root / tag / COMPLETE), exc)
@@ -291,3 +295,207 @@ def load(engine, root: Path, tag: str) -> tuple[dict, dict]:
     if not rank_file.is_file():
         raise FileNotFoundError(f"{rank_file}: missing; was the checkpoint written by a different world size?")
     return client_state, json.loads(rank_file.read_text())
+
+
+# ------------------------------------------------------------------------------ elastic resume
+
+
+def layout_of(dist_info, engine_cfg) -> dict:
+    """What a checkpoint's files depend on: world, DP and TP sizes, ZeRO stage, precision."""
+    return {"world": int(dist_info.world_size), "dp": int(dist_info.dp_size), "tp": int(dist_info.tp_size),
+            "zero_stage": int(engine_cfg.zero_stage), "precision": str(engine_cfg.precision)}
+
+
+def saved_layout(root: Path, tag: str) -> dict | None:
+    """The layout recorded in a checkpoint's ``COMPLETE`` (None: written without one)."""
+    try:
+        return json.loads((Path(root) / tag / COMPLETE).read_text()).get("layout")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def optimizer_param_names(engine) -> list[list[str]] | None:
+    """Parameter names in the plain torch optimizer's group order (ZeRO-0 fp32), which its
+    state_dict numbers; ZeRO-1/2 files name their pieces themselves (None)."""
+    plain = dsi.plain_optimizer(engine)
+    if plain is None:
+        return None
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in plain.param_groups]
+
+
+def full_train_state(engine) -> dict[str, dict[str, torch.Tensor]]:
+    """Per parameter, its logical (TP=1) fp32 master weights and optimizer states (Adam:
+    ``exp_avg``, ``exp_avg_sq``, ``step``) from the live engine, on CPU on every rank. Collective."""
+    from pipeline.model.tp_state import gather_tp
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        local = dsi.full_param_state(engine, p)
+        out[name] = {k: v if v.dim() == 0 else gather_tp(v.to(p.device), p).cpu() for k, v in local.items()}
+    return out
+
+
+def _load_files(tag_dir: Path) -> tuple[list[dict], int]:
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{tag_dir}: no mp_rank_*_model_states.pt files")
+    models = [safe_torch_load(f, map_location="cpu") for f in files]
+    for f, m in zip(files, models):
+        if "tp_layout" not in m:
+            raise CheckpointError(f"{f}: no 'tp_layout'; not written by sgtm train, cannot be resharded")
+        if int(m.get("mp_world_size", len(files))) != len(files):
+            raise CheckpointError(f"{tag_dir}: {len(files)} model-states files for TP={m.get('mp_world_size')}")
+    return models, len(files)
+
+
+def _zero0_param_states(tag_dir: Path, model: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """One TP rank's weights and per-parameter torch optimizer states of a ZeRO-0 checkpoint."""
+    names = model.get("optimizer_params")
+    opt = model.get("optimizer")
+    if names is None or not isinstance(opt, dict) or "state" not in opt:
+        raise CheckpointError(f"{tag_dir}: ZeRO-0 checkpoint without a plain optimizer state (bf16 ZeRO-0 "
+                              "cannot be resharded; resume it on the layout it was written with)")
+    out = {n: {"param": model["module"][n].float()} for group in names for n in group}
+    for group, saved in zip(names, opt["param_groups"]):
+        for name, index in zip(group, saved["params"]):
+            for key, value in opt["state"].get(index, {}).items():
+                out[name][key] = value.float().clone()
+    return out
+
+
+def consolidated_train_state(tag_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """The consolidated form of a checkpoint, read from its files with no engine: per parameter
+    its logical (TP=1) fp32 master and optimizer states (what :func:`full_train_state` reads from
+    a live engine), and ``meta``: the client state, the LR scheduler's state and the engine's
+    step counters. Every ZeRO stage; TP shards are merged with the saved ``tp_layout``."""
+    from pipeline.model.tp_state import merge_tp_shards
+
+    tag_dir = Path(tag_dir)
+    models, tp = _load_files(tag_dir)
+    first = models[0]
+    zero = dsi.saved_zero_stage(first)
+    per_rank = []
+    for t, model in enumerate(models):
+        if zero == 0:
+            local = _zero0_param_states(tag_dir, model)
+        else:
+            files = dsi.zero_optimizer_files(tag_dir, t)
+            if not files:
+                raise CheckpointError(f"{tag_dir}: ZeRO-{zero} checkpoint without optimizer files for TP rank {t}")
+            local = dsi.zero_param_states([safe_torch_load(f, map_location="cpu") for f in files])
+            for name, states in local.items():
+                shape = model["module"][name].shape
+                for key, value in states.items():
+                    if value.dim():
+                        states[key] = value.view(shape)
+        per_rank.append(local)
+    layout = first["tp_layout"]
+    params = {}
+    for name, states in per_rank[0].items():
+        if name in layout and tp > 1:
+            dim, stride = layout[name]
+            params[name] = {k: v if v.dim() == 0 else merge_tp_shards([r[name][k] for r in per_rank], dim, stride)
+                            for k, v in states.items()}
+        else:
+            params[name] = states
+    meta = {"client": dsi.client_state_of(first), "lr_scheduler": first.get("lr_scheduler"),
+            "counters": dsi.engine_counters(first), "zero_stage": zero, "tp": tp}
+    return params, meta
+
+
+def apply_train_state(engine, params: dict[str, dict[str, torch.Tensor]], meta: dict) -> None:
+    """Load a consolidated train state into an engine of any DP/TP size and ZeRO stage: every
+    rank takes its TP slice of each logical tensor; ZeRO-1/2 write their DP partitions by the
+    parameters' fragment addresses (``deepspeed_internals.set_full_param_state``); then the LR
+    schedule (and the learning rate it set last) and the engine's step counters."""
+    from megatron.core import parallel_state as ps
+
+    from pipeline.model.tp_state import shard_full_tensor
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    named = dict(engine.module.named_parameters())
+    if set(named) != set(params):
+        missing, unexpected = sorted(set(named) - set(params)), sorted(set(params) - set(named))
+        raise CheckpointError(f"checkpoint parameters do not match the model: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    local = {}
+    for name, p in named.items():
+        local[name] = {k: v if v.dim() == 0 else shard_full_tensor(v, p, tp_rank, tp).to(p.device)
+                       for k, v in params[name].items()}
+        if local[name]["param"].shape != p.shape:
+            raise CheckpointError(f"{name}: shape {tuple(local[name]['param'].shape)} after resharding, "
+                                  f"parameter is {tuple(p.shape)}")
+    opt = engine.optimizer
+    with torch.no_grad():
+        for name, p in named.items():
+            p.copy_(local[name]["param"].to(p.dtype))
+        if dsi.holds_gradient_partition(opt):
+            keys = sorted({k for s in local.values() for k, v in s.items() if k != "param" and v.dim()})
+            steps = {float(s["step"]) for s in local.values() if "step" in s}
+            if len(steps) > 1:
+                raise CheckpointError(f"checkpoint parameters disagree on the optimizer step {sorted(steps)}; "
+                                      "a ZeRO-1/2 optimizer keeps one per group")
+            if keys:
+                dsi.init_zero_optimizer_state(opt, torch.tensor(steps.pop() if steps else 0.0), keys)
+            for name, p in named.items():
+                for key in ["param", *keys]:
+                    if key in local[name]:  # a parameter a ZeRO-0 run never stepped keeps zeros
+                        dsi.set_full_param_state(engine, p, key, local[name][key])
+        else:
+            plain = dsi.plain_optimizer(engine)
+            if plain is None:
+                raise CheckpointError(f"{type(opt).__name__}: this optimizer (bf16 ZeRO-0) cannot take a "
+                                      "resharded state; resume on the layout the checkpoint was written with")
+            for name, p in named.items():
+                state = {k: v.clone() for k, v in local[name].items() if k != "param"}
+                if state:
+                    plain.state[p] = state
+    scheduler = meta.get("lr_scheduler")
+    if scheduler is not None and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(scheduler)
+        for group, lr in zip(opt.param_groups, scheduler.get("_last_lr", [])):
+            group["lr"] = lr
+    dsi.set_engine_counters(engine, meta["counters"])
+
+
+def rank_states(root: Path, tag: str) -> list[dict]:
+    """Every rank's file of a checkpoint (loader and RNG states), in rank order."""
+    files = sorted((Path(root) / tag).glob("rank*.json"))
+    if not files:
+        raise CheckpointError(f"{Path(root) / tag}: no rank*.json files")
+    return [json.loads(f.read_text()) for f in files]
+
+
+def load_resharded(engine, root: Path, tag: str) -> tuple[dict, list[dict]]:
+    """Restore a checkpoint written on another layout (DP and/or TP size, ZeRO stage) through
+    its consolidated form; return (client_state, every old rank's state)."""
+    root = Path(root)
+    if not (root / tag / COMPLETE).is_file():
+        raise CheckpointError(f"{root / tag}: no {COMPLETE} marker; refusing a partially written checkpoint")
+    params, meta = consolidated_train_state(root / tag)
+    apply_train_state(engine, params, meta)
+    return meta["client"], rank_states(root, tag)
+
+
+def restore(engine, root: Path, tag: str, layout: dict, loader) -> dict:
+    """Resume model, optimizer, schedule, data loader and RNG from ``root/tag``; returns the
+    client state. On the layout it was written with this is DeepSpeed's own load and the loader's
+    exact state (the run continues bit for bit); on another layout (``COMPLETE`` says which) the
+    model and optimizer are resharded (:func:`load_resharded`), the loader continues the global
+    document order (``StreamingLoader.load_global_state``) and rank r takes old rank
+    r mod old-world's RNG state; the client state then has ``resharded_from``."""
+    saved = saved_layout(root, tag)
+    if saved is None or saved == layout:
+        client, rank_state = load(engine, root, tag)
+        own = rank_state["loader"]
+        if (own.get("dp_world_size"), own.get("num_workers")) == (loader.dp_world_size, loader.num_workers):
+            loader.load_state_dict(own)
+        else:  # same model layout, another worker count
+            loader.load_global_state([s["loader"] for s in rank_states(root, tag)])
+        set_rng_state(rank_state["rng"])
+        return client
+    client, states = load_resharded(engine, root, tag)
+    loader.load_global_state([s["loader"] for s in states])
+    set_rng_state(states[dist.get_rank() % len(states)]["rng"])
+    return {**client, "resharded_from": saved}

@@ -283,3 +283,169 @@ def checkpoint_safe_globals() -> list:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [fragment_address, LossScaler, DynamicLossScaler, ZeroStageEnum]
+
+
+# ----------------------------------------------------------------------------- elastic resume
+
+# What DeepSpeed 0.19.8 keeps at the top of a model-states file besides the client state
+# (``DeepSpeedEngine._common_checkpoint_state`` + ``load_checkpoint``'s own list).
+_DS_MODEL_STATE_KEYS = frozenset({
+    "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+    "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
+    "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config",
+    "ds_version"})
+
+
+def client_state_of(model_states: dict) -> dict:
+    """The client state ``save_checkpoint(client_state=...)`` merged into a model-states file."""
+    return {k: v for k, v in model_states.items() if k not in _DS_MODEL_STATE_KEYS}
+
+
+def saved_zero_stage(model_states: dict) -> int:
+    """The ZeRO stage a model-states file was written with (its saved DeepSpeed config)."""
+    return int((model_states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+def engine_counters(model_states: dict) -> dict:
+    """The engine's step counters as saved (``global_steps`` etc.)."""
+    return {k: model_states.get(k) for k in ("global_steps", "global_samples", "skipped_steps")}
+
+
+def set_engine_counters(engine, counters: dict) -> None:
+    """What ``load_checkpoint`` restores on the engine besides the module and optimizer."""
+    engine.global_steps = int(counters["global_steps"])
+    engine.global_samples = int(counters["global_samples"])
+    engine.skipped_steps = int(counters["skipped_steps"])
+
+
+def zero_optimizer_files(tag_dir, tp_rank: int) -> list:
+    """The ZeRO-1/2 optimizer files of one TP rank, in DP-rank order."""
+    from pathlib import Path
+
+    files = list(Path(tag_dir).glob(f"*zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt"))
+    rank = {f: int(f.name.split("zero_pp_rank_")[1].split("_")[0]) for f in files}
+    files.sort(key=rank.get)
+    if [rank[f] for f in files] != list(range(len(files))):
+        raise ValueError(f"{tag_dir}: ZeRO optimizer files of TP rank {tp_rank} are not DP ranks 0..{len(files) - 1}")
+    return files
+
+
+def zero_param_states(optimizer_files: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
+    """Per parameter name, the DP-consolidated flat fp32 master (``param``) and every optimizer
+    state the size of the partition (Adam: ``exp_avg``, ``exp_avg_sq``) plus scalar ones (``step``),
+    from one TP rank's ZeRO-1/2 optimizer files (DP-rank order). Each file holds this rank's flat
+    partitions (``single_partition_of_fp32_groups`` without padding, the base optimizer's state per
+    group) and ``param_slice_mappings``: name -> (numel, start) of the parameter's piece in it; a
+    parameter's pieces in rank order are the parameter, flattened."""
+    pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
+    scalars: dict[str, dict[str, torch.Tensor]] = {}
+    for f in optimizer_files:
+        sd = f["optimizer_state_dict"]
+        fp32 = sd["single_partition_of_fp32_groups"]
+        base = sd["base_optimizer_state"]
+        if isinstance(base, dict):  # rigid: the torch optimizer's state_dict over the flat partitions
+            group_states = [base["state"].get(g["params"][0], {}) for g in base["param_groups"]]
+        else:  # elastic: one state per group, the step kept apart
+            group_states = [{**g, "step": torch.tensor(float(sd["base_optimizer_state_step"]))} for g in base]
+        for i, mapping in enumerate(sd["param_slice_mappings"]):
+            for name, frag in mapping.items():
+                start, numel = int(frag.start), int(frag.numel)
+                entry = pieces.setdefault(name, {})
+                entry.setdefault("param", []).append(fp32[i].narrow(0, start, numel))
+                for key, value in group_states[i].items():
+                    if torch.is_tensor(value) and value.dim() == 1 and value.numel() >= fp32[i].numel():
+                        entry.setdefault(key, []).append(value.narrow(0, start, numel))
+                    else:  # the step count
+                        scalars.setdefault(name, {})[key] = torch.as_tensor(value, dtype=torch.float32).clone()
+    return {name: {**{k: torch.cat(v).float() for k, v in entry.items()}, **scalars.get(name, {})}
+            for name, entry in pieces.items()}
+
+
+def plain_optimizer(engine):
+    """The torch optimizer when DeepSpeed runs it unwrapped (ZeRO-0 fp32), else None."""
+    opt = engine.optimizer
+    return opt if isinstance(opt, torch.optim.Optimizer) and not holds_gradient_partition(opt) and \
+        type(opt).__module__.startswith("torch.") else None
+
+
+def init_zero_optimizer_state(optimizer, step: torch.Tensor, keys: list[str]) -> None:
+    """Give a ZeRO-1/2 optimizer that has not stepped yet its base optimizer state (zeros for
+    ``keys``, the given ``step``) for every group, then let DeepSpeed link its parameters'
+    optimizer-state fragments (``_lazy_init_hp_params_optimizer_state``, which 0.19.8 runs once
+    after the first group's first step, before the other groups have state: their fragments stay
+    empty, which is why reads and writes here go by address, :func:`full_param_state`)."""
+    if not holds_gradient_partition(optimizer):
+        raise TypeError(f"{type(optimizer).__name__}: not a ZeRO-1/2 optimizer")
+    for flat in optimizer.single_partition_of_fp32_groups:
+        state = optimizer.optimizer.state[flat]
+        state["step"] = step.clone()
+        for key in keys:
+            state[key] = torch.zeros_like(flat)
+    optimizer._hp_optimizer_states_linked = False
+    optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _zero_flat(optimizer, param, key: str) -> torch.Tensor | None:
+    """The flat partition tensor holding ``key`` (``param``: the fp32 master) of ``param``'s group."""
+    flat = optimizer.single_partition_of_fp32_groups[param._hp_mapping.param_group_index]
+    return flat if key == "param" else optimizer.optimizer.state.get(flat, {}).get(key)
+
+
+def _zero_state_keys(optimizer) -> list[str]:
+    """Optimizer states laid out like the flat partitions (Adam: exp_avg, exp_avg_sq)."""
+    keys = set()
+    for flat in optimizer.single_partition_of_fp32_groups:
+        for key, value in optimizer.optimizer.state.get(flat, {}).items():
+            if torch.is_tensor(value) and value.shape == flat.shape:
+                keys.add(key)
+    return sorted(keys)
+
+
+def full_param_state(engine, param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+    """This TP rank's whole fp32 master of one parameter and its optimizer states (gathered over
+    DP under ZeRO-1/2: each rank contributes the piece its ``_hp_mapping`` addresses, one
+    all-reduce per tensor, collective over the DP group)."""
+    import torch.distributed as dist
+
+    opt = engine.optimizer
+    if holds_gradient_partition(opt):
+        keys = _zero_state_keys(opt)
+        out = {}
+        for key in ["param", *keys]:
+            buffer = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+            mapping = param._hp_mapping
+            if mapping is not None:
+                lp, hp = mapping.lp_fragment_address, mapping.get_hp_fragment_address()
+                buffer.narrow(0, lp.start, lp.numel).copy_(_zero_flat(opt, param, key).narrow(0, hp.start, hp.numel))
+            dist.all_reduce(buffer, group=param._dp_group)
+            out[key] = buffer.view(param.shape).cpu()
+        if keys:
+            out["step"] = optimizer_step(opt).float()
+        return out
+    plain = plain_optimizer(engine)
+    if plain is None:
+        raise TypeError(f"{type(opt).__name__}: optimizer state of this DeepSpeed wrapper is not readable here")
+    out = {"param": param.detach().float().cpu().clone()}
+    for key, value in plain.state.get(param, {}).items():
+        out[key] = value.detach().float().cpu().clone()
+    return out
+
+
+def set_full_param_state(engine, param: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
+    """Write this rank's ZeRO-1/2 piece of ``param``'s fp32 master (``key='param'``) or optimizer
+    state ``key`` from the whole (TP-local) tensor ``value``; the inverse of :func:`full_param_state`."""
+    mapping = param._hp_mapping
+    if mapping is None:
+        return  # no piece of this parameter in this rank's partition
+    lp, hp = mapping.lp_fragment_address, mapping.get_hp_fragment_address()
+    target = _zero_flat(engine.optimizer, param, key)
+    target.narrow(0, hp.start, hp.numel).copy_(value.reshape(-1).narrow(0, lp.start, lp.numel).to(target.dtype))
+
+
+def optimizer_step(optimizer) -> torch.Tensor:
+    """The Adam step count of a ZeRO-1/2 optimizer (one per flat group; they agree)."""
+    steps = {float(optimizer.optimizer.state[flat]["step"]) for flat in optimizer.single_partition_of_fp32_groups
+             if "step" in optimizer.optimizer.state.get(flat, {})}
+    if len(steps) > 1:
+        raise RuntimeError(f"ZeRO optimizer groups disagree on the step count: {sorted(steps)}")
+    return torch.tensor(steps.pop() if steps else 0.0)

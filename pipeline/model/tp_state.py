@@ -27,11 +27,26 @@ def gather_full_state_dict(model: torch.nn.Module, grads: bool = False) -> dict[
         if tp > 1 and _is_sharded(p):
             parts = [torch.empty_like(t) for _ in range(tp)]
             dist.all_gather(parts, t.contiguous(), group=group)
-            dim, stride = p.partition_dim, getattr(p, "partition_stride", 1)
-            chunks = [part.chunk(stride, dim=dim) for part in parts]
-            t = torch.cat([chunks[r][j] for j in range(stride) for r in range(tp)], dim=dim)
+            t = merge_tp_shards(parts, p.partition_dim, getattr(p, "partition_stride", 1))
         out[name] = t.cpu().clone()
     return out
+
+
+def merge_tp_shards(parts: list[torch.Tensor], dim: int, stride: int = 1) -> torch.Tensor:
+    """The logical tensor from its TP shards (rank order): chunk j of every rank before chunk j+1."""
+    chunks = [part.chunk(stride, dim=dim) for part in parts]
+    return torch.cat([chunks[r][j] for j in range(stride) for r in range(len(parts))], dim=dim)
+
+
+def gather_tp(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The logical (TP=1) form of ``t``, a tensor laid out like parameter ``p`` on this TP rank
+    (its weights, gradient or an optimizer state of it), on every TP rank. Collective over TP."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp == 1 or not _is_sharded(p):
+        return t
+    parts = [torch.empty_like(t) for _ in range(tp)]
+    dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return merge_tp_shards(parts, p.partition_dim, getattr(p, "partition_stride", 1))
 
 
 def shard_full_tensor(full: torch.Tensor, p: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:

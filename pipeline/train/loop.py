@@ -201,13 +201,14 @@ def train(cfg: ExperimentConfig, resume: bool = False, max_steps: int | None = N
         tag = checkpoint.latest_tag(ckpt_dir)
         if tag is None:
             raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint to resume from")
-        client, rank_state = checkpoint.load(state.engine, ckpt_dir, tag)
+        # model, optimizer, schedule, loader, RNG; resharded if the checkpoint's DP/TP layout differs
+        client = checkpoint.restore(state.engine, ckpt_dir, tag, checkpoint.layout_of(d, cfg.engine), loader)
         progress = Progress(step=client["step"], tokens=client["tokens"],
                             nonfinite_steps=list(client.get("nonfinite_steps", [])))
-        loader.load_state_dict(rank_state["loader"])
-        checkpoint.set_rng_state(rank_state["rng"])
         if d.rank == 0:
-            print(f"resumed from {ckpt_dir / tag} at step {progress.step}", file=sys.stderr)
+            old = client.get("resharded_from")
+            how = f" (resharded from dp={old['dp']} tp={old['tp']} to dp={d.dp_size} tp={d.tp_size})" if old else ""
+            print(f"resumed from {ckpt_dir / tag} at step {progress.step}{how}", file=sys.stderr)
 
     evals, calib = eval_sets(cfg)
     log = MetricsLogger(run_dir, enabled=d.rank == 0, total_steps=cfg.train.steps, start_step=progress.step,
@@ -226,7 +227,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, max_steps: int | None = N
                   "config": to_dict(cfg),
                   "partition": state.partition.to_dict(), "tp_layout": tp_layout(state.model)}
         rank_state = {"loader": loader.state_dict(), "rng": checkpoint.rng_state()}
-        checkpoint.save(state.engine, ckpt_dir, progress.step, client, rank_state, cfg.checkpoint.keep)
+        checkpoint.save(state.engine, ckpt_dir, progress.step, client, rank_state, cfg.checkpoint.keep,
+                        layout=checkpoint.layout_of(d, cfg.engine))
 
     last_eval: dict = {}
     stop_at = cfg.train.steps if max_steps is None else min(cfg.train.steps, progress.step + max_steps)
