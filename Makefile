@@ -19,8 +19,9 @@ test: $(STAMP)
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q
 
 # Launchers for real (SLURM on localhost, torchrun multi-node, MPI, Dockerfile checks); root, ~10 min.
+# Also the multi-process elastic-resume chain (4 -> 1 -> 4 ranks of `sgtm train`'s loop, ~3-5 min).
 test-launch: $(STAMP)
-	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -m launch tests/test_launch.py
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -m launch tests/test_launch.py tests/test_resume.py
 
 # The README's and docs' command blocks marked runnable, as written, at tiny sizes (~2-5 min).
 test-docs: $(STAMP)

@@ -259,6 +259,48 @@ def scenario_sequence_parallel_engine(out: Path, archs: list[str], steps: int) -
     return result
 
 
+def scenario_elastic_train(out: Path, phase: str, config: dict, steps: int, resume: bool) -> dict:
+    """One phase of an elastic chain: ``sgtm train``'s loop (``pipeline.train.loop.train``) for
+    ``steps`` steps on this world, with --resume from the run's latest checkpoint (written on
+    another layout). Instrumented, nothing replaced: the full train state right after the restore
+    and right before the final save (rank 0 writes them, with the LR and ``resharded_from``), and
+    every batch this rank's loader delivered."""
+    from megatron.core import parallel_state as ps
+
+    from pipeline.components import checkpoint
+    from pipeline.config import load_config
+    from pipeline.data import loader as loader_mod
+    from pipeline.train import loop
+
+    seen, dumps = [], {}
+    real_next, real_restore, real_save = loader_mod.StreamingLoader.__next__, checkpoint.restore, checkpoint.save
+
+    def recording_next(self):
+        batch = real_next(self)
+        seen.append({k: batch[k].clone() for k in ("input_ids", "labels", "source_ids", "doc_index")})
+        return batch
+
+    def restore(engine, *args, **kwargs):
+        client = real_restore(engine, *args, **kwargs)
+        dumps.update(after_restore=checkpoint.full_train_state(engine), lr_after=engine.get_lr(),
+                     resharded_from=client.get("resharded_from"))
+        return client
+
+    def save(engine, *args, **kwargs):
+        dumps.update(before_save=checkpoint.full_train_state(engine), lr_before=engine.get_lr())
+        return real_save(engine, *args, **kwargs)
+
+    loader_mod.StreamingLoader.__next__ = recording_next
+    checkpoint.restore, checkpoint.save = restore, save
+    loop.train(load_config(data=config), resume=resume, max_steps=steps)
+    rank = dist.get_rank()
+    torch.save(seen, out / f"{phase}_batches_rank{rank}.pt")
+    if rank == 0:
+        torch.save(dumps, out / f"{phase}_state.pt")
+    return {"world": dist.get_world_size(), "dp": ps.get_data_parallel_world_size(),
+            "tp": ps.get_tensor_model_parallel_world_size()}
+
+
 def main() -> None:
     scenario, args = sys.argv[1], json.loads(sys.argv[2])
     out = Path(args.pop("out"))
