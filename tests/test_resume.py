@@ -160,26 +160,57 @@ def test_resume_with_dataloader_workers_is_exact(corpus):
 
 
 def _counting_reads(monkeypatch) -> Counter:
-    """Count the documents the loader reads from shards (restore and stream alike)."""
+    """Count the documents the loader reads from shards: in order (the stream, a cursor's skip)
+    and by seeking (a restore's shuffle buffer)."""
     from pipeline.data import loader as loader_mod
 
     reads: Counter = Counter()
-    original = loader_mod.iter_shard_documents
+    in_order, by_seek = loader_mod.iter_shard_documents, loader_mod.read_documents
 
     def counted(path, entry=None):
-        for doc in original(path, entry):
+        for doc in in_order(path, entry):
             reads[str(path)] += 1
             yield doc
 
+    def counted_seek(path, entry, indices):
+        docs = by_seek(path, entry, indices)
+        reads[str(path)] += len(docs)
+        return docs
+
     monkeypatch.setattr(loader_mod, "iter_shard_documents", counted)
+    monkeypatch.setattr(loader_mod, "read_documents", counted_seek)
     return reads
+
+
+def test_read_documents_by_seeking_equals_reading_in_order(corpus, tmp_path):
+    """A restore reads the buffered documents by seeking; they equal the in-order reader's, and
+    a truncated shard or a document that is not there is one line naming the shard."""
+    from pipeline.data.loader import read_documents
+
+    root = corpus / "es"
+    for entry in load_manifest(root)["shards"][:6]:
+        docs = list(iter_shard_documents(root / entry["name"], entry))
+        some = [d.doc_index for d in docs][::2]
+        got = read_documents(root / entry["name"], entry, some)
+        assert [d.doc_index for d in got] == some
+        for a, b in zip(got, [d for d in docs if d.doc_index in set(some)], strict=True):
+            assert a.key == b.key and a.meta == b.meta and a.tokens.tolist() == b.tokens.tolist()
+    entry = load_manifest(root)["shards"][0]
+    with pytest.raises(DataError, match="not in this shard") as info:
+        read_documents(root / entry["name"], entry, [10**6])
+    assert "\n" not in str(info.value)
+    bad = tmp_path / entry["name"]
+    bad.write_bytes((root / entry["name"]).read_bytes()[: entry["bytes"] // 2])
+    with pytest.raises(DataError, match="truncated") as info:
+        read_documents(bad, entry, [entry["first_doc"]])
+    assert entry["name"] in str(info.value) and "\n" not in str(info.value)
 
 
 def test_restore_reads_the_state_not_the_consumed_prefix(corpus, monkeypatch):
     """Restoring at batch 6 and at batch 600 (100x) reads about the same few documents: those the
-    state names (shuffle buffer, the packer's cut document) and the shards the cursors stand in,
-    plus what the next batch needs; never the stream consumed before, which at batch 600 is
-    several epochs (the old replay read all of it)."""
+    state names (shuffle buffer, the packer's cut document; by seeking) and the shards the cursors
+    stand in, plus what the next batch needs; never the stream consumed before, which at batch 600
+    is several epochs (the old replay read all of it)."""
     reads = _counting_reads(monkeypatch)
     cfg = data_cfg(corpus, shuffle_buffer=16)
     restore_reads = {}
@@ -201,12 +232,13 @@ def test_restore_reads_the_state_not_the_consumed_prefix(corpus, monkeypatch):
         restore_reads[k] = sum(reads.values())
         assert _equal(expected_next, got)
         slot, plan = state["slots"][0], resumed.plan
-        named = list({(r[0], r[1]) for r in slot["buffer"] + slot["carry"]})  # each read once
-        for source_id, cursor in enumerate(slot["cursors"]):  # and each cursor's shard
+        named = []  # the shard each cursor stands in (passed again in order)
+        for source_id, cursor in enumerate(slot["cursors"]):
             items = cursor["items"] or fresh_items(plan, 1, source_id, cursor["epoch"], 0, 1)
             if cursor["k"] < len(items):
                 named.append((source_id, items[cursor["k"]][0]))
-        bound = sum(plan.sources[s].shards[h]["docs"] for s, h in named) + next_batch
+        buffered = len({(r[0], r[1], r[2]) for r in slot["buffer"] + slot["carry"]})  # read by seeking
+        bound = sum(plan.sources[s].shards[h]["docs"] for s, h in named) + buffered + next_batch
         assert restore_reads[k] <= bound, (k, restore_reads[k], bound)
         resumed.close()
     epoch_docs = sum(e["docs"] for s in ("en", "es") for e in load_manifest(corpus / s)["shards"])

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
+import tarfile
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -43,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.data.config import DataConfig
 from pipeline.data.errors import DataError
 from pipeline.data.labels import check_role, is_heldout, true_code
-from pipeline.data.shards import check_tokenizer, iter_shard_documents, load_manifest
+from pipeline.data.shards import ShardDocument, check_tokenizer, iter_shard_documents, load_manifest
 from pipeline.data.tagging import (
     SUMMARY,
     Confusion,
@@ -266,6 +268,63 @@ class _SourceCursor:
         raise StopIteration
 
 
+def read_documents(path: Path, entry: dict, doc_indices: Iterable[int]) -> list[ShardDocument]:
+    """Some documents of one shard, by seeking (the shard format is in pipeline/data/shards.py):
+    the tar headers give every member's offset, the samples' small ``meta.json`` members say
+    where each document starts, and only the samples holding the wanted documents are decoded.
+    Corrupt data or a document that is not there -> one-line DataError naming the shard."""
+    wanted = {int(d) for d in doc_indices}
+    if not path.exists():
+        raise DataError(f"{path}: shard listed in the manifest is missing")
+    if path.stat().st_size != entry["bytes"]:
+        raise DataError(f"{path}: corrupt or truncated shard ({path.stat().st_size} bytes, "
+                        f"manifest says {entry['bytes']})")
+    try:
+        with tarfile.open(path, "r:") as tar, open(path, "rb") as handle:
+            members: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for info in tar:
+                key, _, suffix = info.name.rpartition("/")[2].partition(".")
+                members.setdefault(key, {})[suffix] = info
+
+            def read(info: tarfile.TarInfo) -> bytes:
+                handle.seek(info.offset_data)
+                return handle.read(info.size)
+
+            keys = list(members)
+            metas: dict[str, dict] = {}
+            starts: dict[int, int] = {}  # document -> position of the sample it starts in
+            for position, key in enumerate(keys):
+                metas[key] = json.loads(read(members[key]["meta.json"]))
+                for doc in metas[key]["docs"]:
+                    if int(doc) in wanted:
+                        starts[int(doc)] = position
+            out = []
+            for doc_index in sorted(wanted):
+                if doc_index not in starts:
+                    raise DataError(f"{path}: loader state names document {doc_index}, not in this shard")
+                position, parts, filled = starts[doc_index], [], 0
+                info = metas[keys[position]]["docs"][str(doc_index)]
+                while filled < info["n_tokens"]:
+                    key = keys[position]
+                    tokens = np.load(io.BytesIO(read(members[key]["tokens.npy"])), allow_pickle=False)
+                    meta = metas[key]
+                    for (doc, offset, n), start in zip(meta["pieces"], meta["boundaries"], strict=False):
+                        if doc == doc_index and offset == filled:
+                            parts.append(tokens[start : start + n])
+                            filled += n
+                    position += 1
+                    if filled < info["n_tokens"] and position >= len(keys):
+                        raise DataError(f"{path}: corrupt shard (document {doc_index} is cut short)")
+                out.append(ShardDocument(doc_index, info["key"], info.get("meta", {}),
+                                         np.concatenate(parts) if len(parts) > 1 else parts[0]))
+            return out
+    except DataError:
+        raise
+    except (tarfile.TarError, OSError, EOFError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: corrupt or truncated shard ({detail})") from None
+
+
 class _SlotStream:
     """The deterministic batch stream of one (dp rank, worker) slot, and its state at a batch boundary.
 
@@ -330,7 +389,8 @@ class _SlotStream:
 
     def read_refs(self, refs: list) -> list[_Doc]:
         """Documents named by [source, shard, doc_index, start] references, read again from their
-        shards (each shard once, stopping at the last wanted document)."""
+        shards by seeking to them (:func:`read_documents`): the cost is the documents, not where
+        they sit in their shards."""
         wanted: dict[tuple[int, int], set[int]] = defaultdict(set)
         for source_id, shard, doc_index, _ in refs:
             wanted[(int(source_id), int(shard))].add(int(doc_index))
@@ -340,23 +400,14 @@ class _SlotStream:
                 raise DataError(f"loader state: no shard {shard} in source {source_id}; not this data config")
             src = self.plan.sources[source_id]
             entry = src.shards[shard]
-            left = set(indices)
             tags = load_sidecar(src.tags, entry) if src.tags is not None else None
-            for raw in iter_shard_documents(Path(src.path) / entry["name"], entry):
-                if raw.doc_index not in left:
-                    continue
+            for raw in read_documents(Path(src.path) / entry["name"], entry, indices):
                 made = self._make_doc(source_id, src, raw, tags)
                 if made is None:
                     raise DataError(f"loader state: document {raw.doc_index} of {src.name} is not in the "
                                     "training stream of this data config")
                 made.shard = shard
                 found[(source_id, shard, raw.doc_index)] = made
-                left.discard(raw.doc_index)
-                if not left:
-                    break
-            if left:
-                raise DataError(f"{Path(src.path) / entry['name']}: loader state names documents "
-                                f"{sorted(left)[:3]} that are not in this shard")
         return [dataclasses.replace(found[(int(s), int(h), int(d))], start=int(start)) for s, h, d, start in refs]
 
     def _make_doc(self, source_id: int, src: _SourcePlan, doc: Any, tags: dict | None) -> _Doc | None:
