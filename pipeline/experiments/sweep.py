@@ -258,20 +258,27 @@ def run_cell(base: Path, cell: Cell, log=print) -> bool | None:
         lock.close()
 
 
+_RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+              "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK", "PMI_SIZE",
+              "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+
+
 def _run_locked(base: Path, cell: Cell, run_dir: Path, log) -> bool:
     resume = _has_checkpoint(run_dir)
     cmd = cell_command(base, cell, resume)
     (run_dir / "cell.json").write_text(json.dumps(
         {"labels": cell.labels, "overrides": cell.overrides, "key": cell.key,
          "command": " ".join(shlex.quote(c) for c in cmd)}, indent=2))
-    env = dict(os.environ)
+    # A cell is a one-process job with its own world: a rank/port inherited from the caller (a
+    # torchrun or SLURM step, or a process that already hosts a gloo store) would join or collide.
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARS}
     env.setdefault("DS_ACCELERATOR", "cpu")
     # One thread per cell unless told otherwise: on a shared CPU, spinning OpenMP threads waste
     # more than they gain (SGTM_CELL_THREADS=N to change).
     env["OMP_NUM_THREADS"] = os.environ.get("SGTM_CELL_THREADS", env.get("OMP_NUM_THREADS", "1"))
     from pipeline.engine.distributed import free_port
 
-    env.setdefault("MASTER_PORT", str(free_port()))
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     t0 = time.perf_counter()
     with open(run_dir / "train.log", "a") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
