@@ -12,6 +12,7 @@ import numpy as np
 
 from pipeline.experiments.common import (
     ci_text,
+    coverage_note,
     deployed,
     deployed_kind,
     diff_text,
@@ -182,7 +183,7 @@ def tradeoff(sweeps: list[str], out: str, command: str) -> dict:
              **{k: c0.get(k) for k in ("vocab_size", "seq_len", "lr", "retain_fraction")}}
     payload = {"title": "Retain/forget trade-off", "command": command, "inputs": [str(s) for s in sweeps],
                "seeds": _seed_note(groups), "setup": setup, "table": rows, "curves": curves, "claims": claims,
-               "notes": [DEPLOYED_NOTE, INTERVAL_NOTE]}
+               "notes": [coverage_note(sweeps), DEPLOYED_NOTE, INTERVAL_NOTE]}
     write_analysis(out, "tradeoff", payload, fig)
     return payload
 
@@ -255,7 +256,7 @@ def undiscovered(sweeps: list[str], out: str, command: str) -> dict:
                             txt(a, b, "retain") + pct, None, diff=iv))
     payload = {"title": "Undiscovered forget data (paper Fig. 3)", "command": command,
                "inputs": [str(s) for s in sweeps], "seeds": _seed_note(groups), "table": rows, "claims": claims,
-               "notes": [DEPLOYED_NOTE, INTERVAL_NOTE]}
+               "notes": [coverage_note(sweeps), DEPLOYED_NOTE, INTERVAL_NOTE]}
     write_analysis(out, "undiscovered", payload, fig)
     return payload
 
@@ -287,7 +288,8 @@ def seeds(sweeps: list[str], out: str, command: str) -> dict:
         ax.grid(alpha=0.3)
     payload = {"title": "Seed-to-seed spread", "command": command, "inputs": [str(s) for s in sweeps],
                "seeds": _seed_note(groups), "table": rows, "claims": [],
-               "notes": ["sd: standard deviation over seeds; pm: half-width of the 95% t-interval of the mean; "
+               "notes": [coverage_note(sweeps),
+                         "sd: standard deviation over seeds; pm: half-width of the 95% t-interval of the mean; "
                          "spread: max - min over seeds."]}
     write_analysis(out, "seeds", payload, fig)
     return payload
@@ -316,7 +318,7 @@ def capacity(sweeps: list[str], out: str, command: str) -> dict:
         ax.legend(fontsize=8)
     payload = {"title": "Forget capacity (MLP units x heads)", "command": command,
                "inputs": [str(s) for s in sweeps], "seeds": _seed_note(groups), "table": rows, "claims": [],
-               "notes": [DEPLOYED_NOTE]}
+               "notes": [coverage_note(sweeps), DEPLOYED_NOTE]}
     write_analysis(out, "capacity", payload, fig)
     return payload
 
@@ -449,7 +451,8 @@ def leakage(sweeps: list[str], out: str, command: str) -> dict:
     payload = {"title": "Leakage", "command": command, "inputs": [str(s) for s in sweeps], "table": rows,
                "runs": runs, "curves": curves, "claims": claims, "seeds": _seed_note(
                    _groups(runs, lambda r: (r["size"], r["undiscovered_rate"]))) if runs else "0",
-               "notes": ["N counts the forget tokens a plain run trained on (weak filter at a small undiscovered "
+               "notes": [coverage_note(sweeps),
+                         "N counts the forget tokens a plain run trained on (weak filter at a small undiscovered "
                          "rate), replayed from the loader; the dose-response pools the dose runs of every seed. "
                          "bound=below: SGTM forgot more than the N=0 run (leakage 0); bound=above: less than the "
                          "largest dose (leakage is then a lower bound). Losses without bias, whole held-out split.",
@@ -526,7 +529,8 @@ def compute_penalty_analysis(sweeps: list[str], out: str, command: str, from_his
     payload = {"title": "Compute penalty", "command": command, "inputs": [str(s) for s in sweeps],
                "fits": fits, "table": table, "runs": runs, "claims": claims, "seeds": _seed_note(
                    _groups(runs, lambda r: (r["set"], r["method"], r["size"]))) if runs else "0",
-               "notes": ["penalty = 1 - C_equivalent / C: C_equivalent is the compute at which the no-filter fit "
+               "notes": [coverage_note(sweeps),
+                         "penalty = 1 - C_equivalent / C: C_equivalent is the compute at which the no-filter fit "
                          "reaches the run's deployed (calibrated) loss; penalty_no_bias uses the loss without bias. "
                          "Positive: the method costs compute on that set; on the forget set a large penalty is the "
                          "goal. A loss increase and a compute penalty are different quantities: with a shallow fit "

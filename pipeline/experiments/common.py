@@ -66,6 +66,18 @@ def finished(paths: list[str | Path], log=print) -> list[dict]:
     return ensure_deployed([c for c in load_cells(paths) if c["done"]], log=log)
 
 
+def coverage_note(paths: list[str | Path]) -> str:
+    """Which share of each sweep's cells the analysis saw (a partly run sweep says so)."""
+    parts = []
+    for p in paths:
+        p = Path(p)
+        f = p / "results.json" if p.is_dir() else p
+        data = json.loads(f.read_text())
+        done = sum(1 for c in data["cells"] if (Path(c["run_dir"]) / "final.json").is_file())
+        parts.append(f"{data['sweep']}: {done} of {len(data['cells'])} cells finished")
+    return "Cells: " + "; ".join(parts) + "."
+
+
 def value(cell: dict, name: str, kind: str = "deployed_calibrated") -> float | None:
     """A set's loss from the cell's whole-split deployed evaluation. ``kind``: ``full`` (the
     unablated model), ``deployed`` (what ships: ablated for SGTM / Gradient Routing / activation
