@@ -150,10 +150,11 @@ def _table(rows: list[dict], limit: int = 40) -> str:
     return "\n".join(lines)
 
 
-def _claim_row(c: dict, prefix: str = "") -> str:
+def _claim_row(c: dict, analysis: str = "") -> str:
     raw = c.get("holds_uncalibrated", "")
     raw = verdict_text(raw) if raw != "" else ""
-    return f"| {prefix}{c['claim']} | {c['paper']} | {c['here']} | {verdict_text(c.get('holds'))} | {raw} |"
+    first = f"| {analysis} " if analysis else ""
+    return f"{first}| {c['claim']} | {c['paper']} | {c['here']} | {verdict_text(c.get('holds'))} | {raw} |"
 
 
 CLAIMS_HEADER = ["| claim | paper | here (mean [interval] over seeds) | verdict | verdict without bias |",
@@ -165,7 +166,7 @@ def claims_table(summaries: dict[str, dict], with_analysis: bool = True) -> str:
              else list(CLAIMS_HEADER))
     for _key, s in sorted(summaries.items(), key=lambda kv: _order(kv[1])):
         for c in s.get("claims", []):
-            lines.append(_claim_row(c, f"| {s['title']} [{s['tag']}] " if with_analysis else ""))
+            lines.append(_claim_row(c, f"{s['title']} [{s['tag']}]" if with_analysis else ""))
     return "\n".join(lines)
 
 
