@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast test-launch test-docs lint demo clean
+.PHONY: venv test test-fast test-launch test-docs test-parallel lint demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 # Also the multi-process elastic-resume chain (4 -> 1 -> 4 ranks of `sgtm train`'s loop, ~3-5 min).
 test-launch: $(STAMP)
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -m launch tests/test_launch.py tests/test_resume.py
+
+# Pipeline- and expert-parallel runs of 2-4 ranks (equivalence to one rank, isolation, resume).
+test-parallel: $(STAMP)
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -m parallel
 
 # The README's and docs' command blocks marked runnable, as written, at tiny sizes (~2-5 min).
 test-docs: $(STAMP)
