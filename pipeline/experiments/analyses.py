@@ -174,18 +174,105 @@ def tradeoff(sweeps: list[str], out: str, command: str) -> dict:
                                 "not a compute penalty)",
                                 "the paper reports retain cost as compute: a 5% compute penalty on Wikipedia "
                                 "(see Compute penalty)", here("sgtm", other, "retain") + pct, None, diff=iv))
-    c0 = cells[0]
+    plateau = _plateau(groups)
+    if plateau:
+        claims.append(claim(f"English (retain) loss still falling at the end of training: its fall over the last "
+                            f"{plateau['interval']} steps (share of its fall since step {plateau['first_step']})",
+                            "the paper's TinyStories runs see ~1.2B tokens (near plateau)",
+                            "; ".join(f"{m}: {ci_text(r['drop'])} nats"
+                                      + (f" ({100 * r['share']:.0f}%)" if r["share"] is not None else "")
+                                      for m, r in plateau["methods"].items()), None))
+    matched = _matched_budget(groups, vals, claims)
+    c0 = next((c for c in cells if method_of(c) == "sgtm"), cells[0])
     setup = {"n_params": c0["n_params"], "d_model": c0["d_model"], "n_layers": c0["n_layers"], "steps": c0["steps"],
              "tokens": c0["tokens"], "tokens_per_step": c0["tokens_per_step"],
              "seeds": sorted({c["seed"] for c in cells}), "undiscovered_rate": c0["undiscovered_rate"],
              "eval_tokens": {k: v["tokens"] for k, v in c0["deployed_eval"]["sets"].items()},
              "calibration": c0["deployed_eval"].get("calibration"), "confidence": CONFIDENCE,
              **{k: c0.get(k) for k in ("vocab_size", "seq_len", "lr", "retain_fraction")}}
+    if plateau:
+        setup["plateau"] = {**{k: v for k, v in plateau.items() if k != "methods"},
+                            "methods": {m: {"retain_last_drop": r["drop"]["mean"],
+                                            "retain_last_drop_lo": r["drop"]["lo"],
+                                            "retain_last_drop_hi": r["drop"]["hi"], "retain_last_share": r["share"],
+                                            "seeds": r["drop"]["n"]} for m, r in plateau["methods"].items()}}
+    if matched:
+        setup["matched_budget"] = matched
     payload = {"title": "Retain/forget trade-off", "command": command, "inputs": [str(s) for s in sweeps],
                "seeds": _seed_note(groups), "setup": setup, "table": rows, "curves": curves, "claims": claims,
                "notes": [coverage_note(sweeps), DEPLOYED_NOTE, INTERVAL_NOTE]}
     write_analysis(out, "tradeoff", payload, fig)
     return payload
+
+
+def _retain_curve(cell: dict) -> dict[int, float]:
+    """{step: English loss} of a cell's training-time evaluations (first eval batches, no bias),
+    of the model it deploys (ablated for the methods that ablate, else the full model)."""
+    kind = "ablated" if deployed_kind(cell) == "calibrated" else "full"
+    return {r["step"]: v for r in cell["history"] if (v := loss(r, "retain", kind)) is not None}
+
+
+def _plateau(groups: dict) -> dict | None:
+    """How far English is from its plateau at the end of training, per method: the fall of the
+    retain loss over the last evaluation interval (95% interval over seeds) and its share of the
+    fall since the first evaluation. Needs three evaluations at the same steps in every cell."""
+    methods, steps = {}, None
+    for m, cs in sorted(groups.items()):
+        curves = [_retain_curve(c) for c in cs]
+        common = sorted(set.intersection(*(set(k) for k in curves))) if curves else []
+        if len(common) < 3 or (steps is not None and common[-3:] != steps[-3:]):
+            continue
+        steps = common
+        drops = {c["seed"]: cv[common[-2]] - cv[common[-1]] for c, cv in zip(cs, curves)}
+        totals = [cv[common[0]] - cv[common[-1]] for cv in curves]
+        total = float(np.mean(totals))
+        methods[m] = {"drop": t_interval(list(drops.values())),
+                      "share": float(np.mean(list(drops.values()))) / total if total > 0 else None}
+    if not methods:
+        return None
+    return {"interval": steps[-1] - steps[-2], "first_step": steps[0], "last_step": steps[-1], "methods": methods}
+
+
+MATCHED = "weak_filter_equal_retain_tokens"
+
+
+def _retain_tokens(cell: dict) -> int:
+    t = count_tokens(cell["run_dir"])
+    return int(t["total"] - t["forget_total"])
+
+
+def _matched_budget(groups: dict, vals: dict, claims: list) -> dict | None:
+    """SGTM against the weak filter trained on as many retain (English) tokens as SGTM (the
+    ``weak_filter_equal_retain_tokens`` cells of configs/sweeps/matched_budget.yaml; at equal steps
+    the filter sees more English). Token counts replayed from the loader (``count_tokens``)."""
+    if MATCHED not in vals or "sgtm" not in vals:
+        return None
+    sg = {c["seed"]: _retain_tokens(c) for c in groups["sgtm"]}
+    wf = {c["seed"]: _retain_tokens(c) for c in groups[MATCHED]}
+    ratio = [wf[s] / sg[s] for s in sorted(set(sg) & set(wf))]
+    info = {"sgtm_retain_tokens": float(np.mean(list(sg.values()))),
+            "filter_retain_tokens": float(np.mean(list(wf.values()))),
+            "filter_steps": groups[MATCHED][0]["steps"], "sgtm_steps": groups["sgtm"][0]["steps"],
+            "ratio": float(np.mean(ratio)) if ratio else None, "seeds": len(ratio)}
+    if "weak_filter" in groups:
+        info["filter_retain_tokens_equal_steps"] = float(np.mean([_retain_tokens(c) for c in groups["weak_filter"]]))
+    tokens = (f"retain tokens: SGTM {info['sgtm_retain_tokens']:.0f} in {info['sgtm_steps']} steps, filter "
+              f"{info['filter_retain_tokens']:.0f} in {info['filter_steps']} steps"
+              + (f" (ratio {info['ratio']:.3f})" if ratio else ""))
+    a, b = vals["sgtm"]["forget"], vals[MATCHED]["forget"]
+    iv, v = compare(a[CAL], b[CAL])
+    claims.append(claim("at equal retain tokens: SGTM's deployed forget loss is above the weak filter's",
+                        "SGTM > weak filter at every retain loss (TinyStories 20% undiscovered)",
+                        f"{_vs_text(a[CAL], b[CAL])}; {tokens}", v, diff=iv,
+                        holds_uncalibrated=compare(a[RAW], b[RAW])[1]))
+    a, b = vals["sgtm"]["retain"], vals[MATCHED]["retain"]
+    iv, _ = compare(a[CAL], b[CAL])
+    eq = ""
+    if "weak_filter" in vals:
+        eq = "; at equal steps: " + diff_text(diff_interval(a[CAL], vals["weak_filter"]["retain"][CAL]))
+    claims.append(claim("at equal retain tokens: SGTM's retain loss minus the weak filter's (a loss difference, not "
+                        "a compute penalty)", "-", f"{_vs_text(a[CAL], b[CAL])}{eq}; {tokens}", None, diff=iv))
+    return info
 
 
 # --------------------------------------------------------------------------------- undiscovered
@@ -320,6 +407,125 @@ def capacity(sweeps: list[str], out: str, command: str) -> dict:
                "inputs": [str(s) for s in sweeps], "seeds": _seed_note(groups), "table": rows, "claims": [],
                "notes": [coverage_note(sweeps), DEPLOYED_NOTE]}
     write_analysis(out, "capacity", payload, fig)
+    return payload
+
+
+# ------------------------------------------------------------------ joint policy, retain fraction
+
+POLICY_TEXT = {"non_forget": "neither embeddings nor norms learn from forget tokens",
+               "embeddings_all": "embeddings learn from forget tokens, norms do not",
+               "norms_all": "norms learn from forget tokens, embeddings do not",
+               "all": "embeddings and norms learn from forget tokens"}
+
+
+def _axis_plot(axes, xs: list, groups: dict, label: str, categorical: bool) -> None:
+    """Deployed forget / retain loss (calibrated) per axis value with 95% error bars and the
+    per-seed values as dots."""
+    for ax, s in zip(axes, ("forget", "retain")):
+        pts = []
+        for i, x in enumerate(xs):
+            vals = per_seed(groups[x], lambda c, s=s: value(c, s, CAL))
+            pos = i if categorical else x
+            iv = _errorbar(ax, pos, vals, color="tab:red")
+            ax.plot([pos] * len(vals), list(vals.values()), ".", color="k", alpha=0.4)
+            pts.append((pos, iv["mean"]))
+        if not categorical:
+            ax.plot([p for p, _ in pts], [m for _, m in pts], "-", color="tab:red", alpha=0.5)
+        if categorical:
+            ax.set_xticks(range(len(xs)), [str(x) for x in xs], fontsize=8)
+        ax.set(title=f"SGTM deployed {s} loss (calibrated; 95% intervals, dots: seeds)", xlabel=label,
+               ylabel="nats/token" + (" (higher = more removed)" if s == "forget" else ""))
+        ax.grid(alpha=0.3)
+
+
+def _vs_text(a: dict, b: dict) -> str:
+    return (f"{ci_text(t_interval(list(a.values())))} vs {ci_text(t_interval(list(b.values())))}; "
+            f"{diff_text(diff_interval(a, b))}")
+
+
+def joint_policy(sweeps: list[str], out: str, command: str) -> dict:
+    """SGTM's deployed forget / retain loss per joint-parameter policy (the ``joint_policy`` label
+    of configs/sweeps/joint_policy.yaml), each policy against ``non_forget`` (paired by seed)."""
+    cells = [c for c in finished(sweeps) if "joint_policy" in c["labels"] and c["strategy"] == "sgtm"]
+    if not cells:
+        raise ValueError("joint-policy: no finished SGTM cell with a 'joint_policy' label in " + ", ".join(sweeps))
+    groups = _groups(cells, lambda c: c["labels"]["joint_policy"])
+    order = [p for p in POLICY_TEXT if p in groups] + sorted(p for p in groups if p not in POLICY_TEXT)
+    rows = [_interval_columns({"joint_policy": p, "seeds": len(groups[p]),
+                               "what": POLICY_TEXT.get(p, p)}, groups[p], sets=("forget", "retain"))
+            for p in order]
+    fig, axes = figure(2)
+    _axis_plot(axes, order, groups, "joint-parameter policy", categorical=True)
+    vals = {p: {s: {k: per_seed(groups[p], lambda c, s=s, k=k: value(c, s, k)) for k in (CAL, RAW)}
+                for s in ("forget", "retain")} for p in order}
+    claims = []
+    if "non_forget" in vals:
+        ref = vals["non_forget"]
+        for p in order:
+            if p == "non_forget":
+                continue
+            iv, v = compare(ref["forget"][CAL], vals[p]["forget"][CAL])
+            claims.append(claim(f"masking joint parameters for forget tokens removes more: SGTM's deployed forget "
+                                f"loss with non_forget is above the one with {p} ({POLICY_TEXT.get(p, p)})",
+                                "a config choice in the paper (embeddings learn jointly on TinyStories, masked on "
+                                "Wikipedia); no comparison reported",
+                                "non_forget vs " + p + ": " + _vs_text(ref["forget"][CAL], vals[p]["forget"][CAL]),
+                                v, diff=iv, holds_uncalibrated=compare(ref["forget"][RAW], vals[p]["forget"][RAW])[1]))
+            ivr, _ = compare(ref["retain"][CAL], vals[p]["retain"][CAL])
+            claims.append(claim(f"retain loss with non_forget minus with {p} (what masking costs English)",
+                                "-", "non_forget vs " + p + ": " + _vs_text(ref["retain"][CAL],
+                                                                             vals[p]["retain"][CAL]),
+                                None, diff=ivr))
+    payload = {"title": "Joint-parameter policy (SGTM)", "command": command, "inputs": [str(s) for s in sweeps],
+               "seeds": _seed_note(groups), "table": rows, "claims": claims,
+               "setup": {"undiscovered_rate": cells[0]["undiscovered_rate"], "steps": cells[0]["steps"],
+                         "retain_fraction": cells[0].get("retain_fraction"), "confidence": CONFIDENCE},
+               "notes": [coverage_note(sweeps),
+                         "Policies: non_forget = sgtm.joint_update=non_forget (embeddings follow it); embeddings_all "
+                         "= sgtm.embedding_update=all; all = sgtm.joint_update=all (embeddings follow it). Norms "
+                         "include the final norm; the LM head is tied to the token embedding.",
+                         DEPLOYED_NOTE, INTERVAL_NOTE]}
+    write_analysis(out, "joint_policy", payload, fig)
+    return payload
+
+
+def retain_fraction(sweeps: list[str], out: str, command: str) -> dict:
+    """SGTM's deployed forget / retain loss against the share of confident-retain documents put in
+    RETAIN mode (``data.tagging.retain_fraction``): retain-mode tokens never reach the forget
+    parameters, so more of them should leave less English in what ablation removes."""
+    cells = [c for c in finished(sweeps) if c["strategy"] == "sgtm" and c.get("retain_fraction") is not None]
+    if not cells:
+        raise ValueError("retain-fraction: no finished SGTM cell with a retain_fraction in " + ", ".join(sweeps))
+    groups = _groups(cells, lambda c: float(c["retain_fraction"]))
+    xs = sorted(groups)
+    rows = [_interval_columns({"retain_fraction": x, "seeds": len(groups[x])}, groups[x], sets=("forget", "retain"))
+            for x in xs]
+    fig, axes = figure(2)
+    _axis_plot(axes, xs, groups, "share of confident-English documents in retain mode", categorical=False)
+    vals = {x: {s: {k: per_seed(groups[x], lambda c, s=s, k=k: value(c, s, k)) for k in (CAL, RAW)}
+                for s in ("forget", "retain")} for x in xs}
+    claims = []
+    if len(xs) >= 2:
+        lo, hi = xs[0], xs[-1]
+        iv, v = compare(vals[lo]["retain"][CAL], vals[hi]["retain"][CAL])
+        claims.append(claim(f"more retain-mode data lowers SGTM's deployed retain loss (ablation removes less "
+                            f"English): retain loss at retain_fraction {lo:g} above the one at {hi:g}",
+                            "retain mode on 10-25% of retain data (no sweep reported)",
+                            f"{lo:g} vs {hi:g}: " + _vs_text(vals[lo]["retain"][CAL], vals[hi]["retain"][CAL]), v,
+                            diff=iv, holds_uncalibrated=compare(vals[lo]["retain"][RAW], vals[hi]["retain"][RAW])[1]))
+        ivf, _ = compare(vals[hi]["forget"][CAL], vals[lo]["forget"][CAL])
+        claims.append(claim(f"forget loss at retain_fraction {hi:g} minus at {lo:g}", "-",
+                            f"{hi:g} vs {lo:g}: " + _vs_text(vals[hi]["forget"][CAL], vals[lo]["forget"][CAL]),
+                            None, diff=ivf))
+    payload = {"title": "Retain-mode fraction (SGTM)", "command": command, "inputs": [str(s) for s in sweeps],
+               "seeds": _seed_note(groups), "table": rows, "claims": claims,
+               "setup": {"undiscovered_rate": cells[0]["undiscovered_rate"], "steps": cells[0]["steps"],
+                         "confidence": CONFIDENCE},
+               "notes": [coverage_note(sweeps),
+                         "retain_fraction: the probability that a confidently-English document is put in RETAIN mode "
+                         "(forward and backward without the forget parameters); the others stay UNLABELLED and "
+                         "update every parameter.", DEPLOYED_NOTE, INTERVAL_NOTE]}
+    write_analysis(out, "retain_fraction", payload, fig)
     return payload
 
 
@@ -471,7 +677,10 @@ def compute_penalty_analysis(sweeps: list[str], out: str, command: str, from_his
 
     ``from_history`` also uses every intermediate evaluation of the no-filter runs as a (C, loss)
     point (C from the tokens seen by then): a one-size stand-in when several sizes are not
-    available; the points before the end of the cosine schedule are not converged."""
+    available; the points before the end of the cosine schedule are not converged. The fit then
+    sees the training-time evaluations (first eval batches, no bias), so every run is scored on the
+    same batches: its last training-time evaluation of the model it deploys, not the whole-split
+    deployed loss. Written as ``compute_penalty_history`` (beside the whole-split analysis)."""
     cells = finished(sweeps)
     plain = [c for c in cells if c["strategy"] == "none" and c["filter"] == "none"]
     compute = {c["key"]: 6.0 * c["n_params"] * c["tokens"] for c in cells}
@@ -495,16 +704,21 @@ def compute_penalty_analysis(sweeps: list[str], out: str, command: str, from_his
         for c in cells:
             if c in plain:
                 continue
-            v, raw = value(c, s, CAL), value(c, s, RAW)
+            if from_history:  # the fit's batches and no bias: the last training-time evaluation
+                last = c["history"][-1] if c["history"] else None
+                v = raw = deployed(c, s, last) if last else None
+                flops = 6.0 * c["n_params"] * c["tokens_per_step"] * last["step"] if last else None
+            else:
+                v, raw, flops = value(c, s, CAL), value(c, s, RAW), compute[c["key"]]
             if v is None:
                 continue
             m = method_of(c)
             runs.append({"set": s, "method": m, "size": size_label(c), "undiscovered_rate": c["undiscovered_rate"],
-                         "seed": c["seed"], "compute_flops": compute[c["key"]], "loss": v,
-                         "penalty": compute_penalty(fit["a"], fit["b"], v, compute[c["key"]]),
+                         "seed": c["seed"], "compute_flops": flops, "loss": v,
+                         "penalty": compute_penalty(fit["a"], fit["b"], v, flops),
                          "loss_no_bias": raw,
-                         "penalty_no_bias": compute_penalty(fit["a"], fit["b"], raw, compute[c["key"]])})
-            ax.plot([compute[c["key"]]], [v], "o", color=COLORS.get(m, "tab:olive"), ms=4)
+                         "penalty_no_bias": compute_penalty(fit["a"], fit["b"], raw, flops)})
+            ax.plot([flops], [v], "o", color=COLORS.get(m, "tab:olive"), ms=4)
         ax.set(xscale="log", yscale="log", title=f"{s} loss vs compute", xlabel="C = 6 N D (FLOPs)",
                ylabel="loss (deployed model, calibrated)")
         ax.grid(alpha=0.3, which="both")
@@ -526,7 +740,8 @@ def compute_penalty_analysis(sweeps: list[str], out: str, command: str, from_his
                             paper[(s, m)] + " (Wikipedia 254M; retain = general knowledge)",
                             f"{ci_text(iv, 0)} % over {iv['n']} runs", None))
     span = {k: v["compute_span"] for k, v in fits.items()}
-    payload = {"title": "Compute penalty", "command": command, "inputs": [str(s) for s in sweeps],
+    title = "Compute penalty from the training histories" if from_history else "Compute penalty"
+    payload = {"title": title, "command": command, "inputs": [str(s) for s in sweeps],
                "fits": fits, "table": table, "runs": runs, "claims": claims, "seeds": _seed_note(
                    _groups(runs, lambda r: (r["set"], r["method"], r["size"]))) if runs else "0",
                "notes": [coverage_note(sweeps),
@@ -537,9 +752,12 @@ def compute_penalty_analysis(sweeps: list[str], out: str, command: str, from_his
                          "(small b) a small loss gap is a large compute fraction.",
                          f"Fit on no-filter runs spanning {max(span.values()):.1f}x in compute at a fixed step count "
                          "(not compute-optimal)." if span and not from_history else
-                         "Fit on the intermediate evaluations of the no-filter run(s) (--from-history): compute "
-                         "varies by tokens seen, not by model size." if from_history else ""]}
-    write_analysis(out, "compute_penalty", payload, fig)
+                         "Fit on every training-time evaluation of the no-filter run(s) (--from-history): compute "
+                         "varies by tokens seen, not by model size; the points before the end of the cosine schedule "
+                         "are not what a run of that length would reach. Every run is scored on the same batches "
+                         "(the first eval batches, no bias): its last training-time evaluation of the deployed "
+                         "model, so penalty and penalty_no_bias coincide." if from_history else ""]}
+    write_analysis(out, "compute_penalty_history" if from_history else "compute_penalty", payload, fig)
     return payload
 
 

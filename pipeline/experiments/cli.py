@@ -25,7 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       ("leakage", "dose-response baselines -> SGTM leakage per undiscovered rate and size"),
                       ("compute-penalty", "power-law fit on no-filter runs -> equivalent compute of each method"),
                       ("classifier", "precision/recall of the tags that reached training"),
-                      ("seeds", "seed-to-seed spread of the deployed losses")):
+                      ("seeds", "seed-to-seed spread of the deployed losses"),
+                      ("joint-policy", "SGTM's deployed losses per joint-parameter policy (embeddings/norms "
+                                       "updated by forget tokens or not)"),
+                      ("retain-fraction", "SGTM's deployed losses against the retain-mode fraction")):
         q = asub.add_parser(name, help=hlp)
         q.add_argument("--sweeps", nargs="+", required=True, help="sweep result dirs (OUT/<name>) or results.json")
         q.add_argument("--out", required=True, help="directory for <analysis>.analysis.json and .png")
@@ -125,7 +128,8 @@ def cmd_analyze(args) -> int:
     else:
         fn = {"tradeoff": analyses.tradeoff, "undiscovered": analyses.undiscovered, "capacity": analyses.capacity,
               "leakage": analyses.leakage, "compute-penalty": analyses.compute_penalty_analysis,
-              "classifier": analyses.classifier, "seeds": analyses.seeds}[a]
+              "classifier": analyses.classifier, "seeds": analyses.seeds, "joint-policy": analyses.joint_policy,
+              "retain-fraction": analyses.retain_fraction}[a]
         extra = {"from_history": True} if getattr(args, "from_history", False) else {}
         res = fn(args.sweeps, args.out, cmd, **extra)
     for c in res.get("claims", []):
