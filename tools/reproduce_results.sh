@@ -19,14 +19,16 @@ A=runs/analysis/bilingual
 W=runs/analysis/wiki
 STAGE=${1:-all}
 SEEDS=${SEEDS:-"0 1 2"}
-SWEEPS=${SWEEPS:-"tradeoff undiscovered tradeoff_wiki leakage capacity scaling"}
+SWEEPS=${SWEEPS:-"tradeoff undiscovered tradeoff_wiki leakage capacity scaling matched_budget joint_policy retain_fraction"}
 
 cell() { $SGTM sweep --config "$1" --cell "$2"; }
 want() { [[ $STAGE == all || $STAGE == "$1" ]]; }
 has_cells() { [[ -f runs/sweeps/$1/results.json ]] && grep -q '"done": true' "runs/sweeps/$1/results.json"; }
 analyze() {  # analyze NAME SWEEP... -- ARGS : runs `sgtm analyze NAME --sweeps ... ARGS` if every sweep has cells
-  local name=$1; shift; local sweeps=()
-  while [[ $1 != -- ]]; do has_cells "$1" || { echo "[reproduce] skip $name: no finished cells in $1"; return 0; }
+  local name=$1; shift; local sweeps=()   # a sweep written ?NAME is optional: used when it has finished cells
+  while [[ $1 != -- ]]; do
+    if [[ $1 == \?* ]]; then has_cells "${1#?}" && sweeps+=("runs/sweeps/${1#?}"); shift; continue; fi
+    has_cells "$1" || { echo "[reproduce] skip $name: no finished cells in $1"; return 0; }
     sweeps+=("runs/sweeps/$1"); shift; done; shift
   $SGTM analyze "$name" --sweeps "${sweeps[@]}" "$@"
 }
@@ -37,11 +39,14 @@ if want sweeps; then
 fi
 
 if want analyses; then
-  analyze tradeoff tradeoff -- --out $A
+  analyze tradeoff tradeoff '?matched_budget' -- --out $A   # + the weak filter at SGTM's retain tokens
   analyze seeds tradeoff -- --out $A
   analyze undiscovered undiscovered -- --out $A
   analyze leakage undiscovered leakage scaling -- --out $A
   analyze compute-penalty scaling tradeoff -- --out $A
+  analyze compute-penalty tradeoff -- --from-history --out $A   # one size, fit on the training histories
+  analyze joint-policy joint_policy -- --out $A
+  analyze retain-fraction retain_fraction -- --out $A
   analyze capacity capacity -- --out $A
   analyze tradeoff tradeoff_wiki -- --out $W
   analyze classifier tradeoff_wiki -- --out $W
