@@ -21,10 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.data.cli import register as register_data
     from pipeline.experiments.cli import register as register_experiments
     from pipeline.sgtm.cli import register as register_partition
+    from pipeline.sgtm.isolation_check import register as register_isolation_check
     from pipeline.train.cli import register as register_train
 
     register_train(sub)
     register_partition(sub)
+    register_isolation_check(sub)
     register_data(sub)
     register_bench(sub)
     register_experiments(sub)
