@@ -17,7 +17,7 @@ from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import precision_recall_fscore_support
 
-from pipeline.data.errors import DataError
+from pipeline.data.errors import DataError, read_yaml
 from pipeline.data.labels import LabelRules, is_heldout, unit_hash
 from pipeline.data.readers import Document
 
@@ -166,14 +166,7 @@ def parse_label_map(spec: str | None) -> dict[str, str]:
     if not spec:
         return {}
     if spec.endswith((".json", ".yaml", ".yml")):
-        import yaml
-
-        try:
-            raw = yaml.safe_load(Path(spec).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise DataError(f"--label-map {spec}: cannot read ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise DataError(f"--label-map {spec}: invalid YAML/JSON ({str(exc).splitlines()[0]})") from None
+        raw = read_yaml(spec, "--label-map")
         if not isinstance(raw, dict):
             raise DataError(f"--label-map {spec}: expected a mapping of model label -> role")
         pairs = [(str(k), str(v)) for k, v in raw.items()]

@@ -9,13 +9,10 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import yaml
 
 from pipeline.config import ConfigError
 from pipeline.config import check_role as config_check_role
-from pipeline.data.errors import DataError
+from pipeline.data.errors import DataError, read_yaml
 from pipeline.sgtm.codes import TrueLabel
 
 
@@ -75,13 +72,7 @@ class LabelRules:
 
     @classmethod
     def load(cls, path: str) -> LabelRules:
-        try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read label rules ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise DataError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-        return cls.from_dict(raw, path)
+        return cls.from_dict(read_yaml(path, "label rules"), path)
 
     def role(self, meta: dict) -> str:
         for patterns, label in self.rules:
