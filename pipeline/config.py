@@ -210,6 +210,14 @@ def _take(spec: int | list[int], total: int, taken: set[int], key: str, what: st
     return sorted(idx)
 
 
+def check_kv_heads(model: ModelConfig, tp: int) -> None:
+    """Each TP rank holds whole KV groups (TP divides n_kv_heads), or TP is a multiple of
+    n_kv_heads and every KV head is replicated on TP / n_kv_heads ranks (megatron's scheme)."""
+    if model.n_kv_heads % tp and tp % model.n_kv_heads:
+        raise ConfigError(f"engine.tensor_parallel: {tp} must divide model.n_kv_heads={model.n_kv_heads} (whole KV "
+                          f"groups per rank) or be a multiple of it (KV heads replicated on TP/n_kv_heads ranks)")
+
+
 def _take_heads(spec: int | list[int], model: ModelConfig, taken: set[int], key: str) -> list[int]:
     """Forget heads. With grouped-query attention a forget attention unit is a whole KV group (its
     K/V rows and all its query heads), so a count must be a multiple of the group size (the next
@@ -453,9 +461,7 @@ class ExperimentConfig:
         if self.model.n_heads % tp:
             raise ConfigError(
                 f"engine.tensor_parallel: {tp} does not divide model.n_heads={self.model.n_heads}")
-        if self.model.n_kv_heads % tp:
-            raise ConfigError(f"engine.tensor_parallel: {tp} does not divide model.n_kv_heads={self.model.n_kv_heads} "
-                              f"(each TP rank holds whole KV groups; replicated KV heads are not supported yet)")
+        check_kv_heads(self.model, tp)
         if self.model.d_ff % tp:
             raise ConfigError(f"engine.tensor_parallel: {tp} does not divide model.d_ff={self.model.d_ff}")
         if self.model.pad_vocab_to_multiple % tp:

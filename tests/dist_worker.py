@@ -55,24 +55,68 @@ def scenario_tp_grads(out: Path, archs: list[str]) -> dict:
     return result
 
 
-def scenario_tp_grads_configs(out: Path, cases: dict[str, dict]) -> dict:
-    """TP=2 loss and gathered gradients of a mixed batch for named tiny_config overrides."""
+def _kv_mutation(name: str | None):
+    """A deliberately broken replicated-KV model (n_kv_heads < TP): the K/V rows' gradient left
+    as each rank's partial sum (no all-reduce over the copies)."""
+    import contextlib
+
+    from pipeline.model import transformer
+
+    stack = contextlib.ExitStack()
+    if name == "kv_grads_not_summed":
+        orig = transformer._replica_param
+        transformer._replica_param = lambda p: p
+        stack.callback(setattr, transformer, "_replica_param", orig)
+    elif name is not None:
+        raise ValueError(f"unknown mutation {name!r}")
+    return stack
+
+
+def _replica_copies_equal(model) -> bool:
+    """Whether every TP rank holding a copy of a replicated KV head holds the same gradient of it."""
+    from megatron.core import parallel_state as ps
+
+    same = True
+    for p in model.parameters():
+        c = int(getattr(p, "tp_kv_replicas", 1))
+        if c > 1:
+            tail = p.grad[-int(p.tp_kv_tail):].contiguous()
+            parts = [torch.empty_like(tail) for _ in range(ps.get_tensor_model_parallel_world_size())]
+            dist.all_gather(parts, tail, group=ps.get_tensor_model_parallel_group())
+            same &= all(torch.equal(parts[r], parts[r - r % c]) for r in range(len(parts)))
+    return same
+
+
+def scenario_tp_grads_configs(out: Path, cases: dict[str, dict], tp: int = 2) -> dict:
+    """TP=``tp`` loss and gathered gradients of a mixed batch for named tiny_config overrides
+    (optional ``mutation``), whether replicated KV copies hold equal gradients, the per-partition
+    clip norms, and the gathered weights after ablating domain 0 on every shard."""
+    from pipeline.components.clipping import PartitionClipper
+
     result = {}
     for name, over in cases.items():
-        cfg = tiny_config(over["arch"], "sgtm", tp=2, two_domains=False, model=over.get("model", {}),
+        cfg = tiny_config(over["arch"], "sgtm", tp=tp, two_domains=False, model=over.get("model", {}),
                           sgtm=over.get("sgtm", {}))
         d = init_distributed(cfg.engine)
-        part, model = build_model(cfg, d)
-        batch = mixed_batch(n_domains=1)
-        loss = model(batch["input_ids"], labels=batch["labels"], modes=batch["modes"], doc_ids=batch["doc_ids"],
-                     target_modes=batch["target_modes"])
-        loss.backward()
+        with _kv_mutation(over.get("mutation")):
+            part, model = build_model(cfg, d)
+            batch = mixed_batch(n_domains=1)
+            loss = model(batch["input_ids"], labels=batch["labels"], modes=batch["modes"],
+                         doc_ids=batch["doc_ids"], target_modes=batch["target_modes"])
+            loss.backward()
         full, grads = gather_full_state_dict(model), gather_full_state_dict(model, grads=True)
+        copies_equal = _replica_copies_equal(model)
+        clipper = PartitionClipper(model, 1, 1e9, torch.device("cpu"))  # per-partition norms (ZeRO-0 path)
+        clipper.clip_param_grads()
+        ablate(model, [0])
+        ablated = gather_full_state_dict(model)
         owned = [None] * d.world_size
         dist.all_gather_object(owned, part.owned(d.tp_rank))
         if d.rank == 0:
-            torch.save({"state": full, "grads": grads, "loss": loss.detach()}, out / f"tp2_{name}.pt")
-        result[name] = {"owned": owned}
+            torch.save({"state": full, "grads": grads, "loss": loss.detach(), "ablated": ablated},
+                       out / f"tp{tp}_{name}.pt")
+        result[name] = {"owned": owned, "replica_grads_equal": copies_equal,
+                        "kv_replicas": part.kv_replicas, "clip_norms": clipper.last_norms.tolist()}
     return result
 
 

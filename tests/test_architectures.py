@@ -9,6 +9,7 @@ import torch
 from pipeline.config import PRESETS, ConfigError, load_config
 from pipeline.engine.engine import build_model
 from pipeline.model.tp_state import gather_full_state_dict, load_full_state_dict
+from pipeline.sgtm.ablate import ablate
 from pipeline.sgtm.codes import Mode, ParamClass
 from tests import reference_model
 from tests.conftest import run_workers
@@ -93,8 +94,11 @@ def test_gqa_matches_the_reference_per_class(single_process_world, n_kv, heads, 
     ({"sgtm": {"domains": [{"name": "es", "heads": [4, 5], "units": 2}]}},
      r"^sgtm.domains\[0\].heads: with model.n_kv_heads=2, 4 query heads share a KV head .* whole KV groups"),
     ({"sgtm": {"domains": [{"name": "es", "heads": 2, "units": 2}]}}, r"^sgtm.domains\[0\].heads: .*multiple of 4"),
-    ({"engine": {"tensor_parallel": 4}, "model": {"n_heads": 8, "n_kv_heads": 2}},
-     r"^engine.tensor_parallel: 4 does not divide model.n_kv_heads=2"),
+    # TP neither divides n_kv_heads nor is a multiple of it (TP=4 with 2 KV heads is replication)
+    ({"engine": {"tensor_parallel": 2}, "model": {"n_heads": 6, "n_kv_heads": 3, "d_model": 48}},
+     r"^engine.tensor_parallel: 2 must divide model.n_kv_heads=3 .* or be a multiple of it"),
+    ({"engine": {"tensor_parallel": 6}, "model": {"n_heads": 12, "n_kv_heads": 4, "d_model": 48, "d_ff": 96}},
+     r"^engine.tensor_parallel: 6 must divide model.n_kv_heads=4"),
 ])
 def test_invalid_gqa_combinations_are_one_line_errors(over, match):
     data = {"model": {"arch": "llama3", "n_heads": 8, "n_kv_heads": 2, "d_model": 32, "d_ff": 64,
@@ -111,6 +115,23 @@ GQA_TP_CASES = {
                              "sgtm": {"domains": [{"name": "es", "heads": [4, 5, 6, 7], "units": [3, 40]}]}},
     "gqa4_forget_split": {"arch": "llama3", "model": {"n_heads": 8, "n_kv_heads": 4},
                           "sgtm": {"domains": [{"name": "es", "heads": [2, 3, 4, 5], "units": [3, 40]}]}},
+    # Multi-query at TP=2: the one KV head replicated on both ranks (no forget group can exist:
+    # it would take every head), forget units on both ranks.
+    "mqa_replicated": {"arch": "llama3", "model": {"n_heads": 8, "n_kv_heads": 1},
+                       "sgtm": {"domains": [{"name": "es", "heads": [], "units": [3, 40]}]}},
+    # Mutation: the replicated K/V rows' gradient not summed over the copies; must be seen below.
+    "mut_mqa_kv_grads_not_summed": {"arch": "llama3", "model": {"n_heads": 8, "n_kv_heads": 1},
+                                    "sgtm": {"domains": [{"name": "es", "heads": [], "units": [3, 40]}]},
+                                    "mutation": "kv_grads_not_summed"},
+}
+# TP=4 with 2 KV heads: each KV head on two ranks; the forget group (KV head 1, query heads 4-7)
+# split over ranks 2 and 3, which both hold its K/V, forget on each (4 processes: parallel marker).
+GQA_TP4_CASES = {
+    "gqa2_replicated_forget_split": {"arch": "llama3", "model": {"n_heads": 8, "n_kv_heads": 2},
+                                     "sgtm": {"domains": [{"name": "es", "heads": [4, 5, 6, 7], "units": [3, 40]}]}},
+    "mut_gqa2_kv_grads_not_summed": {"arch": "llama3", "model": {"n_heads": 8, "n_kv_heads": 2},
+                                     "sgtm": {"domains": [{"name": "es", "heads": [4, 5, 6, 7], "units": [3, 40]}]},
+                                     "mutation": "kv_grads_not_summed"},
 }
 
 
@@ -120,30 +141,106 @@ def gqa_tp2(tmp_path_factory):
     return out, run_workers(2, "tp_grads_configs", out, cases=GQA_TP_CASES)
 
 
-@pytest.mark.parametrize("name", list(GQA_TP_CASES))
-def test_gqa_tp2_equals_tp1(single_process_world, gqa_tp2, name):
-    """GQA at TP=2 (each rank holds whole KV groups): loss and every gathered gradient equal TP=1
-    to 1e-5, with the forget group on one rank or forget groups on both."""
-    out, result = gqa_tp2
-    over = GQA_TP_CASES[name]
-    saved = torch.load(out / f"tp2_{name}.pt", weights_only=True)
+@pytest.fixture(scope="module")
+def gqa_tp4(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gqa_tp4")
+    return out, run_workers(4, "tp_grads_configs", out, cases=GQA_TP4_CASES, tp=4)
+
+
+def _tp1_grads(world, over: dict, saved: dict):
+    """The TP=1 model with the TP>1 run's weights, its loss and gradients on the same batch."""
     cfg = tiny_config(over["arch"], "sgtm", tp=1, two_domains=False, model=over["model"], sgtm=over["sgtm"])
-    _, model = build_model(cfg, single_process_world)
+    _, model = build_model(cfg, world)
     load_full_state_dict(model, saved["state"])
     batch = mixed_batch(n_domains=1)
     loss = model(batch["input_ids"], labels=batch["labels"], modes=batch["modes"], doc_ids=batch["doc_ids"],
                  target_modes=batch["target_modes"])
     loss.backward()
-    torch.testing.assert_close(saved["loss"], loss.detach(), rtol=0, atol=1e-5)
+    return model, loss.detach()
+
+
+def _clip_norms(model) -> list[float]:
+    """The per-partition clip norms of the model's gradients (one process)."""
+    from pipeline.components.clipping import PartitionClipper
+
+    clipper = PartitionClipper(model, 1, 1e9, torch.device("cpu"))
+    grads = [p.grad.clone() for p in model.parameters()]
+    clipper.clip_param_grads()
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad.copy_(g)
+    return clipper.last_norms.tolist()
+
+
+def _grad_mismatches(model, saved: dict) -> list[str]:
+    return [n for n, p in model.named_parameters()
+            if not torch.allclose(saved["grads"][n], p.grad, rtol=0, atol=1e-5)]
+
+
+@pytest.mark.parametrize("name", [n for n in GQA_TP_CASES if not n.startswith("mut_")])
+def test_gqa_tp2_equals_tp1(single_process_world, gqa_tp2, name):
+    """GQA at TP=2 (each rank holds whole KV groups, or with one KV head a copy of it): loss and
+    every gathered gradient equal TP=1 to 1e-5, with the forget group on one rank or forget
+    groups on both; replicated K/V copies hold equal gradients; ablation per shard equals TP=1's."""
+    out, result = gqa_tp2
+    over = GQA_TP_CASES[name]
+    saved = torch.load(out / f"tp2_{name}.pt", weights_only=True)
+    model, loss = _tp1_grads(single_process_world, over, saved)
+    torch.testing.assert_close(saved["loss"], loss, rtol=0, atol=1e-5)
     for pname, p in model.named_parameters():
         torch.testing.assert_close(saved["grads"][pname], p.grad, rtol=0, atol=1e-5,
                                    msg=lambda m, n=pname: f"{n}: {m}")
+    assert result[name]["replica_grads_equal"] is True
+    assert result[name]["kv_replicas"] == (2 if name == "mqa_replicated" else 1)
+    assert result[name]["clip_norms"] == pytest.approx(_clip_norms(model), rel=1e-5)  # K/V copies counted once
+    ablate(model, [0])
+    for pname, p in model.named_parameters():
+        assert torch.equal(saved["ablated"][pname], p.detach()), pname
     owned = result[name]["owned"]
     heads = [owned[r]["es"].get("0", {}).get("heads", []) for r in range(2)]
+    units = [owned[r]["es"].get("0", {}).get("units", []) for r in range(2)]
     if name == "gqa2_forget_on_rank1":
         assert heads == [[], [4, 5, 6, 7]]
-    else:
+    elif name == "gqa4_forget_split":
         assert heads == [[2, 3], [4, 5]]
+    else:
+        assert heads == [[], []] and units == [[3], [40]]
+
+
+def test_gqa_tp2_mutation_unsummed_replicated_kv_grads_is_seen(single_process_world, gqa_tp2):
+    """Mutation: without the all-reduce over the copies of the replicated KV head, the copies'
+    gradients differ and the gathered K/V rows (rank 0's copy) miss rank 1's query heads' part."""
+    out, result = gqa_tp2
+    name = "mut_mqa_kv_grads_not_summed"
+    saved = torch.load(out / f"tp2_{name}.pt", weights_only=True)
+    model, loss = _tp1_grads(single_process_world, GQA_TP_CASES[name], saved)
+    torch.testing.assert_close(saved["loss"], loss, rtol=0, atol=1e-5)  # the forward is untouched
+    assert result[name]["replica_grads_equal"] is False
+    assert _grad_mismatches(model, saved) == [f"blocks.{i}.attn.qkv.weight" for i in range(len(model.blocks))]
+
+
+@pytest.mark.parallel
+@pytest.mark.parametrize("name", list(GQA_TP4_CASES))
+def test_gqa_replicated_kv_tp4_equals_tp1(single_process_world, gqa_tp4, name):
+    """TP=4 with 2 KV heads (each on two ranks): loss and every gathered gradient equal TP=1 to
+    1e-5 with the forget group's query heads split over ranks 2 and 3, both holding its K/V as
+    forget; ablation on every shard equals TP=1's; the mutation (copies' gradients not summed) fails."""
+    out, result = gqa_tp4
+    saved = torch.load(out / f"tp4_{name}.pt", weights_only=True)
+    model, loss = _tp1_grads(single_process_world, GQA_TP4_CASES[name], saved)
+    torch.testing.assert_close(saved["loss"], loss, rtol=0, atol=1e-5)
+    r = result[name]
+    assert r["kv_replicas"] == 2
+    if name.startswith("mut_"):
+        assert r["replica_grads_equal"] is False
+        assert _grad_mismatches(model, saved) == [f"blocks.{i}.attn.qkv.weight" for i in range(len(model.blocks))]
+        return
+    assert r["replica_grads_equal"] is True and not _grad_mismatches(model, saved)
+    assert r["clip_norms"] == pytest.approx(_clip_norms(model), rel=1e-5)
+    heads = [r["owned"][k]["es"].get("0", {}).get("heads", []) for k in range(4)]
+    assert heads == [[], [], [4, 5], [6, 7]]
+    ablate(model, [0])
+    for pname, p in model.named_parameters():
+        assert torch.equal(saved["ablated"][pname], p.detach()), pname
 
 
 @pytest.mark.parametrize("fragment,billions", [("llama3-8b", 8.03), ("llama3-70b", 70.55)])

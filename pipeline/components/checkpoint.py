@@ -394,8 +394,7 @@ def consolidated_train_state(tag_dir: Path) -> tuple[dict[str, dict[str, torch.T
     params = {}
     for name, states in per_rank[0].items():
         if name in layout and tp > 1:
-            dim, stride = layout[name]
-            params[name] = {k: v if v.dim() == 0 else merge_tp_shards([r[name][k] for r in per_rank], dim, stride)
+            params[name] = {k: v if v.dim() == 0 else merge_tp_shards([r[name][k] for r in per_rank], *layout[name])
                             for k, v in states.items()}
         else:
             params[name] = states

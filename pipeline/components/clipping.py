@@ -14,7 +14,8 @@ The group ids are :class:`pipeline.sgtm.codes.ClipGroup` (:func:`pipeline.sgtm.c
 maps a slice class to its group). A group no parameter belongs to (joint(all) under the
 ``non_forget`` policies) is left out of the norms.
 
-Norms are computed over all ranks (TP-replicated parameters counted once).
+Norms are computed over all ranks (TP-replicated parameters, and the copies of replicated KV
+heads, counted once).
 
 Where the gradients are differs by engine setup:
 * ZeRO-0 fp32: in ``param.grad`` after the boundary backward; :meth:`clip_param_grads` runs
@@ -34,6 +35,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from pipeline.engine import deepspeed_internals as dsi
+from pipeline.model.tp_state import replica_copy_rows
 from pipeline.sgtm.codes import ClipGroup, clip_group
 
 
@@ -65,14 +67,31 @@ class PartitionClipper:
         self.runs = 0
         self._groups: dict[int, torch.Tensor] = {}
         self._fragment_groups: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._count_masks: dict[int, torch.Tensor | None] = {}
 
     uses_zero_partition = False
 
     # -- shared ----------------------------------------------------------------------------
 
-    def _counts(self, p: torch.Tensor) -> bool:
-        """Replicated parameters are counted on TP rank 0 only."""
-        return bool(getattr(p, "tensor_model_parallel", False)) or self.tp_rank == 0
+    def _counts(self, p: torch.Tensor) -> bool | torch.Tensor:
+        """Replicated parameters are counted on TP rank 0 only; replicated K/V rows of a sharded
+        QKV (n_kv_heads < TP) on the first rank holding each copy only: a flat bool per element."""
+        if not getattr(p, "tensor_model_parallel", False):
+            return self.tp_rank == 0
+        if id(p) not in self._count_masks:
+            rows = replica_copy_rows(p, self.tp_rank)
+            if rows is not None:
+                shape = [1] * p.dim()
+                shape[p.partition_dim] = -1
+                rows = (~rows).to(self.device).view(shape).expand(p.shape).reshape(-1)
+            self._count_masks[id(p)] = rows
+        rows = self._count_masks[id(p)]
+        return True if rows is None else rows
+
+    @staticmethod
+    def _square(g: torch.Tensor, counts: bool | torch.Tensor) -> torch.Tensor:
+        sq = g.detach().double().pow(2).reshape(-1)
+        return sq if isinstance(counts, bool) else sq * counts
 
     def _element_groups(self, p: torch.Tensor) -> torch.Tensor:
         """Index into :attr:`groups` of every element of ``p`` (flattened, int64 on device; built
@@ -119,8 +138,9 @@ class PartitionClipper:
         sq = torch.zeros(self.n_groups, device=self.device, dtype=torch.float64)
         with_grad = [p for p in self.params if p.grad is not None]
         for p in with_grad:
-            if self._counts(p):
-                sq.index_add_(0, self._element_groups(p), p.grad.detach().double().pow(2).reshape(-1))
+            counts = self._counts(p)
+            if counts is not False:
+                sq.index_add_(0, self._element_groups(p), self._square(p.grad, counts))
         sq /= ps.get_data_parallel_world_size()  # every DP rank holds the same full gradient
         coef = self._finish(sq).to(torch.float32)
         for p in with_grad:
@@ -136,11 +156,14 @@ class PartitionClipper:
             key = (id(p), start, frag.numel())
             if key not in self._fragment_groups:
                 self._fragment_groups[key] = self._element_groups(p)[start:start + frag.numel()].clone()
-            frags.append((frag, self._fragment_groups[key], self._counts(p)))
+            counts = self._counts(p)
+            if not isinstance(counts, bool):
+                counts = counts[start:start + frag.numel()]
+            frags.append((frag, self._fragment_groups[key], counts))
         sq = torch.zeros(self.n_groups, device=self.device, dtype=torch.float64)
         for frag, groups, counts in frags:
-            if counts:
-                sq.index_add_(0, groups, frag.double().pow(2))
+            if counts is not False:
+                sq.index_add_(0, groups, self._square(frag, counts))
         coef = self._finish(sq).to(torch.float32)
         for frag, groups, _ in frags:
             frag.mul_(coef[groups].to(frag.dtype))

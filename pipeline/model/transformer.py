@@ -82,6 +82,36 @@ def _sp_param(p: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
     return copy_to_tensor_model_parallel_region(p) if sequence_parallel else p
 
 
+class _SumReplicaGrads(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient of the replicated K/V rows (the last
+    ``tail`` rows) over the TP ranks holding a copy of the same KV head, so every copy gets the
+    whole gradient (each rank's is the part from its own query heads) and the copies stay equal.
+    One all-reduce over the TP group of a [groups, tail, ...] buffer with this rank's slot filled
+    (no sub-groups to create; n_kv_heads < TP, so it is at most n_kv_heads times one slot)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, replicas: int, tail: int) -> torch.Tensor:
+        ctx.replicas, ctx.tail = replicas, tail
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        slot = parallel_state.get_tensor_model_parallel_rank() // ctx.replicas
+        buf = g.new_zeros((tp // ctx.replicas, ctx.tail) + tuple(g.shape[1:]))
+        buf[slot] = g[-ctx.tail:]
+        torch.distributed.all_reduce(buf, group=parallel_state.get_tensor_model_parallel_group())
+        g = g.clone()
+        g[-ctx.tail:] = buf[slot]
+        return g, None, None
+
+
+def _replica_param(p: torch.Tensor | None) -> torch.Tensor | None:
+    """``p`` with its replicated K/V rows' gradient summed over their copies (see above)."""
+    replicas = int(getattr(p, "tp_kv_replicas", 1)) if p is not None else 1
+    return p if replicas == 1 else _SumReplicaGrads.apply(p, replicas, int(p.tp_kv_tail))
+
+
 class SplitColumnLinear(ColumnParallelLinear):
     """Megatron's column-parallel linear whose local matmul masks weight gradients per token."""
 
@@ -99,12 +129,12 @@ class SplitColumnLinear(ColumnParallelLinear):
         """``weight`` is given only for a tied LM head (the embedding's weight). Under sequence
         parallelism ``x`` is this rank's [S/tp, B, in], gathered along the sequence here
         (``sequence_sharded=False``: ``x`` already holds the whole sequence)."""
-        weight = self.weight if weight is None else weight
+        weight = _replica_param(self.weight) if weight is None else weight
         if self.sequence_parallel if sequence_sharded is None else sequence_sharded:
             x = gather_from_sequence_parallel_region(x)
         elif parallel_state.get_tensor_model_parallel_world_size() > 1:
             x = copy_to_tensor_model_parallel_region(x)
-        return selective_linear(x, weight, self.bias, self.split, 0, masks)
+        return selective_linear(x, weight, _replica_param(self.bias), self.split, 0, masks)
 
 
 class SplitRowLinear(RowParallelLinear):
@@ -199,6 +229,20 @@ class SplitFeatures(nn.Module):
         return h if self.ablated is None else ablate_features(h, self.ablated)
 
 
+def _replicated_init(init, logical_rows: int, tp: int, replicas: int, tail: int):
+    """Megatron's CPU init draws the whole (here: replicated, tp x local rows) master on every
+    rank and keeps its chunk. This draws the logical TP=1 master instead (the same numbers as at
+    TP=1) and lays it out as the ranks' shards, so every copy of a KV head starts equal."""
+    from pipeline.model.tp_state import shard_logical
+
+    def fill(master: torch.Tensor) -> None:
+        logical = torch.empty(logical_rows, master.shape[1], dtype=master.dtype)
+        init(logical)
+        with torch.no_grad():
+            master.copy_(torch.cat([shard_logical(logical, r, tp, 0, 1, replicas, tail) for r in range(tp)]))
+    return fill
+
+
 class Attention(SplitFeatures):
     def __init__(self, cfg: ModelConfig, part: ForgetPartition, layer: int, tp_rank: int,
                  mpc: ModelParallelConfig, init, out_init):
@@ -206,13 +250,23 @@ class Attention(SplitFeatures):
         self.seq_first = mpc.sequence_parallel  # activations [S, B, ...] (else [B, S, ...])
         self.local_heads = part.heads_per_rank
         self.local_groups = part.kv_heads_per_rank
-        self.per_group = cfg.query_heads_per_kv_head
-        self.head_dim = cfg.head_dim
+        self.per_group = part.heads_per_rank // part.kv_heads_per_rank  # local query heads per KV head
+        self.head_dim = hd = cfg.head_dim
         d = cfg.d_model
         # Rows are KV-group-major ([q of the group's heads, k_g, v_g] per KV head g; multi-head:
-        # [q_h, k_h, v_h] per head), so a contiguous TP shard holds whole groups.
-        self.qkv = SplitColumnLinear(d, d + 2 * cfg.kv_dim, part.role("qkv", layer, tp_rank), config=mpc,
-                                     init_method=init, bias=cfg.bias)
+        # [q_h, k_h, v_h] per head), so a contiguous TP shard holds whole groups. With
+        # n_kv_heads < TP each KV head is replicated on ``replicas`` ranks: rank r holds
+        # [its query heads of group r // replicas, k_g, v_g]; the K/V rows' gradient is summed
+        # over the copies (_SumReplicaGrads), and the checkpoints/gathers keep one copy (tp_state).
+        replicas, tp = part.kv_replicas, part.tp_size
+        rows = tp * (self.local_heads + 2 * self.local_groups) * hd  # = d + 2 kv_dim unless replicated
+        qkv_init = init if replicas == 1 else _replicated_init(init, d + 2 * cfg.kv_dim, tp, replicas, 2 * hd)
+        self.qkv = SplitColumnLinear(d, rows, part.role("qkv", layer, tp_rank), config=mpc,
+                                     init_method=qkv_init, bias=cfg.bias)
+        if replicas > 1:
+            for p in (self.qkv.weight, self.qkv.bias):
+                if p is not None:
+                    p.tp_kv_replicas, p.tp_kv_tail = replicas, 2 * hd
         self.out = SplitRowLinear(d, d, part.role("attn_out", layer, tp_rank),
                                   part.role("attn_out_bias", layer, tp_rank), config=mpc,
                                   init_method=out_init, bias=cfg.bias)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.model.tp_state import sync_kv_replicas
 from pipeline.model.transformer import Transformer
 
 
@@ -37,6 +38,9 @@ def ablate(model: Transformer, domains: list[int] | None = None, how: str = "zer
             p.copy_(torch.where(mask, fresh, p))
         else:
             p.masked_fill_(mask, 0.0)
+    if how == "reinit":  # copies of a replicated KV head stay equal (collective: every rank, every copy)
+        for p in model.parameters():
+            sync_kv_replicas(p)
     if how == "zero":
         model.set_ablated(domains)
     return model

@@ -37,10 +37,14 @@ def run(args: argparse.Namespace) -> int:
     per_group = m.query_heads_per_kv_head
     for r in range(part.tp_size):
         owned = part.owned(r)
-        h0, g0 = r * part.heads_per_rank, r * part.kv_heads_per_rank
-        where = (f"TP rank {r} (query heads {h0}-{h0 + part.heads_per_rank - 1}, KV groups "
-                 f"{g0}-{g0 + part.kv_heads_per_rank - 1}, units {r * part.units_per_rank}-"
-                 f"{(r + 1) * part.units_per_rank - 1})")
+        h0, c = r * part.heads_per_rank, part.kv_replicas
+        if c > 1:  # n_kv_heads < TP: this rank holds a copy of one KV head, shared with c - 1 ranks
+            kv = f"a copy of KV group {r // c} (replicated on TP ranks {r // c * c}-{r // c * c + c - 1})"
+        else:
+            g0 = r * part.kv_heads_per_rank
+            kv = f"KV groups {g0}-{g0 + part.kv_heads_per_rank - 1}"
+        where = (f"TP rank {r} (query heads {h0}-{h0 + part.heads_per_rank - 1}, {kv}, units "
+                 f"{r * part.units_per_rank}-{(r + 1) * part.units_per_rank - 1})")
         parts = []
         for name, layers in owned.items():
             heads = sorted({h for v in layers.values() for h in v["heads"]})

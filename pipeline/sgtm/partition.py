@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.config import ConfigError, ModelConfig, SGTMConfig, assign_domains
+from pipeline.config import ConfigError, ModelConfig, SGTMConfig, assign_domains, check_kv_heads
 from pipeline.sgtm.codes import ParamClass, class_name, update_table
 
 ROLE_KINDS = (
@@ -70,13 +70,15 @@ class ForgetPartition:
         self.domains = [d.name for d in sgtm.domains]
         if model.n_heads % tp_size:
             raise ConfigError(f"engine.tensor_parallel: {tp_size} does not divide model.n_heads={model.n_heads}")
-        if model.n_kv_heads % tp_size:
-            raise ConfigError(f"engine.tensor_parallel: {tp_size} does not divide model.n_kv_heads={model.n_kv_heads} "
-                              f"(each TP rank holds whole KV groups; replicated KV heads are not supported yet)")
+        check_kv_heads(model, tp_size)
         if model.d_ff % tp_size:
             raise ConfigError(f"engine.tensor_parallel: {tp_size} does not divide model.d_ff={model.d_ff}")
         self.heads_per_rank = model.n_heads // tp_size
-        self.kv_heads_per_rank = model.n_kv_heads // tp_size
+        # KV heads a rank holds, and how many TP ranks hold a copy of each: n_kv_heads < TP
+        # replicates them (megatron's scheme): rank r holds KV group r // kv_replicas and its
+        # share of that group's query heads. A forget group is forget on every rank holding it.
+        self.kv_heads_per_rank = max(1, model.n_kv_heads // tp_size)
+        self.kv_replicas = max(1, tp_size // model.n_kv_heads)
         self.units_per_rank = model.d_ff // tp_size
 
         # Global class per head and per unit, for every block: [n_layers][n_heads|d_ff]. Where each
@@ -146,7 +148,7 @@ class ForgetPartition:
         units = self.local_unit_class(layer, tp_rank)
         joint_out = s.output_projections == "joint"
         if kind == "qkv":  # rows are KV-group-major: [q of the group's heads, k_g, v_g] per local group
-            per = m.query_heads_per_kv_head
+            per = self.heads_per_rank // self.kv_heads_per_rank  # local query heads of a group
             groups = heads[::per]  # forget heads are whole groups (config.assign_domains)
             return ParamRole(kind, layer, 0, groups.repeat_interleave((per + 2) * m.head_dim))
         if kind == "mlp_in":  # swiglu: rows are [gate units; up units], a unit owns both

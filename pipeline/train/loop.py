@@ -104,10 +104,12 @@ def package_versions() -> dict:
 
 
 def tp_layout(model: torch.nn.Module) -> dict[str, list[int]]:
-    """How each parameter is sharded ([partition_dim, stride]), so checkpoints can be consolidated
-    without rebuilding the model."""
-    return {n: [int(p.partition_dim), int(getattr(p, "partition_stride", 1))]
-            for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)}
+    """How each parameter is sharded ([partition_dim, stride], replicated K/V rows add
+    [replicas, tail]: ``tp_state.layout_of``), so checkpoints can be consolidated without
+    rebuilding the model."""
+    from pipeline.model.tp_state import layout_of
+
+    return {n: layout_of(p) for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)}
 
 
 def eval_sets(cfg: ExperimentConfig) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:

@@ -49,6 +49,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def consolidate(tag_dir: Path) -> LoadedModel:
     """Merge the TP shards of a DeepSpeed checkpoint into one TP=1 state dict."""
+    from pipeline.model.tp_state import merge_tp_shards
+
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{tag_dir}: no mp_rank_*_model_states.pt files")
@@ -62,10 +64,8 @@ def consolidate(tag_dir: Path) -> LoadedModel:
     for name, tensor in first["module"].items():
         if not torch.is_tensor(tensor):  # megatron's `_extra_state` entries
             continue
-        if name in layout:
-            dim, stride = layout[name]
-            parts = [s["module"][name].chunk(stride, dim=dim) for s in shards]
-            state[name] = torch.cat([parts[r][j] for j in range(stride) for r in range(len(shards))], dim=dim)
+        if name in layout:  # [dim, stride] or, replicated K/V rows, [dim, stride, replicas, tail]
+            state[name] = merge_tp_shards([s["module"][name] for s in shards], *layout[name])
         else:
             state[name] = tensor
     cfg = load_config(data=first["config"])
