@@ -432,8 +432,13 @@ def _axis_plot(axes, xs: list, groups: dict, label: str, categorical: bool) -> N
         if not categorical:
             ax.plot([p for p, _ in pts], [m for _, m in pts], "-", color="tab:red", alpha=0.5)
         if categorical:
-            ax.set_xticks(range(len(xs)), [str(x) for x in xs], fontsize=8)
-        ax.set(title=f"SGTM deployed {s} loss (calibrated; 95% intervals, dots: seeds)", xlabel=label,
+            ax.set_xticks(range(len(xs)), [f"{x}\n({len(groups[x])} seeds)" for x in xs], fontsize=8)
+        else:
+            for x in xs:
+                ax.annotate(f"{len(groups[x])}", (x, 0), xycoords=("data", "axes fraction"), xytext=(0, 3),
+                            textcoords="offset points", ha="center", fontsize=7, color="gray")
+        ax.set(title=f"SGTM deployed {s} loss (calibrated; 95% intervals, dots: seeds)",
+               xlabel=label + ("" if categorical else " (gray: seeds)"),
                ylabel="nats/token" + (" (higher = more removed)" if s == "forget" else ""))
         ax.grid(alpha=0.3)
 
