@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.config import PRESETS, ConfigError, load_config
 from pipeline.engine.engine import build_model
@@ -216,6 +218,53 @@ def test_gqa_tp2_mutation_unsummed_replicated_kv_grads_is_seen(single_process_wo
     torch.testing.assert_close(saved["loss"], loss, rtol=0, atol=1e-5)  # the forward is untouched
     assert result[name]["replica_grads_equal"] is False
     assert _grad_mismatches(model, saved) == [f"blocks.{i}.attn.qkv.weight" for i in range(len(model.blocks))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_kv=st.sampled_from([1, 2, 4]), tp=st.sampled_from([1, 2, 4, 8]), per=st.sampled_from([1, 2, 4]),
+       hd=st.integers(1, 3), cols=st.integers(1, 3))
+def test_kv_layout_shards_and_merges_back(n_kv, tp, per, hd, cols):
+    """Any TP size against any number of KV heads: sharding the logical KV-group-major QKV rows
+    and merging the shards gives them back; with replication every rank of a group holds that
+    group's K/V rows, the merge keeps one copy, and each query row lands on exactly one rank."""
+    from pipeline.model.tp_state import merge_tp_shards, shard_logical
+
+    n_heads = n_kv * per
+    if n_heads % tp:
+        return
+    full = torch.arange(n_kv * (per + 2) * hd * cols, dtype=torch.float).view(-1, cols)
+    replicas = max(1, tp // n_kv)
+    layout = (0, 1, replicas, 2 * hd) if replicas > 1 else (0, 1)
+    parts = [shard_logical(full, r, tp, *layout) for r in range(tp)]
+    assert all(p.shape[0] == (n_heads // tp + 2 * max(1, n_kv // tp)) * hd for p in parts)
+    assert torch.equal(merge_tp_shards(parts, *layout), full)
+    if replicas > 1:
+        kv = [full.view(n_kv, (per + 2) * hd, cols)[g, per * hd:] for g in range(n_kv)]
+        assert all(torch.equal(parts[r][-2 * hd:], kv[r // replicas]) for r in range(tp))
+
+
+def test_replicated_tp2_state_exports_one_kv_copy(single_process_world, gqa_tp2, tmp_path, monkeypatch):
+    """The gathered state of the one-KV-head model trained at TP=2 (K/V replicated on both ranks)
+    exports as LlamaForCausalLM with num_key_value_heads=1, logits equal to the TP=1 model's."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.train.export_hf import export_hf
+    from pipeline.train.offline import LoadedModel, write_model_dir
+
+    out, _ = gqa_tp2
+    over = GQA_TP_CASES["mqa_replicated"]
+    saved = torch.load(out / "tp2_mqa_replicated.pt", weights_only=True)
+    cfg = tiny_config(over["arch"], "sgtm", tp=1, two_domains=False, model=over["model"], sgtm=over["sgtm"])
+    _, model = build_model(cfg, single_process_world)
+    load_full_state_dict(model, saved["state"])
+    assert saved["state"]["blocks.0.attn.qkv.weight"].shape[0] == cfg.model.d_model + 2 * cfg.model.kv_dim
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = write_model_dir(LoadedModel(cfg, saved["state"], {"partition": {}, "ablated_domains": []}), tmp_path / "m")
+    hf = AutoModelForCausalLM.from_pretrained(export_hf(src, tmp_path / "hf"), local_files_only=True).eval()
+    assert hf.config.num_key_value_heads == 1
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids)[..., :97], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parallel
