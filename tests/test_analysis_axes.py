@@ -60,6 +60,21 @@ def test_joint_policy_compares_each_policy_with_non_forget_and_reports(tmp_path)
     assert (tmp_path / "docs" / "results" / "bilingual_joint_policy.json").is_file()
 
 
+def test_policy_with_fewer_seeds_is_compared_on_the_seeds_both_ran(tmp_path):
+    """`all` ran seed 0 only: its difference from non_forget is taken against non_forget's seed 0
+    (8.3 - 7.0), not against non_forget's 3-seed mean (8.0 - 7.0)."""
+    from pipeline.experiments.analyses import joint_policy
+
+    cells = [("sgtm", s, {"forget": (f, f), "retain": (4.6, 4.6)},
+              {"labels": {"joint_policy": "non_forget", "seed": s}}) for s, f in ((0, 8.3), (1, 7.85), (2, 7.85))]
+    cells.append(("sgtm", 0, {"forget": (7.0, 7.0), "retain": (4.5, 4.5)},
+                  {"labels": {"joint_policy": "all", "seed": 0}}))
+    res = joint_policy([str(_synthetic_sweep(tmp_path, cells))], str(tmp_path / "out"), "test")
+    c = _by_claim(res, "the one with all (")
+    assert c["diff"]["mean"] == pytest.approx(1.3) and c["holds"] == "inconclusive"  # one seed: no interval
+    assert res["table"][0]["forget_cal"] == pytest.approx(8.0) and res["table"][0]["seeds"] == 3
+
+
 def test_joint_policy_needs_labelled_sgtm_cells(tmp_path):
     from pipeline.experiments.analyses import joint_policy
 

@@ -259,13 +259,14 @@ def _matched_budget(groups: dict, vals: dict, claims: list) -> dict | None:
     tokens = (f"retain tokens: SGTM {info['sgtm_retain_tokens']:.0f} in {info['sgtm_steps']} steps, filter "
               f"{info['filter_retain_tokens']:.0f} in {info['filter_steps']} steps"
               + (f" (ratio {info['ratio']:.3f})" if ratio else ""))
-    a, b = vals["sgtm"]["forget"], vals[MATCHED]["forget"]
+    sg_vals, wf_vals = _on_common_seeds(vals["sgtm"], vals[MATCHED])
+    a, b = sg_vals["forget"], wf_vals["forget"]
     iv, v = compare(a[CAL], b[CAL])
     claims.append(claim("at equal retain tokens: SGTM's deployed forget loss is above the weak filter's",
                         "SGTM > weak filter at every retain loss (TinyStories 20% undiscovered)",
                         f"{_vs_text(a[CAL], b[CAL])}; {tokens}", v, diff=iv,
                         holds_uncalibrated=compare(a[RAW], b[RAW])[1]))
-    a, b = vals["sgtm"]["retain"], vals[MATCHED]["retain"]
+    a, b = sg_vals["retain"], wf_vals["retain"]
     iv, _ = compare(a[CAL], b[CAL])
     eq = ""
     if "weak_filter" in vals:
@@ -443,6 +444,21 @@ def _axis_plot(axes, xs: list, groups: dict, label: str, categorical: bool) -> N
         ax.grid(alpha=0.3)
 
 
+def _on_common_seeds(x: dict, y: dict) -> tuple[dict, dict]:
+    """Two groups' ``{set: {kind: {seed: loss}}}`` cut to the seeds both ran (when they share
+    any): a 3-seed mean against a 1-seed value would put seed-to-seed noise into the difference;
+    on common seeds the difference is paired."""
+    seeds = set(x["forget"][CAL]) & set(y["forget"][CAL])
+    if not seeds:
+        return x, y
+
+    def cut(g: dict) -> dict:
+        return {s: {k: {sd: v for sd, v in d.items() if sd in seeds} for k, d in kinds.items()}
+                for s, kinds in g.items()}
+
+    return cut(x), cut(y)
+
+
 def _vs_text(a: dict, b: dict) -> str:
     return (f"{ci_text(t_interval(list(a.values())))} vs {ci_text(t_interval(list(b.values())))}; "
             f"{diff_text(diff_interval(a, b))}")
@@ -469,17 +485,17 @@ def joint_policy(sweeps: list[str], out: str, command: str) -> dict:
         for p in order:
             if p == "non_forget":
                 continue
-            iv, v = compare(ref["forget"][CAL], vals[p]["forget"][CAL])
+            r, q = _on_common_seeds(ref, vals[p])
+            iv, v = compare(r["forget"][CAL], q["forget"][CAL])
             claims.append(claim(f"masking joint parameters for forget tokens removes more: SGTM's deployed forget "
                                 f"loss with non_forget is above the one with {p} ({POLICY_TEXT.get(p, p)})",
                                 "a config choice in the paper (embeddings learn jointly on TinyStories, masked on "
                                 "Wikipedia); no comparison reported",
-                                "non_forget vs " + p + ": " + _vs_text(ref["forget"][CAL], vals[p]["forget"][CAL]),
-                                v, diff=iv, holds_uncalibrated=compare(ref["forget"][RAW], vals[p]["forget"][RAW])[1]))
-            ivr, _ = compare(ref["retain"][CAL], vals[p]["retain"][CAL])
+                                "non_forget vs " + p + ": " + _vs_text(r["forget"][CAL], q["forget"][CAL]),
+                                v, diff=iv, holds_uncalibrated=compare(r["forget"][RAW], q["forget"][RAW])[1]))
+            ivr, _ = compare(r["retain"][CAL], q["retain"][CAL])
             claims.append(claim(f"retain loss with non_forget minus with {p} (what masking costs English)",
-                                "-", "non_forget vs " + p + ": " + _vs_text(ref["retain"][CAL],
-                                                                             vals[p]["retain"][CAL]),
+                                "-", "non_forget vs " + p + ": " + _vs_text(r["retain"][CAL], q["retain"][CAL]),
                                 None, diff=ivr))
     payload = {"title": "Joint-parameter policy (SGTM)", "command": command, "inputs": [str(s) for s in sweeps],
                "seeds": _seed_note(groups), "table": rows, "claims": claims,
@@ -488,7 +504,8 @@ def joint_policy(sweeps: list[str], out: str, command: str) -> dict:
                "notes": [coverage_note(sweeps),
                          "Policies: non_forget = sgtm.joint_update=non_forget (embeddings follow it); embeddings_all "
                          "= sgtm.embedding_update=all; all = sgtm.joint_update=all (embeddings follow it). Norms "
-                         "include the final norm; the LM head is tied to the token embedding.",
+                         "include the final norm; the LM head is tied to the token embedding. Claims compare a "
+                         "policy with non_forget on the seeds both ran (paired).",
                          DEPLOYED_NOTE, INTERVAL_NOTE]}
     write_analysis(out, "joint_policy", payload, fig)
     return payload
@@ -512,6 +529,7 @@ def retain_fraction(sweeps: list[str], out: str, command: str) -> dict:
     claims = []
     if len(xs) >= 2:
         lo, hi = xs[0], xs[-1]
+        vals[lo], vals[hi] = _on_common_seeds(vals[lo], vals[hi])
         iv, v = compare(vals[lo]["retain"][CAL], vals[hi]["retain"][CAL])
         claims.append(claim(f"more retain-mode data lowers SGTM's deployed retain loss (ablation removes less "
                             f"English): retain loss at retain_fraction {lo:g} above the one at {hi:g}",
@@ -529,7 +547,8 @@ def retain_fraction(sweeps: list[str], out: str, command: str) -> dict:
                "notes": [coverage_note(sweeps),
                          "retain_fraction: the probability that a confidently-English document is put in RETAIN mode "
                          "(forward and backward without the forget parameters); the others stay UNLABELLED and "
-                         "update every parameter.", DEPLOYED_NOTE, INTERVAL_NOTE]}
+                         "update every parameter. Claims compare the two ends on the seeds both ran (paired).",
+                         DEPLOYED_NOTE, INTERVAL_NOTE]}
     write_analysis(out, "retain_fraction", payload, fig)
     return payload
 
