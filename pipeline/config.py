@@ -291,9 +291,12 @@ class EngineConfig:
     # Megatron-style sequence parallelism inside the TP group (norms and the residual stream hold
     # seq/tp tokens per rank); needs tensor_parallel > 1 and model.max_seq_len divisible by it.
     sequence_parallel: bool = False
+    # DeepSpeed pipeline stages (PipelineModule over a pipe x data x model topology); must divide
+    # model.n_layers; ZeRO 0/1 only (DeepSpeed's pipeline engine). docs/architecture.md, "Pipeline".
+    pipeline_parallel: int = 1
 
     def validate(self, key: str = "engine") -> None:
-        for name in ("tensor_parallel", "micro_batch_size", "grad_accum_steps"):
+        for name in ("tensor_parallel", "pipeline_parallel", "micro_batch_size", "grad_accum_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}: must be positive, got {getattr(self, name)}")
         if self.grad_clip < 0:
@@ -302,6 +305,9 @@ class EngineConfig:
             raise ConfigError(f"{key}.dist_timeout_s: must be positive, got {self.dist_timeout_s}")
         if self.sequence_parallel and self.tensor_parallel < 2:
             raise ConfigError(f"{key}.sequence_parallel: needs {key}.tensor_parallel > 1, got {self.tensor_parallel}")
+        if self.pipeline_parallel > 1 and self.zero_stage not in (0, 1):
+            raise ConfigError(f"{key}.zero_stage: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 with "
+                              f"{key}.pipeline_parallel={self.pipeline_parallel}, got {self.zero_stage}")
 
 
 @dataclass
@@ -468,6 +474,17 @@ class ExperimentConfig:
             raise ConfigError(
                 f"engine.tensor_parallel: {tp} does not divide "
                 f"model.pad_vocab_to_multiple={self.model.pad_vocab_to_multiple}")
+        pp = self.engine.pipeline_parallel
+        if pp > 1:
+            if self.model.n_layers % pp:
+                raise ConfigError(f"engine.pipeline_parallel: {pp} does not divide "
+                                  f"model.n_layers={self.model.n_layers}")
+            if self.model.tie_embeddings:
+                raise ConfigError(f"model.tie_embeddings: tied embeddings across pipeline stages are not supported "
+                                  f"with engine.pipeline_parallel={pp}; set model.tie_embeddings=false")
+            if self.eval.calibrate:
+                raise ConfigError(f"eval.calibrate: logit calibration is not supported with "
+                                  f"engine.pipeline_parallel={pp}; set eval.calibrate=false")
         assign_domains(self.model, self.sgtm)  # raises ConfigError naming the sgtm key
         return self
 

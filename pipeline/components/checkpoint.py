@@ -302,8 +302,11 @@ def load(engine, root: Path, tag: str) -> tuple[dict, dict]:
 
 def layout_of(dist_info, engine_cfg) -> dict:
     """What a checkpoint's files depend on: world, DP and TP sizes, ZeRO stage, precision."""
-    return {"world": int(dist_info.world_size), "dp": int(dist_info.dp_size), "tp": int(dist_info.tp_size),
-            "zero_stage": int(engine_cfg.zero_stage), "precision": str(engine_cfg.precision)}
+    layout = {"world": int(dist_info.world_size), "dp": int(dist_info.dp_size), "tp": int(dist_info.tp_size),
+              "zero_stage": int(engine_cfg.zero_stage), "precision": str(engine_cfg.precision)}
+    if getattr(dist_info, "pp_size", 1) > 1:  # absent at PP=1, so earlier checkpoints' layouts still match
+        layout["pp"] = int(dist_info.pp_size)
+    return layout
 
 
 def saved_layout(root: Path, tag: str) -> dict | None:
@@ -485,6 +488,9 @@ def restore(engine, root: Path, tag: str, layout: dict, loader) -> dict:
     document order (``StreamingLoader.load_global_state``) and rank r takes old rank
     r mod old-world's RNG state; the client state then has ``resharded_from``."""
     saved = saved_layout(root, tag)
+    if saved != layout and max((saved or {}).get("pp", 1), layout.get("pp", 1)) > 1:
+        raise CheckpointError(f"{Path(root) / tag}: written on layout {saved}, this run is {layout}; a pipeline-"
+                              f"parallel checkpoint resumes only on the layout it was written with")
     if saved is None or saved == layout:
         client, rank_state = load(engine, root, tag)
         own = rank_state["loader"]

@@ -48,6 +48,20 @@ def group_name(group: int) -> str:
     return f"forget{group - ClipGroup.FORGET}"
 
 
+def reduce_over_pipeline(sq: torch.Tensor) -> None:
+    """Sum the per-group squared norms over the pipeline stages."""
+    dist.all_reduce(sq, group=ps.get_pipeline_model_parallel_group())
+
+
+def _groups_on_any_stage(groups: list[int], n: int, device: torch.device) -> list[int]:
+    """The clip groups some rank has parameters of (one MAX all-reduce), so every stage indexes
+    the same groups (joint(all) embeddings, say, live on the first stage only)."""
+    flags = torch.zeros(n, device=device)
+    flags[groups] = 1.0
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [int(g) for g in flags.nonzero().flatten().tolist()]
+
+
 class PartitionClipper:
     """Clips each group by its own norm; :attr:`runs` counts the clips (one per applied step)."""
 
@@ -61,6 +75,8 @@ class PartitionClipper:
         # the non-forget classes are on every TP rank (embeddings, norms), so ranks agree.
         present = {int(clip_group(c)) for p in self.params for c in p.sgtm_role.classes.unique().tolist()}
         self.groups = sorted(present | {int(ClipGroup.RETAIN)} | {int(ClipGroup.FORGET) + d for d in range(n_domains)})
+        if ps.get_pipeline_model_parallel_world_size() > 1:  # stages hold different parameters: agree
+            self.groups = _groups_on_any_stage(self.groups, int(ClipGroup.FORGET) + n_domains, device)
         self.n_groups = len(self.groups)
         self.last_norms: torch.Tensor | None = None  # per entry of ``groups``, before clipping
         self.last_coefficients: torch.Tensor | None = None  # per entry of ``groups``, <= 1
@@ -110,12 +126,23 @@ class PartitionClipper:
 
     def _finish(self, sq: torch.Tensor) -> torch.Tensor:
         """Sum squares over all ranks, return per-group clip coefficients (<= 1)."""
-        dist.all_reduce(sq)
+        self._all_reduce_norms(sq)
         norms = sq.sqrt()
         self.last_norms = norms
         self.last_coefficients = torch.clamp(self.max_norm / (norms + 1e-6), max=1.0)
         self.runs += 1
         return self.last_coefficients
+
+    @staticmethod
+    def _all_reduce_norms(sq: torch.Tensor) -> None:
+        """Over every rank. With pipeline stages: the TP x DP ranks of this stage, then the
+        pipeline group (each stage holds other blocks' gradients), so every stage clips its part
+        of a group by the norm of the whole group, as at PP=1."""
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            dist.all_reduce(sq)
+            return
+        dist.all_reduce(sq, group=ps.get_tensor_and_data_parallel_group())
+        reduce_over_pipeline(sq)
 
     def named_norms(self) -> dict[str, float]:
         """The last step's group norms as metrics fields (``grad_norm_retain``, ``grad_norm_forget0``, ...)."""

@@ -201,25 +201,27 @@ def skip_shm_build() -> None:
 # ------------------------------------------------------------------------------------ skip a step
 
 
-def skip_step(engine) -> None:
+def skip_step(engine, step_fn: Callable[[], None] | None = None) -> None:
     """``engine.step()`` at the boundary without applying the update: gradients are dropped, the
     weights and Adam moments stay as they were, the LR schedule advances by one step (so it keeps
     following the loop's step count). Uses DeepSpeed's own overflow path where it has one; the
-    caller has made sure every rank skips (the overflow all-reduce is answered locally)."""
+    caller has made sure every rank skips (the overflow all-reduce is answered locally).
+    ``step_fn``: what steps the engine (the pipeline engine's own optimizer-step instruction)."""
     opt = engine.optimizer
+    step = engine.step if step_fn is None else step_fn
     if holds_gradient_partition(opt):  # ZeRO-1/2
         check = opt.check_grad_overflow
         opt.check_grad_overflow = True
         opt.has_overflow = lambda *a, **k: True  # all ranks agreed already
         try:
-            engine.step()
+            step()
         finally:
             del opt.has_overflow
             opt.check_grad_overflow = check
     elif hasattr(opt, "_skip_invalid_grad_norm"):  # bf16 ZeRO-0: DeepSpeed's FP16_(Unfused)Optimizer
         opt.step = lambda closure=None: opt._skip_invalid_grad_norm()
         try:
-            engine.step()
+            step()
         finally:
             del opt.step
     elif hasattr(opt, "clear_hp_grads") and hasattr(opt, "clear_lp_grads"):  # BF16_Optimizer (fp32 accumulation)
@@ -229,15 +231,56 @@ def skip_step(engine) -> None:
             opt.clear_lp_grads()
         opt.step = skip
         try:
-            engine.step()
+            step()
         finally:
             del opt.step
     else:  # a plain torch optimizer (ZeRO-0 fp32) skips parameters without gradients
         for p in engine.module.parameters():
             p.grad = None
-        engine.step()
+        step()
     if getattr(opt, "overflow", False) and engine.lr_scheduler is not None:
         engine.lr_scheduler.step()  # DeepSpeed does not advance the schedule on overflow
+
+
+# ------------------------------------------------------------------------------- pipeline engine
+
+
+def wrap_pipe_optimizer_step(engine, before: Callable[[object], bool]) -> None:
+    """Run ``before(engine)`` in every step of a DeepSpeed ``PipelineEngine``, after its gradient
+    reduction and before its optimizer step (the ``OptimizerStep`` instruction of its schedule,
+    dispatched through the class's ``_INSTRUCTION_MAP``, which 0.19.8 runs after ``ReduceGrads``);
+    ``False`` skips the update (:func:`skip_step`). The pipeline engine's ``step()`` is not
+    callable (``train_batch`` runs the whole schedule), so this is where the non-finite check
+    and ZeRO-0 clipping go."""
+    from deepspeed.runtime.pipe import schedule
+
+    table = type(engine)._INSTRUCTION_MAP
+    original = table[schedule.OptimizerStep]
+
+    def optimizer_step(self, lr_kwargs=None):
+        if before(self):
+            return original(self, lr_kwargs)
+        skip_step(self, step_fn=lambda: original(self, lr_kwargs))
+        return None
+
+    engine._INSTRUCTION_MAP = {**table, schedule.OptimizerStep: optimizer_step}
+
+
+def pipe_losses_finite(engine) -> torch.Tensor:
+    """On the last pipeline stage: are this step's micro-batch losses finite (the engine sums them
+    in ``total_loss`` before the optimizer step)? Other stages: True."""
+    total = getattr(engine, "total_loss", None)
+    if not engine.is_last_stage() or total is None:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(total.detach()).all().cpu()
+
+
+def release_remote_layers(module) -> None:
+    """Drop a ``PipelineModule``'s references to the layers other stages own (``_layer_specs``
+    keeps every layer it was given; only this stage's are used after construction), so their
+    parameters are freed."""
+    start, stop = module._local_start, module._local_stop
+    module._layer_specs = [layer if start <= i < stop else None for i, layer in enumerate(module._layer_specs)]
 
 
 # ------------------------------------------------------------------------------------ checkpoints

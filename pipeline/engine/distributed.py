@@ -28,6 +28,8 @@ class DistInfo:
     dp_size: int
     device: torch.device
     backend: str
+    pp_rank: int = 0  # pipeline stage (engine.pipeline_parallel)
+    pp_size: int = 1
 
 
 def free_port() -> int:
@@ -149,10 +151,10 @@ class MegatronMPU:
         return self.ps.get_tensor_model_parallel_group()
 
     def get_pipeline_model_parallel_world_size(self) -> int:
-        return 1
+        return self.ps.get_pipeline_model_parallel_world_size()
 
     def get_pipeline_model_parallel_rank(self) -> int:
-        return 0
+        return self.ps.get_pipeline_model_parallel_rank()
 
 
 def init_distributed(cfg: EngineConfig) -> DistInfo:
@@ -163,8 +165,12 @@ def init_distributed(cfg: EngineConfig) -> DistInfo:
     from megatron.core import parallel_state as ps
 
     world = int(os.environ["WORLD_SIZE"])
+    pp = int(getattr(cfg, "pipeline_parallel", 1))
     if world % cfg.tensor_parallel:
         raise ValueError(f"engine.tensor_parallel: {cfg.tensor_parallel} does not divide the world size {world}")
+    if world % (cfg.tensor_parallel * pp):
+        raise ValueError(f"engine.pipeline_parallel: the world size {world} is not divisible by engine.tensor_parallel "
+                         f"x engine.pipeline_parallel = {cfg.tensor_parallel} x {pp}")
     if device.type == "cpu":
         from pipeline.engine.deepspeed_internals import skip_shm_build
 
@@ -182,16 +188,21 @@ def init_distributed(cfg: EngineConfig) -> DistInfo:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         device = torch.device("cuda", torch.cuda.current_device())
     if ps.model_parallel_is_initialized():
-        if ps.get_tensor_model_parallel_world_size() != cfg.tensor_parallel:
+        if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) != \
+                (cfg.tensor_parallel, pp):
             ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
+        # Megatron's rank order tp-cp-ep-dp-pp (TP fastest, PP slowest) is DeepSpeed's
+        # PipeModelDataParallelTopology order (axes pipe, data, model): pipeline/engine/pipe.py.
         ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor_parallel,
+                                     pipeline_model_parallel_size=pp,
                                      distributed_timeout_minutes=timeout_s / 60)
     return DistInfo(
         rank=torch.distributed.get_rank(), world_size=world, local_rank=int(os.environ["LOCAL_RANK"]),
         tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
-        device=device, backend=backend)
+        device=device, backend=backend, pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp_size=ps.get_pipeline_model_parallel_world_size())
 
 
 def shutdown_distributed() -> None:

@@ -90,6 +90,10 @@ def build_engine(cfg: ExperimentConfig) -> TrainState:
     import deepspeed
 
     partition, model = build_model(cfg, dist)
+    if dist.pp_size > 1:  # DeepSpeed's pipeline engine over the model's stages
+        from pipeline.engine.pipe import build_pipeline_engine
+
+        return build_pipeline_engine(cfg, dist, partition, model)
     model.to(dist.device)
     ds_config = deepspeed_config(cfg, dist)
     if per_partition:
@@ -137,6 +141,10 @@ def train_step(state: TrainState, micro_batches: list[dict], step: int | None = 
     decides whether to continue (``train.nonfinite``). ``step`` (1-based) only arms test faults."""
     from pipeline.components import faults
 
+    if state.dist.pp_size > 1:
+        from pipeline.engine.pipe import train_step as pipe_train_step
+
+        return pipe_train_step(state, micro_batches, step)
     engine = state.engine
     if len(micro_batches) != state.cfg.engine.grad_accum_steps:
         raise ValueError(f"expected {state.cfg.engine.grad_accum_steps} micro-batches, got {len(micro_batches)}")

@@ -20,9 +20,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     part = ForgetPartition(cfg.model, cfg.sgtm, cfg.engine.tensor_parallel)
+    pp = cfg.engine.pipeline_parallel
     if args.json:
+        extra = {}
+        if pp > 1:
+            from pipeline.engine.pipe import stage_layout
+
+            extra["stages"] = stage_layout(part, pp)
         print(json.dumps({"partition": part.to_dict(), "model": to_dict(cfg.model),
-                          "owned": {r: part.owned(r) for r in range(part.tp_size)}}))
+                          "owned": {r: part.owned(r) for r in range(part.tp_size)}, **extra}))
         return 0
     m = cfg.model
     print(f"model: {m.arch} ({m.norm}, {m.positions} positions, {m.mlp}), {m.n_layers} blocks, d={m.d_model}, "
@@ -53,4 +59,30 @@ def run(args: argparse.Namespace) -> int:
             what = f"KV groups {groups} (query heads {heads})" if per_group > 1 else f"heads {heads}"
             parts.append(f"{name}: {what if heads else 'no heads'}, {nu} (unit, block) pairs in {len(layers)} blocks")
         print(f"{where}: " + ("; ".join(parts) if parts else "no forget parameters"))
+    if pp > 1:
+        _print_stages(part, pp)
     return 0
+
+
+def _print_stages(part: ForgetPartition, pp: int) -> None:
+    """Which pipeline stage (and TP rank in it) owns which forget heads/KV groups and units."""
+    from pipeline.engine.pipe import stage_layout
+
+    per_group = part.model.query_heads_per_kv_head
+    print(f"pipeline: {pp} stages (engine.pipeline_parallel), {part.model.n_layers // pp} blocks each")
+    for st in stage_layout(part, pp):
+        b = st["blocks"]
+        where = f"stage {st['stage']} (blocks {b[0]}-{b[-1]}{''.join(', ' + x for x in st['also'])})"
+        for r, owned in st["owned"].items():
+            parts = []
+            for name, layers in owned.items():
+                if not layers:
+                    continue
+                heads = sorted({h for v in layers.values() for h in v["heads"]})
+                head_blocks = sorted(k for k, v in layers.items() if v["heads"])
+                groups = sorted({h // per_group for h in heads})
+                what = f"KV groups {groups} (query heads {heads})" if per_group > 1 else f"heads {heads}"
+                nu = sum(len(v["units"]) for v in layers.values())
+                parts.append(f"{name}: {f'{what} in blocks {head_blocks}' if heads else 'no heads'}, "
+                             f"{nu} (unit, block) pairs")
+            print(f"{where} TP rank {r}: " + ("; ".join(parts) if parts else "no forget parameters"))

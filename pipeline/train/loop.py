@@ -139,9 +139,14 @@ def run_eval(state: TrainState, evals, calib, step: int, run_dir: Path, log: Met
     t0 = time.perf_counter()
     log.note(f"eval step {step}: {', '.join(evals) or 'no held-out sets'}"
              + (f"; calibrating on {', '.join(calib)}" if cfg.eval.calibrate and calib else ""))
-    results = evaluate(state.model, evals, calib if cfg.eval.calibrate else None, domains,
-                       cfg.eval.calibration if cfg.eval.calibrate else None, state.dist.device,
-                       report=lambda text: log.note(f"eval step {step}: {text}"))
+    report = lambda text: log.note(f"eval step {step}: {text}")  # noqa: E731
+    if state.dist.pp_size > 1:  # through the pipeline engine's stages (no calibration: refused by config)
+        from pipeline.engine.pipe import evaluate as evaluate_pipeline
+
+        results = evaluate_pipeline(state, evals, domains, report=report)
+    else:
+        results = evaluate(state.model, evals, calib if cfg.eval.calibrate else None, domains,
+                           cfg.eval.calibration if cfg.eval.calibrate else None, state.dist.device, report=report)
     log.note(f"eval step {step}: done in {time.perf_counter() - t0:.1f} s")
     record = {"kind": "eval", "step": step}
     for name, r in results.items():

@@ -1,0 +1,255 @@
+"""Pipeline parallelism inside DeepSpeed (engine.pipeline_parallel): PP=2, PP=2 x TP=2 and
+PP=2 x DP=2 train exactly as PP=1; checkpoint + resume at PP=2 through `sgtm train`'s loop
+continues exactly; the isolation invariant holds through PP=2 x TP=2 with GQA and SP and binding
+per-partition clipping; ablation zeroes exactly the forget slices on every stage and shard.
+
+The multi-process tests share two launches (2 and 4 gloo ranks, tests/pipe_worker.py) and are
+marked ``parallel`` (`make test-parallel`); the config and layout checks are plain tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.engine.distributed import spawn_local_ranks
+from pipeline.engine.engine import build_engine, build_model, train_step
+from pipeline.model.tp_state import load_full_state_dict
+from pipeline.sgtm.ablate import ablate
+from pipeline.sgtm.codes import ParamClass
+from tests.conftest import ROOT
+from tests.pipe_worker import config, dp_share, global_batch
+from tests.test_resume import corpus, data_cfg  # noqa: F401  (the module-scoped corpus fixture)
+
+STEPS = 5
+CLIP = 0.05  # binds every clip group at this size (asserted)
+TOL = dict(rel=0, abs=1e-5)
+RUNS2 = [{"name": "pp2", "pp": 2, "clip": CLIP, "gas": 2}]
+RUNS4 = [{"name": "pp2_tp2", "pp": 2, "tp": 2, "clip": CLIP, "gas": 2},
+         {"name": "pp2_dp2", "pp": 2, "zero": 0, "clip": CLIP},
+         {"name": "pp2_tp2_gqa_sp", "arch": "llama3", "pp": 2, "tp": 2, "sp": True, "clip": CLIP},
+         # Mutation: clip norms summed over the stage only, not over the pipeline group.
+         {"name": "mut_clip_no_pipeline_reduce", "pp": 2, "tp": 2, "clip": CLIP, "gas": 2,
+          "mutation": "clip_no_pipeline_reduce"}]
+
+
+def _launch(nprocs: int, out: Path, **parts) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    args = json.dumps({"out": str(out), **parts})
+    spawn_local_ranks([sys.executable, str(ROOT / "tests" / "pipe_worker.py"), "all", args], nprocs, out,
+                      env=env, cwd=ROOT, timeout=1200)
+    return json.loads((out / "result.json").read_text())
+
+
+def _train_config(root: Path) -> dict:
+    return {
+        "name": "pp_resume",
+        "model": {"arch": "llama", "n_layers": 4, "d_model": 32, "n_heads": 4, "d_ff": 64, "vocab_size": 512,
+                  "max_seq_len": 32},
+        "sgtm": {"strategy": "sgtm", "domains": [{"name": "spanish", "heads": [1], "units": [3, 10, 31, 32, 40]}]},
+        "engine": {"pipeline_parallel": 2, "zero_stage": 1, "micro_batch_size": 2, "grad_accum_steps": 2,
+                   "grad_clip": 0.5},
+        "optimizer": {"lr": 3e-3, "weight_decay": 0.1, "warmup_steps": 2},
+        "train": {"steps": 6, "seed": 11, "log_every": 1},
+        "eval": {"every": 0, "batches": 2, "batch_size": 3, "calibrate": False},
+        "checkpoint": {"every": 0, "keep": 2},
+        "data": data_cfg(root, epochs=3, shuffle_buffer=8),
+    }
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory, corpus):  # noqa: F811
+    out = tmp_path_factory.mktemp("pp_two")
+    return _launch(2, out, losses={"runs": RUNS2, "steps": STEPS},
+                   train_resume={"config": _train_config(corpus), "steps": 6, "stop_at": 3})
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pp_four")
+    return out, _launch(4, out, losses={"runs": RUNS4, "steps": STEPS},
+                        isolation={"steps": 20, "mutated_steps": 2}, ablation={})
+
+
+def _pp1(single_process_world, run: dict) -> tuple[list[float], list[float]]:
+    """Losses and last clip norms of the same run at PP=1, TP=1 (one process, same global batches)."""
+    cfg = config({**run, "pp": 1, "tp": 1, "sp": False, "mutation": None}, STEPS)
+    state = build_engine(cfg)
+    n = len(cfg.sgtm.domains)
+    losses = [float(train_step(state, dp_share(global_batch(s, n), 0, 1, run.get("gas", 1)))) for s in range(STEPS)]
+    return losses, state.clipper.last_norms.tolist()
+
+
+def _differs(got: dict, losses: list[float], norms: list[float]) -> bool:
+    return got["losses"] != pytest.approx(losses, **TOL) or got["norms"] != pytest.approx(norms, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------- plain checks
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["engine.pipeline_parallel=3"], "engine.pipeline_parallel: 3 does not divide model.n_layers=4"),
+    (["engine.pipeline_parallel=2", "engine.zero_stage=2"], "engine.zero_stage: DeepSpeed's pipeline engine"),
+    (["engine.pipeline_parallel=2", "model.arch=gpt-neo"], "model.tie_embeddings: tied embeddings"),
+    (["engine.pipeline_parallel=2", "eval.calibrate=true"], "eval.calibrate: logit calibration"),
+    (["engine.pipeline_parallel=0"], "engine.pipeline_parallel: must be positive"),
+])
+def test_bad_pipeline_configs_are_one_line_errors(overrides, message):
+    from pipeline.config import load_config
+
+    base = ["model.arch=llama", "model.n_layers=4", "eval.calibrate=false"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, base + overrides)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_world_not_divisible_by_tp_times_pp_is_one_line(single_process_world):
+    from pipeline.config import EngineConfig
+    from pipeline.engine.distributed import init_distributed
+
+    with pytest.raises(ValueError, match=r"^engine.pipeline_parallel: the world size 1 is not divisible by "
+                                         r"engine.tensor_parallel x engine.pipeline_parallel = 1 x 2$"):
+        init_distributed(EngineConfig(pipeline_parallel=2))
+
+
+def test_partition_prints_which_stage_and_tp_rank_owns_what(tmp_path, capsys):
+    """`sgtm partition` at PP=2 x TP=2 with GQA: each (stage, TP rank) line names its blocks and
+    the forget KV groups (query heads) and units it owns; the JSON has the same layout."""
+    from pipeline.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {arch: llama3, n_layers: 4, d_model: 32, n_heads: 8, n_kv_heads: 2, d_ff: 64}\n"
+                   "sgtm: {domains: [{name: es, heads: [4, 5, 6, 7], units: [3, 40], layers: [1, 2]}]}\n"
+                   "engine: {tensor_parallel: 2, pipeline_parallel: 2}\neval: {calibrate: false}\n")
+    assert main(["partition", "--config", str(cfg)]) == 0
+    text = capsys.readouterr().out
+    assert "stage 0 (blocks 0-1, embeddings) TP rank 1: es: KV groups [1] (query heads [4, 5, 6, 7]) in " \
+           "blocks [1], 1 (unit, block) pairs" in text, text
+    assert "stage 0 (blocks 0-1, embeddings) TP rank 0: es: no heads, 1 (unit, block) pairs" in text, text
+    assert "stage 1 (blocks 2-3, final norm + LM head + loss) TP rank 1: es: KV groups [1]" in text, text
+    assert main(["partition", "--config", str(cfg), "--json"]) == 0
+    stages = json.loads(capsys.readouterr().out)["stages"]
+    assert [s["blocks"] for s in stages] == [[0, 1], [2, 3]]
+    assert stages[1]["owned"]["1"]["es"] == {"2": {"heads": [4, 5, 6, 7], "units": [40]}}
+
+
+# ------------------------------------------------------------------------------ multi-process
+
+
+@pytest.mark.parallel
+def test_pp2_losses_equal_pp1(single_process_world, two):
+    """5 masked steps, mixed modes, 2 micro-batches a step, binding per-partition clipping:
+    PP=2 gives PP=1's losses (1e-5) and clip norms."""
+    got = two["losses"]["pp2"]
+    assert got["stage_layers"] == [0, 1, 2]  # embeddings + blocks 0-1 on stage 0 (rank 0)
+    losses, norms = _pp1(single_process_world, RUNS2[0])
+    assert not _differs(got, losses, norms), (got, losses, norms)
+    assert all(n > CLIP for n in norms) and losses[-1] != losses[0]
+
+
+@pytest.mark.parallel
+@pytest.mark.parametrize("name", ["pp2_tp2", "pp2_dp2", "pp2_tp2_gqa_sp"])
+def test_pp2_x_tp2_and_pp2_x_dp2_losses_equal_pp1(single_process_world, four, name):
+    """4 processes: PP=2 x TP=2 (ZeRO-1, 2 micro-batches), PP=2 x DP=2 (ZeRO-0) and PP=2 x TP=2
+    with GQA and sequence parallelism: PP=1's losses (1e-5) and clip norms for 5 masked steps."""
+    _, result = four
+    run = next(r for r in RUNS4 if r["name"] == name)
+    losses, norms = _pp1(single_process_world, run)
+    assert not _differs(result["losses"][name], losses, norms), (result["losses"][name], losses, norms)
+    assert all(n > CLIP for n in norms)
+
+
+@pytest.mark.parallel
+def test_clip_norms_must_be_summed_over_the_pipeline_group(single_process_world, four):
+    """Mutation: without the pipeline-group all-reduce each stage clips by its own blocks' norm;
+    the comparison with PP=1 sees it."""
+    _, result = four
+    run = next(r for r in RUNS4 if r["name"] == "pp2_tp2")
+    losses, norms = _pp1(single_process_world, run)
+    assert _differs(result["losses"]["mut_clip_no_pipeline_reduce"], losses, norms)
+
+
+def _leaks(single_process_world, a: dict, b: dict) -> tuple[list[str], int]:
+    """(retain/joint(non_forget) slices that differ between a and b, number of forget slices that do)."""
+    _, model = build_model(config({"arch": "llama3"}, 1), single_process_world)  # roles of the full tensors
+    leaked, forget_changed = [], 0
+    for name, p in model.named_parameters():
+        split_dim, classes = p.sgtm_role.split_dim, p.sgtm_role.classes
+        for cls in set(classes.tolist()):
+            idx = (classes == cls).nonzero().flatten()
+            pick = (lambda t: t) if split_dim is None else (lambda t, i=idx, d=split_dim: t.index_select(d, i))
+            same = torch.equal(pick(a[name]), pick(b[name]))
+            if cls in (ParamClass.RETAIN, ParamClass.JOINT_NON_FORGET) and not same:
+                leaked.append(f"{name}[class {cls}]")
+            forget_changed += cls >= 0 and not same
+    return leaked, forget_changed
+
+
+@pytest.mark.parallel
+def test_isolation_through_pp2_x_tp2_with_gqa_and_sp(single_process_world, four):
+    """20 steps at PP=2 x TP=2, GQA (2 KV heads), SP on, binding per-partition clipping: changing
+    the content of forget spans leaves every retain and joint(non_forget) parameter on both stages
+    bit-identical and changes forget ones; labelling those spans unlabelled changes retain ones.
+    Mutation: modes dropped on stage 1 leaks within 2 steps."""
+    out, _ = four
+    saved = torch.load(out / "isolation.pt", weights_only=True)
+    leaked, forget_changed = _leaks(single_process_world, saved["A"], saved["B"])
+    assert not leaked, leaked
+    assert forget_changed > 0
+    control, _ = _leaks(single_process_world, saved["A"], saved["C"])
+    assert control  # the comparison can see retain parameters move
+    norms = saved["A_norms"]
+    assert bool((norms > CLIP).all()), norms  # the clip bound every group
+    leaked_mut, _ = _leaks(single_process_world, saved["mutA"], saved["mutB"])
+    assert any(n.startswith(("blocks.2.", "blocks.3.", "final_norm", "lm_head")) for n in leaked_mut), leaked_mut
+
+
+@pytest.mark.parallel
+def test_ablation_and_evaluation_at_pp2_x_tp2(single_process_world, four):
+    """Every (stage, TP rank) zeroed exactly its forget slices and left the rest; the gathered
+    result equals ablating the PP=1 model; held-out per-token losses through the pipeline engine,
+    full and ablated, equal PP=1's (1e-5)."""
+    out, result = four
+    ranks = result["ablation"]["ranks"]
+    assert [(r["stage"], r["tp_rank"]) for r in ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(r["ok"] for r in ranks) and all(r["forget_elements"] > 0 for r in ranks)
+    saved = torch.load(out / "ablation.pt", weights_only=True)
+    _, model = build_model(config({"arch": "llama3"}, 1), single_process_world)
+    load_full_state_dict(model, saved["before"])
+    with torch.no_grad():
+        for b, full, abl in zip(saved["batches"], saved["full"], saved["ablated"]):
+            kw = dict(labels=b["labels"], modes=None, doc_ids=b["doc_ids"], return_per_token=True)
+            torch.testing.assert_close(full, model(b["input_ids"], **kw), rtol=0, atol=1e-5)
+            model.set_ablated([0])
+            torch.testing.assert_close(abl, model(b["input_ids"], **kw), rtol=0, atol=1e-5)
+            model.set_ablated([])
+    assert not torch.equal(saved["full"][0], saved["ablated"][0])
+    ablate(model, [0])
+    for name, p in model.named_parameters():
+        assert torch.equal(saved["after"][name], p.detach()), name
+    ev = result["ablation"]["eval"]
+    valid = torch.cat([(b["labels"] != -100).flatten() for b in saved["batches"]])
+    assert ev["tokens"] == int(valid.sum())
+    assert ev["full"] == pytest.approx(float(torch.cat([t.flatten() for t in saved["full"]])[valid].mean()), abs=1e-5)
+
+
+@pytest.mark.parallel
+def test_checkpoint_resume_at_pp2_continues_exactly(two):
+    """`sgtm train`'s loop at PP=2 (ZeRO-1, 2 micro-batches, per-partition clipping): a run stopped
+    after step 3 (checkpoint) and resumed gives the uninterrupted run's losses and clip norms of
+    steps 4-6 bit for bit, and the same final evaluation (full and ablated)."""
+    a, b = two["train_resume"]["A"], two["train_resume"]["B"]
+    assert [r["step"] for r in b["train"]] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a["train"], b["train"]):
+        assert ra["loss"] == rb["loss"] and ra["lr"] == rb["lr"], (ra, rb)
+        assert {k: v for k, v in ra.items() if k.startswith("grad_norm_")} == \
+            {k: v for k, v in rb.items() if k.startswith("grad_norm_")}
+    assert a["train"][0]["loss"] != a["train"][-1]["loss"]
+    assert {k: v for k, v in a["final"].items() if k != "time"} == {k: v for k, v in b["final"].items() if k != "time"}
+    assert a["final"]["forget_ablated"] != a["final"]["forget_full"]
+    assert "step00000003" in b["tags"]
