@@ -270,7 +270,8 @@ def _matched_budget(groups: dict, vals: dict, claims: list) -> dict | None:
     iv, _ = compare(a[CAL], b[CAL])
     eq = ""
     if "weak_filter" in vals:
-        eq = "; at equal steps: " + diff_text(diff_interval(a[CAL], vals["weak_filter"]["retain"][CAL]))
+        eq = "; at equal steps: " + diff_text(diff_interval(vals["sgtm"]["retain"][CAL],
+                                                            vals["weak_filter"]["retain"][CAL]))
     claims.append(claim("at equal retain tokens: SGTM's retain loss minus the weak filter's (a loss difference, not "
                         "a compute penalty)", "-", f"{_vs_text(a[CAL], b[CAL])}{eq}; {tokens}", None, diff=iv))
     return info
