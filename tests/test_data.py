@@ -308,6 +308,32 @@ def test_filter_policies_and_mixing_weights(small):
     assert sum(int((b["true_labels"] == TrueLabel.ADJACENT).sum()) for b in unfiltered) > 0
 
 
+def test_perfect_filter_drops_every_true_forget_document_whatever_the_classifier_said(small, tmp_path):
+    """`perfect_filter` of configs/sweeps/tradeoff_wiki.yaml is the weak filter on the tag sidecars'
+    TRUE labels (noise simulator at 0% undiscovered), not on the classifier's probabilities: with a
+    classifier that calls every document retain, the weak filter on its tags keeps biology, the
+    perfect filter keeps none of it and still keeps retain and adjacent text."""
+    tags = tmp_path / "blind_tags"
+    shutil.copytree(small / "wiki_tags", tags)
+    for f in tags.glob("*.tags.jsonl"):
+        head, *docs = f.read_text().splitlines()
+        f.write_text("\n".join([head] + [json.dumps({**json.loads(d), "probs": {"retain": 1.0}}) for d in docs]) + "\n")
+    base = {"sources": [{"path": str(small / "wiki"), "tags": str(tags)}], "domains": ["biology"], "filter": "weak",
+            "shuffle_buffer": 16}
+
+    def tokens(**tagging) -> dict[int, int]:
+        loader = build_loader({**base, "tagging": tagging}, seed=0, micro_batch_size=8, seq_len=SEQ)
+        batches = [next(loader) for _ in range(30)]
+        return {c: sum(int((b["true_labels"] == c).sum()) for b in batches)
+                for c in (TrueLabel.FORGET, TrueLabel.RETAIN, TrueLabel.ADJACENT)}
+
+    blind = tokens(source="classifier")
+    perfect = tokens(source="simulated", undiscovered_rate=0.0)
+    assert blind[TrueLabel.FORGET] > 0
+    assert perfect[TrueLabel.FORGET] == 0
+    assert perfect[TrueLabel.RETAIN] > 0 and perfect[TrueLabel.ADJACENT] > 0
+
+
 def test_noise_simulator_hits_configured_recall_and_precision(tmp_path, gpt2):
     """On the full bundled bilingual set: recall = 1 - undiscovered, precision and retain fraction as set."""
     for name in ("en", "es"):

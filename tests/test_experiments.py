@@ -353,6 +353,33 @@ def test_pareto_claim_checks_both_axes(tmp_path):
     assert run(4.80) == "holds"
 
 
+def test_headroom_claim_needs_the_perfect_filter_gap_above_seed_noise(tmp_path):
+    """The Wikipedia diagnostic: a perfect (true-label) filter whose forget loss is clearly above no
+    filter's gives a `holds` headroom row with the gap and its seed noise; a gap inside the seed
+    noise (the 300-step Wikipedia arm) is `inconclusive`, and the summary keeps the numbers."""
+    from pipeline.experiments.analyses import tradeoff
+    from pipeline.experiments.report import summarize
+
+    def run(gap):
+        cells = []
+        for seed, eps in enumerate([0.0, 0.03, -0.02]):
+            cells.append(("no_filter", seed, {"forget": (5.0 + eps, 5.0 + eps), "retain": (4.6, 4.6)}))
+            cells.append(("perfect_filter", seed, {"forget": (5.0 + gap + eps * (1 + 2 * seed), 5.0 + gap),
+                                                    "retain": (4.6, 4.6)}))
+        sub = tmp_path / f"g{gap}"
+        sub.mkdir()
+        res = tradeoff([str(_synthetic_sweep(sub, cells))], str(sub / "out"), "test")
+        (c,) = [c for c in res["claims"] if "removable gap" in c["claim"]]
+        assert summarize(res)["headroom"] == res["headroom"]
+        return c["holds"], res["headroom"]
+
+    v, h = run(0.5)
+    assert v == "holds" and h["gap"] == pytest.approx(0.5 + (0.03 * 2 - 0.02 * 4) / 3)
+    assert h["seeds"] == 3 and h["gap_over_seed_sd"] > 5
+    v, h = run(0.01)
+    assert v == "inconclusive" and h["verdict"] == "inconclusive" and h["gap_over_seed_sd"] < 1
+
+
 def test_attack_verdict_needs_something_removed(tmp_path):
     """RMU that left the model at the target (start - target ~ 0) cannot be 'resisted longer than'."""
     from pipeline.experiments.analyses import attacks

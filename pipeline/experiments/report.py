@@ -29,7 +29,7 @@ ORDER = ["tradeoff", "undiscovered", "seeds", "leakage", "compute_penalty", "joi
 SKIP_COLUMNS = {"run_dir", "confusion", "checkpoint"}
 # What a summary keeps of an analysis: the numbers the report shows, not curves or paths.
 SUMMARY_KEYS = ("analysis", "title", "command", "seeds", "setup", "claims", "table", "fits", "notes", "results_brief",
-                "param_norms")
+                "param_norms", "headroom")
 # The analyses tools/reproduce_results.sh produces; any of them missing is listed as pending.
 EXPECTED = {"bilingual": ["tradeoff", "undiscovered", "seeds", "leakage", "compute_penalty", "compute_penalty_history",
                           "capacity", "joint_policy", "retain_fraction", "attacks", "gradnorm", "per_token"],
