@@ -50,6 +50,10 @@ PRESETS: dict[str, dict] = {
               "tie_embeddings": False, "rope_theta": 10000.0, "query_heads_per_kv_head": 1},
     "llama3": {"norm": "rmsnorm", "positions": "rope", "mlp": "swiglu", "bias": False,
                "tie_embeddings": False, "rope_theta": 500000.0, "query_heads_per_kv_head": 4},
+    # llama3 whose MLPs are mixture-of-experts layers (pipeline/model/moe.py): 8 experts, top-2.
+    "llama3-moe": {"norm": "rmsnorm", "positions": "rope", "mlp": "swiglu", "bias": False,
+                   "tie_embeddings": False, "rope_theta": 500000.0, "query_heads_per_kv_head": 4,
+                   "n_experts": 8},
 }
 
 
@@ -60,7 +64,7 @@ class ModelConfig:
     RMSNorm, SwiGLU, no biases, untied LM head. llama3: llama with grouped-query attention (4
     query heads per KV head unless ``n_kv_heads`` is given) and RoPE theta 500000."""
 
-    arch: Literal["gpt-neo", "llama", "llama3"] = "gpt-neo"
+    arch: Literal["gpt-neo", "llama", "llama3", "llama3-moe"] = "gpt-neo"
     n_layers: int = 4
     d_model: int = 128
     n_heads: int = 8
@@ -81,6 +85,19 @@ class ModelConfig:
     # Attention stays inside each document: every training batch (one with modes) must carry
     # doc_ids. false: plain causal attention across a packed row (benchmarks of the kernel only).
     document_masking: bool = True
+    # Mixture of experts (pipeline/model/moe.py; docs/architecture.md, "Mixture of experts"): with
+    # n_experts > 0 each block's MLP is n_experts routed experts of width d_ff (top moe_top_k per
+    # token) plus moe_shared_experts always-on experts (one MLP of width moe_shared_experts * d_ff,
+    # split into units like the dense MLP). 0: dense. Default: preset (llama3-moe: 8).
+    n_experts: int | None = None
+    moe_top_k: int = 2
+    moe_shared_experts: int = 0
+    # Tokens an expert takes per micro-batch: ceil(factor * tokens * top_k / n_experts); the rest
+    # of its assignments are dropped (non-forget tokens first, then by router probability or
+    # position, moe_drop_policy). None: dropless.
+    moe_capacity_factor: float | None = None
+    moe_drop_policy: Literal["probs", "position"] = "probs"
+    moe_aux_loss_coef: float = 0.01  # switch-style load-balancing loss, over non-forget tokens
 
     def __post_init__(self) -> None:
         if self.d_ff is None:
@@ -89,6 +106,8 @@ class ModelConfig:
         for name in ("norm", "positions", "mlp", "bias", "tie_embeddings", "rope_theta"):
             if getattr(self, name) is None:
                 setattr(self, name, preset[name])
+        if self.n_experts is None:
+            self.n_experts = preset.get("n_experts", 0)
         if self.n_kv_heads is None:
             per_kv = preset["query_heads_per_kv_head"]
             self.n_kv_heads = self.n_heads // per_kv if self.n_heads % per_kv == 0 else self.n_heads
@@ -96,6 +115,12 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def mlp_units(self) -> int:
+        """Units of the (TP-split) dense MLP: d_ff, or in an MoE model the shared experts' MLP
+        (moe_shared_experts * d_ff; 0 without shared experts). Forget ``units`` index these."""
+        return self.d_ff if not self.n_experts else self.moe_shared_experts * self.d_ff
 
     @property
     def query_heads_per_kv_head(self) -> int:
@@ -125,6 +150,21 @@ class ModelConfig:
         for name in ("norm_eps", "init_std", "rope_theta"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}: must be positive, got {getattr(self, name)}")
+        if self.n_experts:
+            self._validate_moe(key)
+
+    def _validate_moe(self, key: str) -> None:
+        if self.n_experts < 2:
+            raise ConfigError(f"{key}.n_experts: expected 0 (dense) or >= 2, got {self.n_experts}")
+        if not 1 <= self.moe_top_k <= self.n_experts:
+            raise ConfigError(f"{key}.moe_top_k: expected 1..n_experts={self.n_experts}, got {self.moe_top_k}")
+        if self.moe_shared_experts < 0:
+            raise ConfigError(f"{key}.moe_shared_experts: must be >= 0, got {self.moe_shared_experts}")
+        if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
+            raise ConfigError(f"{key}.moe_capacity_factor: must be positive (or null: dropless), "
+                              f"got {self.moe_capacity_factor}")
+        if self.moe_aux_loss_coef < 0:
+            raise ConfigError(f"{key}.moe_aux_loss_coef: must be >= 0, got {self.moe_aux_loss_coef}")
 
     def num_params(self) -> int:
         """Parameters of the unpadded model (what the size names in configs/models count)."""
@@ -137,6 +177,9 @@ class ModelConfig:
         emb = v * d + (self.max_seq_len * d if self.positions == "learned" else 0)
         head = 0 if self.tie_embeddings else v * d
         final = per_norm
+        if self.n_experts:  # every expert (total, not active) + router + shared experts' MLP
+            per_expert = (3 * d * f + 2 * f * b + d * b) if self.mlp == "swiglu" else (2 * d * f + f * b + d * b)
+            mlp = self.n_experts * (per_expert + d) + self.moe_shared_experts * per_expert
         return self.n_layers * (attn + mlp + norms) + emb + head + final
 
 
@@ -150,6 +193,9 @@ class DomainConfig:
     name: str = "forget"
     heads: int | list[int] = 1
     units: int | list[int] = 64
+    # MoE models: whole routed experts this domain owns in each of its blocks (a count takes the
+    # next free global expert indices; or explicit indices). ``units`` then index the shared experts.
+    experts: int | list[int] = 0
     layers: list[int] | None = None  # blocks that carry forget parameters; None = all
 
 
@@ -185,6 +231,7 @@ class DomainAssignment:
     layers: list[int]
     heads: list[int]
     units: list[int]
+    experts: list[int] = field(default_factory=list)
 
 
 def _take(spec: int | list[int], total: int, taken: set[int], key: str, what: str) -> list[int]:
@@ -192,12 +239,16 @@ def _take(spec: int | list[int], total: int, taken: set[int], key: str, what: st
     if isinstance(spec, int):
         if spec < 0:
             raise ConfigError(f"{key}: number of forget {what} must be >= 0, got {spec}")
+        if spec == 0:
+            return []
         free = [i for i in range(total) if i not in taken]
         if spec > len(free) - 1:
             raise ConfigError(f"{key}: {spec} forget {what} but only {len(free)} of {total} are free "
                               f"and at least one must stay retain")
         return free[:spec]
     idx = list(spec)
+    if not idx:
+        return []
     if len(set(idx)) != len(idx):
         raise ConfigError(f"{key}: duplicate {what} indices {idx}")
     for i in idx:
@@ -238,6 +289,23 @@ def _take_heads(spec: int | list[int], model: ModelConfig, taken: set[int], key:
     return _take(heads, model.n_heads, taken, key, "heads")
 
 
+def _take_experts(spec: int | list[int], model: ModelConfig, sgtm: SGTMConfig, taken: set[int],
+                  key: str) -> list[int]:
+    """Whole routed experts of one domain. At least ``moe_top_k`` experts stay retain, so a
+    retain-mode token (never routed to a forget expert) still has top_k experts to choose from."""
+    if spec in (0, []):
+        return []
+    if not model.n_experts:
+        raise ConfigError(f"{key}: forget experts need an MoE model (model.n_experts > 0), got {spec!r}")
+    if sgtm.scope == "attention":
+        raise ConfigError(f"{key}: sgtm.scope is 'attention' (no MLP forget parameters), got {spec!r}")
+    experts = _take(spec, model.n_experts, taken, key, "experts")
+    if model.n_experts - len(taken) - len(experts) < model.moe_top_k:
+        raise ConfigError(f"{key}: {len(taken) + len(experts)} forget experts leave fewer than "
+                          f"model.moe_top_k={model.moe_top_k} of {model.n_experts} retain experts")
+    return experts
+
+
 def assign_domains(model: ModelConfig, sgtm: SGTMConfig) -> list[DomainAssignment]:
     """What ``sgtm.domains`` means for this model: a count takes the next free global indices
     (domains in list order), explicit indices are checked for range and overlap, and at least one
@@ -252,6 +320,7 @@ def assign_domains(model: ModelConfig, sgtm: SGTMConfig) -> list[DomainAssignmen
             raise ConfigError(f"sgtm.domains[{i}].name: must be non-empty without ':', got {name!r}")
     heads_taken: set[int] = set()
     units_taken: set[int] = set()
+    experts_taken: set[int] = set()
     out = []
     for d, dom in enumerate(sgtm.domains):
         key = f"sgtm.domains[{d}]"
@@ -262,11 +331,16 @@ def assign_domains(model: ModelConfig, sgtm: SGTMConfig) -> list[DomainAssignmen
         if len(set(layers)) != len(layers):
             raise ConfigError(f"{key}.layers: duplicate block indices {layers}")
         heads = [] if sgtm.scope == "mlp" else _take_heads(dom.heads, model, heads_taken, f"{key}.heads")
-        units = [] if sgtm.scope == "attention" else _take(dom.units, model.d_ff, units_taken, f"{key}.units",
+        if model.n_experts and not model.mlp_units and dom.units not in (0, []) and sgtm.scope != "attention":
+            raise ConfigError(f"{key}.units: model.n_experts={model.n_experts} with model.moe_shared_experts=0 has no "
+                              f"dense MLP units (units index the shared experts); set units: 0 and use experts")
+        units = [] if sgtm.scope == "attention" else _take(dom.units, model.mlp_units, units_taken, f"{key}.units",
                                                            "units")
         heads_taken.update(heads)
         units_taken.update(units)
-        out.append(DomainAssignment(dom.name, layers, heads, units))
+        experts = _take_experts(dom.experts, model, sgtm, experts_taken, f"{key}.experts")
+        experts_taken.update(experts)
+        out.append(DomainAssignment(dom.name, layers, heads, units, experts))
     return out
 
 
@@ -291,12 +365,16 @@ class EngineConfig:
     # Megatron-style sequence parallelism inside the TP group (norms and the residual stream hold
     # seq/tp tokens per rank); needs tensor_parallel > 1 and model.max_seq_len divisible by it.
     sequence_parallel: bool = False
+    # Expert parallelism (MoE models): the routed experts of every block are split over this many
+    # ranks, which share their batch like TP ranks (tokens split among them and dispatched by
+    # all-to-all; pipeline/model/moe.py). Nested with TP: one of the two divides the other.
+    expert_parallel: int = 1
     # DeepSpeed pipeline stages (PipelineModule over a pipe x data x model topology); must divide
     # model.n_layers; ZeRO 0/1 only (DeepSpeed's pipeline engine). docs/architecture.md, "Pipeline".
     pipeline_parallel: int = 1
 
     def validate(self, key: str = "engine") -> None:
-        for name in ("tensor_parallel", "pipeline_parallel", "micro_batch_size", "grad_accum_steps"):
+        for name in ("tensor_parallel", "pipeline_parallel", "expert_parallel", "micro_batch_size", "grad_accum_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}: must be positive, got {getattr(self, name)}")
         if self.grad_clip < 0:
@@ -485,8 +563,30 @@ class ExperimentConfig:
             if self.eval.calibrate:
                 raise ConfigError(f"eval.calibrate: logit calibration is not supported with "
                                   f"engine.pipeline_parallel={pp}; set eval.calibrate=false")
+        check_moe(self.model, self.sgtm, self.engine)
         assign_domains(self.model, self.sgtm)  # raises ConfigError naming the sgtm key
         return self
+
+
+def check_moe(model: ModelConfig, sgtm: SGTMConfig, engine: EngineConfig) -> None:
+    """What an MoE model (or expert parallelism) needs from the other sections."""
+    ep, tp = engine.expert_parallel, engine.tensor_parallel
+    if ep > 1 and not model.n_experts:
+        raise ConfigError(f"engine.expert_parallel: {ep} needs an MoE model (model.n_experts > 0)")
+    if ep > 1 and model.n_experts % ep:
+        raise ConfigError(f"engine.expert_parallel: {ep} does not divide model.n_experts={model.n_experts}")
+    if ep > 1 and ep % tp and tp % ep:
+        raise ConfigError(f"engine.expert_parallel: {ep} and engine.tensor_parallel={tp} must nest "
+                          f"(one divides the other: the EP group lies inside the TP group or contains it)")
+    if not model.n_experts:
+        return
+    if engine.sequence_parallel:
+        raise ConfigError("engine.sequence_parallel: not supported with an MoE model (model.n_experts > 0) yet")
+    if getattr(engine, "pipeline_parallel", 1) > 1:
+        raise ConfigError("engine.pipeline_parallel: not supported with an MoE model (model.n_experts > 0) yet")
+    if sgtm.strategy == "gradient_routing":
+        raise ConfigError("sgtm.strategy: gradient_routing is not defined for MoE models (model.n_experts > 0); "
+                          "use sgtm, activation_masking or none")
 
 
 # --------------------------------------------------------------------------------------------

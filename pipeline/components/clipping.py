@@ -35,6 +35,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from pipeline.engine import deepspeed_internals as dsi
+from pipeline.model.moe import counts_once, data_parallel_rank_size
 from pipeline.model.tp_state import replica_copy_rows
 from pipeline.sgtm.codes import ClipGroup, clip_group
 
@@ -91,7 +92,11 @@ class PartitionClipper:
 
     def _counts(self, p: torch.Tensor) -> bool | torch.Tensor:
         """Replicated parameters are counted on TP rank 0 only; replicated K/V rows of a sharded
-        QKV (n_kv_heads < TP) on the first rank holding each copy only: a flat bool per element."""
+        QKV (n_kv_heads < TP) on the first rank holding each copy only: a flat bool per element.
+        Expert parallelism: each expert, and each replicated parameter, on one rank of its copies."""
+        once = counts_once(p)
+        if once is not None:
+            return once
         if not getattr(p, "tensor_model_parallel", False):
             return self.tp_rank == 0
         if id(p) not in self._count_masks:
@@ -168,7 +173,7 @@ class PartitionClipper:
             counts = self._counts(p)
             if counts is not False:
                 sq.index_add_(0, self._element_groups(p), self._square(p.grad, counts))
-        sq /= ps.get_data_parallel_world_size()  # every DP rank holds the same full gradient
+        sq /= data_parallel_rank_size()[1]  # every DP rank holds the same full gradient
         coef = self._finish(sq).to(torch.float32)
         for p in with_grad:
             p.grad.mul_(coef[self._element_groups(p)].view(p.shape).to(p.grad.dtype))

@@ -123,23 +123,33 @@ class MegatronMPU:
 
         self.ps = ps
 
+    # With expert parallelism the ranks sharing a batch are the TP group or, when it is larger,
+    # the EP group (pipeline/model/moe.py): DeepSpeed's "model parallel" is the larger of the two,
+    # its data parallel the ranks with other data.
+    def _ep_outside_tp(self) -> bool:
+        return self.ps.get_expert_model_parallel_world_size() > self.ps.get_tensor_model_parallel_world_size()
+
     def get_data_parallel_group(self):
+        if self._ep_outside_tp():
+            return self.ps.get_expert_data_parallel_group()
         return self.ps.get_data_parallel_group()
 
     def get_data_parallel_world_size(self) -> int:
-        return self.ps.get_data_parallel_world_size()
+        return torch.distributed.get_world_size(group=self.get_data_parallel_group())
 
     def get_data_parallel_rank(self) -> int:
-        return self.ps.get_data_parallel_rank()
+        return torch.distributed.get_rank(group=self.get_data_parallel_group())
 
     def get_model_parallel_group(self):
+        if self._ep_outside_tp():
+            return self.ps.get_expert_model_parallel_group()
         return self.ps.get_tensor_model_parallel_group()
 
     def get_model_parallel_world_size(self) -> int:
-        return self.ps.get_tensor_model_parallel_world_size()
+        return torch.distributed.get_world_size(group=self.get_model_parallel_group())
 
     def get_model_parallel_rank(self) -> int:
-        return self.ps.get_tensor_model_parallel_rank()
+        return torch.distributed.get_rank(group=self.get_model_parallel_group())
 
     def get_tensor_model_parallel_rank(self) -> int:
         return self.ps.get_tensor_model_parallel_rank()
@@ -187,20 +197,31 @@ def init_distributed(cfg: EngineConfig) -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         device = torch.device("cuda", torch.cuda.current_device())
+    ep = int(getattr(cfg, "expert_parallel", 1))
+    if ep > 1 and world % (ep * pp):
+        raise ValueError(f"engine.expert_parallel: {ep} does not divide the world size {world}")
     if ps.model_parallel_is_initialized():
-        if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) != \
-                (cfg.tensor_parallel, pp):
+        if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                ps.get_expert_model_parallel_world_size()) != (cfg.tensor_parallel, pp, ep):
             ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
         # Megatron's rank order tp-cp-ep-dp-pp (TP fastest, PP slowest) is DeepSpeed's
         # PipeModelDataParallelTopology order (axes pipe, data, model): pipeline/engine/pipe.py.
         ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor_parallel,
                                      pipeline_model_parallel_size=pp,
-                                     distributed_timeout_minutes=timeout_s / 60)
+                                     distributed_timeout_minutes=timeout_s / 60,
+                                     # MoE: the EP group of consecutive ranks, nested with TP (moe.py)
+                                     **({"expert_model_parallel_size": ep, "expert_tensor_parallel_size": 1}
+                                        if ep > 1 else {}))
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    if ep > 1:  # ranks of an EP group share their batch (pipeline/model/moe.py)
+        from pipeline.model.moe import data_parallel_rank_size
+
+        dp_rank, dp_size = data_parallel_rank_size()
     return DistInfo(
         rank=torch.distributed.get_rank(), world_size=world, local_rank=int(os.environ["LOCAL_RANK"]),
         tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
-        dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+        dp_rank=dp_rank, dp_size=dp_size,
         device=device, backend=backend, pp_rank=ps.get_pipeline_model_parallel_rank(),
         pp_size=ps.get_pipeline_model_parallel_world_size())
 

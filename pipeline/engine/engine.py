@@ -181,8 +181,6 @@ def train_step(state: TrainState, micro_batches: list[dict], step: int | None = 
         total += loss.detach().float()
     total /= len(micro_batches)
     if state.dist.dp_size > 1:
-        from megatron.core import parallel_state as ps
-
-        torch.distributed.all_reduce(total, group=ps.get_data_parallel_group())
+        torch.distributed.all_reduce(total, group=MegatronMPU().get_data_parallel_group())  # EP-aware
         total /= state.dist.dp_size
     return total

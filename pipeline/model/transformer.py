@@ -330,7 +330,12 @@ class Block(nn.Module):
         self.norm1 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, part.role("norm", layer, tp_rank), sp)
         self.attn = Attention(cfg, part, layer, tp_rank, mpc, init, out_init)
         self.norm2 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, part.role("norm", layer, tp_rank), sp)
-        self.mlp = MLP(cfg, part, layer, tp_rank, mpc, init, out_init)
+        if cfg.n_experts:  # mixture of experts (forget experts, expert parallelism): pipeline/model/moe.py
+            from pipeline.model.moe import MoE
+
+            self.mlp = MoE(cfg, part, layer, tp_rank, mpc, init, out_init)
+        else:
+            self.mlp = MLP(cfg, part, layer, tp_rank, mpc, init, out_init)
 
     def forward(self, x, masks, rope):
         x = x + self.attn(self.norm1(x, masks), masks, rope)
@@ -448,7 +453,13 @@ class Transformer(nn.Module):
         per_token = token_losses(logits, labels.t().contiguous() if sp else labels)
         if return_per_token:
             return per_token.t() if sp else per_token
-        return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        loss = per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        if self.cfg.n_experts and self.training:  # + the MoE load-balancing loss (non-forget tokens only)
+            from pipeline.model.moe import aux_loss
+
+            aux = aux_loss(self)
+            loss = loss if aux is None else loss + aux
+        return loss
 
     def _head_weight(self) -> torch.Tensor | None:
         return self.embedding.weight if self.cfg.tie_embeddings else None

@@ -23,6 +23,10 @@ def run(args: argparse.Namespace) -> int:
     pp = cfg.engine.pipeline_parallel
     if args.json:
         extra = {}
+        if cfg.model.n_experts:  # which routed experts each domain owns on which EP rank
+            from pipeline.model.moe import expert_ownership
+
+            extra["experts_by_ep_rank"] = expert_ownership(part, cfg.engine.expert_parallel)
         if pp > 1:
             from pipeline.engine.pipe import stage_layout
 
@@ -37,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     print(part.summary())
     per_head = (2 + 2 / m.query_heads_per_kv_head) * m.d_model * m.head_dim  # Q rows, W_O columns, its share of K/V
     per_unit = (3 if m.mlp == "swiglu" else 2) * m.d_model
+    per_expert = (3 if m.mlp == "swiglu" else 2) * m.d_model * m.d_ff  # a whole routed expert (MoE)
     n_forget = int(sum(len(part.heads(b, d)) * per_head + len(part.units(b, d)) * per_unit
+                       + len(part.experts(b, d)) * per_expert
                        for d in range(len(part.domains)) for b in range(m.n_layers)))
     print(f"forget parameters: {n_forget / 1e6:.3f}M ({100 * n_forget / m.num_params():.2f}% of the model)")
     per_group = m.query_heads_per_kv_head
@@ -61,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{where}: " + ("; ".join(parts) if parts else "no forget parameters"))
     if pp > 1:
         _print_stages(part, pp)
+    if m.n_experts:
+        from pipeline.model.moe import describe
+
+        print(describe(part, cfg.engine.expert_parallel))
     return 0
 
 

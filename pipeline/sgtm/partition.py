@@ -79,18 +79,22 @@ class ForgetPartition:
         # share of that group's query heads. A forget group is forget on every rank holding it.
         self.kv_heads_per_rank = max(1, model.n_kv_heads // tp_size)
         self.kv_replicas = max(1, tp_size // model.n_kv_heads)
-        self.units_per_rank = model.d_ff // tp_size
+        self.units_per_rank = model.mlp_units // tp_size  # MoE: the shared experts' units (maybe none)
 
         # Global class per head and per unit, for every block: [n_layers][n_heads|d_ff]. Where each
         # domain sits is config semantics (assign_domains: counts, explicit indices, their checks).
         self._head_class = [[ParamClass.RETAIN] * model.n_heads for _ in range(model.n_layers)]
-        self._unit_class = [[ParamClass.RETAIN] * model.d_ff for _ in range(model.n_layers)]
+        self._unit_class = [[ParamClass.RETAIN] * model.mlp_units for _ in range(model.n_layers)]
+        # MoE: the class of every routed expert (whole experts; pipeline/model/moe.py places them on EP ranks).
+        self._expert_class = [[ParamClass.RETAIN] * model.n_experts for _ in range(model.n_layers)]
         for d, placed in enumerate(assign_domains(model, sgtm)):
             for layer in placed.layers:
                 for h in placed.heads:
                     self._head_class[layer][h] = d
                 for u in placed.units:
                     self._unit_class[layer][u] = d
+                for e in placed.experts:
+                    self._expert_class[layer][e] = d
 
     # ---- global view -------------------------------------------------------------------------
 
@@ -99,6 +103,13 @@ class ForgetPartition:
 
     def units(self, layer: int, domain: int) -> list[int]:
         return [u for u, c in enumerate(self._unit_class[layer]) if c == domain]
+
+    def experts(self, layer: int, domain: int) -> list[int]:
+        return [e for e, c in enumerate(self._expert_class[layer]) if c == domain]
+
+    def expert_class(self, layer: int) -> torch.Tensor:
+        """[n_experts] class of every routed expert of block ``layer`` (MoE models; empty otherwise)."""
+        return torch.tensor(self._expert_class[layer], dtype=torch.long)
 
     def head_class(self, layer: int) -> torch.Tensor:
         return torch.tensor(self._head_class[layer], dtype=torch.long)
@@ -177,6 +188,8 @@ class ForgetPartition:
                       for d, n in enumerate(self.domains)},
             "units": {n: [self.units(layer, d) for layer in range(self.model.n_layers)]
                       for d, n in enumerate(self.domains)},
+            "experts": {n: [self.experts(layer, d) for layer in range(self.model.n_layers)]
+                        for d, n in enumerate(self.domains)},
             "joint_update": self.sgtm.joint_update,
             "embedding_update": self.sgtm.embedding_update,
             "output_projections": self.sgtm.output_projections,
@@ -186,13 +199,15 @@ class ForgetPartition:
         lines = []
         for d, name in enumerate(self.domains):
             blocks = [layer for layer in range(self.model.n_layers)
-                      if self.heads(layer, d) or self.units(layer, d)]
+                      if self.heads(layer, d) or self.units(layer, d) or self.experts(layer, d)]
             if not blocks:
                 lines.append(f"forget[{name}]: no parameters")
                 continue
             b0 = blocks[0]
             lines.append(f"forget[{name}]: blocks {blocks}, heads {self.heads(b0, d)} of {self.model.n_heads}, "
-                         f"{len(self.units(b0, d))} of {self.model.d_ff} MLP units")
+                         f"{len(self.units(b0, d))} of {self.model.mlp_units} MLP units"
+                         + (f", routed experts {self.experts(b0, d)} of {self.model.n_experts}"
+                            if self.model.n_experts else ""))
         s = self.sgtm
         head = (f"LM head tied to the token embedding: {class_name(self._joint(s.embedding_update), self.domains)}"
                 if self.model.tie_embeddings else
