@@ -28,6 +28,9 @@ from pipeline.train.offline import LoadedModel, load_any
 
 def hf_family(cfg: ModelConfig) -> str:
     """'gpt2' or 'llama': the HF class that computes exactly what this architecture computes."""
+    if cfg.n_experts:
+        raise ValueError(f"model.n_experts: {cfg.n_experts} routed experts; exporting mixture-of-experts models to "
+                         f"Hugging Face is not supported (pipeline/model/moe.py has no HF counterpart here)")
     if (cfg.norm, cfg.positions, cfg.mlp) == ("layernorm", "learned", "gelu") and cfg.bias and cfg.tie_embeddings \
             and cfg.n_kv_heads == cfg.n_heads:
         return "gpt2"
