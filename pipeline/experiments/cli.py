@@ -82,6 +82,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             q.add_argument("--no-attack", action="store_true", help="only unlearn")
             q.set_defaults(func=cmd_rmu)
 
+    p = subparsers.add_parser("eval-harness", help="lm-evaluation-harness accuracies of the deployed model on "
+                                                   "multiple-choice tasks made from the held-out split (offline)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="run dir, checkpoint dir or model dir: its deployed model is exported "
+                                          "(ablated for SGTM / Gradient Routing / activation masking, else full)")
+    src.add_argument("--hf", help="an existing HF export (sgtm export-hf), scored as it is")
+    p.add_argument("--config", help="experiment YAML whose data section makes the tasks (default: the checkpoint's)")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="KIND",
+                   help="task kinds: cloze, continuation (default: both), one task per kind and domain")
+    p.add_argument("--seed", type=int, default=0, help="item sampling seed")
+    p.add_argument("--max-items", type=int, default=500, help="items per task at most")
+    p.add_argument("--task-dir", help="write (or reuse, when generated from the same data and settings) the "
+                                      "task files here (default: a temporary directory)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="result JSON: accuracy and the harness's stderr per task")
+    p.set_defaults(func=cmd_eval_harness)
+
+    q = asub.add_parser("harness", help="eval-harness on every finished cell; mean and 95%% interval per method, "
+                                        "task and domain, next to the deployed loss")
+    q.add_argument("--sweeps", nargs="+", required=True, help="sweep result dirs (OUT/<name>) or results.json")
+    q.add_argument("--out", required=True, help="directory for harness.analysis.json")
+    q.add_argument("--tasks", nargs="+", default=None, metavar="KIND")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--max-items", type=int, default=500)
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--summary", help="also write the report's summary of the analysis to this file "
+                                     "(what `sgtm report` writes as docs/results/<tag>_harness.json)")
+    q.set_defaults(func=cmd_analyze_harness)
+
     p = subparsers.add_parser("report", help="gather analyses (*.analysis.json + PNG) into one Markdown report")
     p.add_argument("--runs", nargs="+", required=True, help="directories searched for *.analysis.json")
     p.add_argument("--out", required=True, help="report directory (results.md + figures/)")
@@ -134,6 +163,30 @@ def cmd_analyze(args) -> int:
         res = fn(args.sweeps, args.out, cmd, **extra)
     for c in res.get("claims", []):
         print(f"  {c['claim']}: here {c['here']} (paper: {c['paper']})")
+    print(f"[analyze] wrote {args.out}")
+    return 0
+
+
+def cmd_eval_harness(args) -> int:
+    from pipeline.experiments.eval_harness import evaluate
+
+    r = evaluate(checkpoint=args.checkpoint, hf=args.hf, config=args.config, kinds=args.tasks, seed=args.seed,
+                 max_items=args.max_items, task_dir=args.task_dir, batch_size=args.batch_size, out=args.out,
+                 command=_cmd())
+    for name, t in r["tasks"].items():
+        se = "-" if t["acc_stderr"] is None else f"{t['acc_stderr']:.3f}"
+        print(f"  {name}: acc {t['acc']:.3f} +- {se} ({t['items']} items, chance {t['chance']:.2f})")
+    print(f"[eval-harness] wrote {args.out}")
+    return 0
+
+
+def cmd_analyze_harness(args) -> int:
+    from pipeline.experiments.eval_harness import analysis
+
+    res = analysis(args.sweeps, args.out, _cmd(), kinds=args.tasks, seed=args.seed, max_items=args.max_items,
+                   batch_size=args.batch_size, summary=args.summary)
+    for c in res.get("claims", []):
+        print(f"  {c['claim']}: here {c['here']} -> {c['holds']}")
     print(f"[analyze] wrote {args.out}")
     return 0
 
