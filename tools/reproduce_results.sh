@@ -6,7 +6,7 @@
 # deployed evaluations and attacks are not redone, so the script can be stopped and rerun.
 #
 #   tools/reproduce_results.sh                 # all stages
-#   tools/reproduce_results.sh sweeps          # one stage: sweeps | analyses | attacks | mechanisms | report
+#   tools/reproduce_results.sh sweeps          # one stage: sweeps | analyses | attacks | mechanisms | harness | report
 #   SWEEPS="tradeoff undiscovered" tools/reproduce_results.sh sweeps   # some sweeps only
 #
 # On a 2-core CPU a tiny-1m cell takes a few minutes with one thread; the headline sweeps come
@@ -94,6 +94,12 @@ if want mechanisms; then
     $SGTM analyze per-token --run "$sgtm20" --out $A
     $SGTM analyze gradnorm --checkpoint "$sgtm20" --out $A
   fi
+fi
+
+if want harness; then
+  # lm-evaluation-harness accuracy (offline) of every finished trade-off cell's deployed model on
+  # multiple-choice tasks made from the held-out split; cached per cell (<run_dir>/harness.json).
+  analyze harness tradeoff -- --out $A --max-items 300
 fi
 
 if want report; then
