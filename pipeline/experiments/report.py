@@ -23,16 +23,17 @@ from typing import Any
 from pipeline.experiments.common import fmt
 
 VERDICT = {None: "compare", True: "holds", False: "does not hold"}
-ORDER = ["tradeoff", "undiscovered", "seeds", "leakage", "compute_penalty", "joint_policy", "retain_fraction",
-         "capacity", "classifier", "attacks",
+ORDER = ["tradeoff", "harness", "undiscovered", "seeds", "leakage", "compute_penalty", "joint_policy",
+         "retain_fraction", "capacity", "classifier", "attacks",
          "attack", "rmu", "gradnorm", "per_token"]
 SKIP_COLUMNS = {"run_dir", "confusion", "checkpoint"}
 # What a summary keeps of an analysis: the numbers the report shows, not curves or paths.
 SUMMARY_KEYS = ("analysis", "title", "command", "seeds", "setup", "claims", "table", "fits", "notes", "results_brief",
                 "param_norms", "headroom")
 # The analyses tools/reproduce_results.sh produces; any of them missing is listed as pending.
-EXPECTED = {"bilingual": ["tradeoff", "undiscovered", "seeds", "leakage", "compute_penalty", "compute_penalty_history",
-                          "capacity", "joint_policy", "retain_fraction", "attacks", "gradnorm", "per_token"],
+EXPECTED = {"bilingual": ["tradeoff", "harness", "undiscovered", "seeds", "leakage", "compute_penalty",
+                          "compute_penalty_history", "capacity", "joint_policy", "retain_fraction", "attacks",
+                          "gradnorm", "per_token"],
             "wiki": ["tradeoff", "classifier", "attacks"]}
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 FIELD = re.compile(r"\{\{([\w-]+)/([\w-]+):([^}|]+)(?:\|([^}]*))?\}\}")
