@@ -150,7 +150,7 @@ def _check_layer(dist, E, k, forget, strategy, joint_update, capacity, policy, s
         xr = x[0].clone().requires_grad_(True)
         yr, aux = reference_moe(P, cfg.model, classes, xr, m, strategy, ablated)
         ((yr * c[0]).sum(-1) * weight).sum().add(aux).backward()
-        return yr.detach(), {n: p.grad for n, p in P.items()}, xr.grad
+        return yr.detach(), {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in P.items()}, xr.grad
 
     yr, full, gx = ref_grads(torch.ones(len(m)))
     if not torch.allclose(y.detach()[0], yr, **TOL):
@@ -297,7 +297,7 @@ def _moe_leaks(dist, case):
     return isolation_leaks(model, case)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
+@settings(max_examples=40, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(data=st.data())
@@ -343,7 +343,8 @@ def test_moe_config_errors_name_the_key():
             tiny_config("llama3", two_domains=False, model={"n_kv_heads": 2, **base["model"]}, sgtm=base["sgtm"],
                         engine=base.get("engine", {}))
     with pytest.raises(ConfigError, match=r"^sgtm\.domains\[0\]\.experts: forget experts need an MoE model"):
-        tiny_config("llama", two_domains=False, sgtm={"domains": [{"name": "es", "heads": 1, "units": 2, "experts": 1}]})
+        tiny_config("llama", two_domains=False,
+                    sgtm={"domains": [{"name": "es", "heads": 1, "units": 2, "experts": 1}]})
 
 
 def test_llama3_moe_preset_and_committed_configs():
