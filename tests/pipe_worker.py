@@ -163,7 +163,7 @@ def scenario_train_resume(out: Path, config: dict, steps: int, stop_at: int) -> 
 
     runs = {}
     for name in ("A", "B"):
-        cfg = dict(config, run_dir=str(out / name))
+        cfg = dict(config, run_dir=str(out / "train_resume" / name))
         if name == "A":
             loop.train(load_config(data=cfg))
         else:
@@ -171,11 +171,12 @@ def scenario_train_resume(out: Path, config: dict, steps: int, stop_at: int) -> 
             loop.train(load_config(data=cfg), resume=True)
         dist.barrier()
         if dist.get_rank() == 0:
-            lines = (out / name / "metrics.jsonl").read_text().splitlines()
+            run_dir = out / "train_resume" / name
+            lines = (run_dir / "metrics.jsonl").read_text().splitlines()
             records = [json.loads(x) for x in lines]
             runs[name] = {"train": [r for r in records if r.get("kind") == "train"],
-                          "final": json.loads((out / name / "final.json").read_text()),
-                          "tags": sorted(p.name for p in (out / name / "checkpoints").iterdir())}
+                          "final": json.loads((run_dir / "final.json").read_text()),
+                          "tags": sorted(p.name for p in (run_dir / "checkpoints").iterdir())}
     return runs
 
 

@@ -65,8 +65,8 @@ def _train_config(root: Path) -> dict:
 @pytest.fixture(scope="module")
 def two(tmp_path_factory, corpus):  # noqa: F811
     out = tmp_path_factory.mktemp("pp_two")
-    return _launch(2, out, losses={"runs": RUNS2, "steps": STEPS},
-                   train_resume={"config": _train_config(corpus), "steps": 6, "stop_at": 3})
+    return out, _launch(2, out, losses={"runs": RUNS2, "steps": STEPS},
+                        train_resume={"config": _train_config(corpus), "steps": 6, "stop_at": 3})
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_partition_prints_which_stage_and_tp_rank_owns_what(tmp_path, capsys):
 def test_pp2_losses_equal_pp1(single_process_world, two):
     """5 masked steps, mixed modes, 2 micro-batches a step, binding per-partition clipping:
     PP=2 gives PP=1's losses (1e-5) and clip norms."""
-    got = two["losses"]["pp2"]
+    got = two[1]["losses"]["pp2"]
     assert got["stage_layers"] == [0, 1, 2]  # embeddings + blocks 0-1 on stage 0 (rank 0)
     losses, norms = _pp1(single_process_world, RUNS2[0])
     assert not _differs(got, losses, norms), (got, losses, norms)
@@ -239,11 +239,15 @@ def test_ablation_and_evaluation_at_pp2_x_tp2(single_process_world, four):
 
 
 @pytest.mark.parallel
-def test_checkpoint_resume_at_pp2_continues_exactly(two):
+def test_checkpoint_resume_at_pp2_continues_exactly(single_process_world, two):
     """`sgtm train`'s loop at PP=2 (ZeRO-1, 2 micro-batches, per-partition clipping): a run stopped
     after step 3 (checkpoint) and resumed gives the uninterrupted run's losses and clip norms of
-    steps 4-6 bit for bit, and the same final evaluation (full and ablated)."""
-    a, b = two["train_resume"]["A"], two["train_resume"]["B"]
+    steps 4-6 bit for bit, and the same final evaluation (full and ablated); `sgtm eval` of the
+    PP checkpoint (consolidated to one PP=1 model) gives that evaluation too."""
+    from pipeline.train.offline import evaluate_checkpoint
+
+    out, result = two
+    a, b = result["train_resume"]["A"], result["train_resume"]["B"]
     assert [r["step"] for r in b["train"]] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a["train"], b["train"]):
         assert ra["loss"] == rb["loss"] and ra["lr"] == rb["lr"], (ra, rb)
@@ -253,3 +257,7 @@ def test_checkpoint_resume_at_pp2_continues_exactly(two):
     assert {k: v for k, v in a["final"].items() if k != "time"} == {k: v for k, v in b["final"].items() if k != "time"}
     assert a["final"]["forget_ablated"] != a["final"]["forget_full"]
     assert "step00000003" in b["tags"]
+    offline = evaluate_checkpoint(out / "train_resume" / "B", out=str(out / "eval_B.json"))["sets"]
+    for name in ("forget", "retain"):
+        assert offline[name]["full"] == pytest.approx(b["final"][f"{name}_full"], abs=1e-5)
+        assert offline[name]["ablated"] == pytest.approx(b["final"][f"{name}_ablated"], abs=1e-5)

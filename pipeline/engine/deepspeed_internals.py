@@ -12,6 +12,11 @@ What is private, and why it is needed:
 * a step that must not be applied (non-finite loss or gradients) goes down DeepSpeed's own
   overflow path (``check_grad_overflow``/``has_overflow``, the bf16 optimizer's
   ``clear_hp_grads``) in :func:`skip_step`;
+* pipeline parallelism: the pipeline engine runs its optimizer step as an instruction of its
+  schedule (``_INSTRUCTION_MAP``), where the non-finite check and ZeRO-0 clipping go
+  (:func:`wrap_pipe_optimizer_step`); its summed micro-batch losses (``total_loss``,
+  :func:`pipe_losses_finite`); a ``PipelineModule`` keeps every stage's layers in
+  ``_layer_specs`` (:func:`release_remote_layers`); exercised by ``tests/test_pipeline_parallel.py``;
 * on CPU, DeepSpeed's shared-memory op build (unused by gloo) is skipped (:func:`skip_shm_build`);
 * crash-safe checkpoints: the checkpoint engine's ``save``/``makedirs``/``load`` and the
   engine's ``_copy_recovery_script`` (:func:`wrap_checkpoint_writes`, :func:`set_checkpoint_loader`),

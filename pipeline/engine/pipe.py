@@ -43,6 +43,15 @@ def stage_layout(partition, pp: int) -> list[dict]:
     return out
 
 
+def canonical_name(layer: int, name: str, n_layers: int) -> str:
+    """The Transformer's name of parameter ``name`` of pipeline layer ``layer`` (0: embeddings,
+    1..n: block layer - 1, n + 1: final norm and head), e.g. (2, 'block.attn.qkv.weight') ->
+    'blocks.1.attn.qkv.weight'; what checkpoints of the two layouts are compared and merged by."""
+    if 1 <= layer <= n_layers:
+        return f"blocks.{layer - 1}.{name.removeprefix('block.')}"
+    return name
+
+
 def check_topology(topology) -> None:
     """DeepSpeed's grid coordinates of this rank must be megatron's (pipe, data, tensor) ranks."""
     from megatron.core import parallel_state as ps
@@ -141,6 +150,8 @@ def per_token_losses(state, batches: list[dict], ablated_domains: list[int] | No
     if not batches:
         return []
     module.set_ablated(ablated_domains or [])
+    # As at PP=1 (pipeline.components.evaluation): token ids, labels and documents only, no modes.
+    batches = [{k: b[k] for k in ("input_ids", "labels", "doc_ids") if k in b} for b in batches]
     loss_fn = state.model.loss_fn
     loss_fn.per_token, loss_fn.collected = True, []
     engine.reset_activation_shape()  # evaluation batches need not have the training shape

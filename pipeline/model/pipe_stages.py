@@ -20,6 +20,7 @@ from deepspeed.pipe import PipelineModule
 from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from torch import nn
 
+from pipeline.engine.pipe import canonical_name
 from pipeline.model.transformer import IGNORE_INDEX, Block, SplitFeatures, Transformer, _allow, token_losses
 from pipeline.sgtm.masking import TokenMasks, grad_gate
 
@@ -174,6 +175,11 @@ class SGTMPipelineModule(PipelineModule):
         self.stage_layers = range(self._local_start, self._local_stop)
         # This stage's parameter names -> the Transformer's (checkpoints, tests, gathering).
         self.canonical_names = {n: names[id(p)] for n, p in self.named_parameters()}
+        for n, canonical in self.canonical_names.items():  # the rule offline consolidation uses
+            layer, _, local = n.partition(".")
+            rule = canonical_name(int(layer), local, model.cfg.n_layers)
+            if rule != canonical:
+                raise RuntimeError(f"pipeline parameter {n}: canonical_name gives {rule}, the model has {canonical}")
 
     def set_ablated(self, domains: list[int]) -> None:
         for m in self.modules():

@@ -59,6 +59,8 @@ def consolidate(tag_dir: Path) -> LoadedModel:
     for key in ("config", "tp_layout", "partition", "step"):
         if key not in first:
             raise KeyError(f"{files[0]}: missing '{key}'; not written by sgtm train")
+    if first.get("module") is None and list(tag_dir.glob("layer_*-model_states.pt")):
+        return _consolidate_pipeline(tag_dir, shards)
     layout = first["tp_layout"]
     state = {}
     for name, tensor in first["module"].items():
@@ -69,6 +71,38 @@ def consolidate(tag_dir: Path) -> LoadedModel:
         else:
             state[name] = tensor
     cfg = load_config(data=first["config"])
+    meta = {"step": first["step"], "source": str(tag_dir), "partition": first["partition"], "ablated_domains": []}
+    return LoadedModel(cfg, {k: v.float().contiguous() for k, v in state.items()}, meta)
+
+
+def _consolidate_pipeline(tag_dir: Path, shards: list[dict]) -> LoadedModel:
+    """A pipeline-parallel checkpoint (DeepSpeed writes one file per layer and TP rank; the
+    model-states files, one per stage and TP rank, hold the client state) as one TP=1, PP=1
+    state dict under the Transformer's names (:func:`pipeline.engine.pipe.canonical_name`)."""
+    from pipeline.engine.pipe import canonical_name
+    from pipeline.model.tp_state import merge_tp_shards
+
+    first = shards[0]
+    cfg = load_config(data=first["config"])
+    tp, n = cfg.engine.tensor_parallel, cfg.model.n_layers
+    layout: dict = {}
+    for shard in shards:  # each stage's file lists its own layers' sharded parameters
+        layout.update(shard["tp_layout"])
+    state = {}
+    for layer in range(n + 2):
+        files = [tag_dir / f"layer_{layer:02d}-model_{t:02d}-model_states.pt" for t in range(tp)]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]}: missing; a pipeline checkpoint of {n} blocks at TP={tp} "
+                                    f"has layers 0-{n + 1} per TP rank")
+        parts = [ckpt.safe_torch_load(f, map_location="cpu") for f in files]
+        for name, tensor in parts[0].items():
+            if not torch.is_tensor(tensor):
+                continue
+            pipe_name = f"{layer}.{name}"
+            full = merge_tp_shards([p[name] for p in parts], *layout[pipe_name]) if pipe_name in layout else tensor
+            state[canonical_name(layer, name, n)] = full
+    cfg.engine.pipeline_parallel = 1  # the consolidated model is one PP=1, TP=1 state dict
     meta = {"step": first["step"], "source": str(tag_dir), "partition": first["partition"], "ablated_domains": []}
     return LoadedModel(cfg, {k: v.float().contiguous() for k, v in state.items()}, meta)
 
