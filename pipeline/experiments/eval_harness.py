@@ -260,8 +260,8 @@ def analysis(sweeps: list[str], out: str, command: str, kinds: list[str] | None 
         se = stderr[(m, name)]
         rows.append({"task": info["kind"], "domain": info["domain"], "method": m, "seeds": iv["n"],
                      "deployed_model": info["deployed_model"], "acc": iv["mean"],
-                     "acc_pm": None if iv["lo"] is None else iv["hi"] - iv["mean"], "acc_lo": iv["lo"],
-                     "acc_hi": iv["hi"], "harness_stderr": sum(se) / len(se) if se else None,
+                     "acc_pm": None if iv["lo"] is None else iv["hi"] - iv["mean"],
+                     "harness_stderr": sum(se) / len(se) if se else None,
                      "chance": info["chance"], "items": info["items"], "loss": lv["mean"],
                      "loss_pm": None if lv["lo"] is None else lv["hi"] - lv["mean"]})
     claims = []
