@@ -24,6 +24,7 @@ from tests.fixtures import isolation_batch, mixed_batch, tiny_config  # noqa: E4
 GQA = {"arch": "llama3", "model": {"n_heads": 8, "n_kv_heads": 2}, "two_domains": False,
        "sgtm": {"domains": [{"name": "es", "heads": [4, 5, 6, 7], "units": [3, 10, 31, 32, 40]}]}}
 BLOCKS = 4  # two blocks per stage at PP=2 (the stage's layers share its masks)
+CLIP_NF = 0.5
 
 
 def config(run: dict, steps: int):
@@ -180,8 +181,32 @@ def scenario_train_resume(out: Path, config: dict, steps: int, stop_at: int) -> 
     return runs
 
 
+def scenario_nonfinite(out: Path, zero: int) -> dict:
+    """PP=2 with per-partition clipping: step 2's loss is NaN on the last stage (``nan_loss@2``);
+    every rank of both stages must report the step skipped and keep its weights, then step 3
+    trains again."""
+    from pipeline.components import faults
+
+    state = build_engine(config({"pp": 2, "zero": zero, "clip": CLIP_NF, "gas": 2}, 3))
+    n_domains = len(state.cfg.sgtm.domains)
+    flags, changed = [], []
+    os.environ[faults.ENV] = "nan_loss@2"
+    try:
+        for step in (1, 2, 3):
+            before = [p.detach().clone() for p in state.model.parameters()]
+            train_step(state, dp_share(global_batch(step, n_domains), 0, 1, 2), step=step)
+            flags.append(state.last_step_finite)
+            changed.append(any(not torch.equal(b, p) for b, p in zip(before, state.model.parameters())))
+    finally:
+        del os.environ[faults.ENV]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {"finite": flags, "changed": changed, "stage": state.dist.pp_rank,
+                                      "lr": state.engine.get_lr()[0]})
+    return everyone
+
+
 def scenario_all(out: Path, **parts: dict) -> dict:
-    return {name: globals()[f"scenario_{name.split(':')[0]}"](out, **kwargs) for name, kwargs in parts.items()}
+    return {name: globals()[f"scenario_{name.split('-')[0]}"](out, **kwargs) for name, kwargs in parts.items()}
 
 
 def main() -> None:

@@ -66,7 +66,8 @@ def _train_config(root: Path) -> dict:
 def two(tmp_path_factory, corpus):  # noqa: F811
     out = tmp_path_factory.mktemp("pp_two")
     return out, _launch(2, out, losses={"runs": RUNS2, "steps": STEPS},
-                        train_resume={"config": _train_config(corpus), "steps": 6, "stop_at": 3})
+                        train_resume={"config": _train_config(corpus), "steps": 6, "stop_at": 3},
+                        **{"nonfinite-zero1": {"zero": 1}, "nonfinite-zero0": {"zero": 0}})
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +262,17 @@ def test_checkpoint_resume_at_pp2_continues_exactly(single_process_world, two):
     for name in ("forget", "retain"):
         assert offline[name]["full"] == pytest.approx(b["final"][f"{name}_full"], abs=1e-5)
         assert offline[name]["ablated"] == pytest.approx(b["final"][f"{name}_ablated"], abs=1e-5)
+
+
+@pytest.mark.parallel
+@pytest.mark.parametrize("zero", [0, 1])
+def test_a_nonfinite_step_is_skipped_on_every_stage(two, zero):
+    """A NaN loss on the last stage at step 2 (ZeRO-0 and ZeRO-1, per-partition clipping): both
+    stages report the step non-finite and keep every weight; steps 1 and 3 train; the LR schedule
+    is the same on both stages."""
+    ranks = two[1][f"nonfinite-zero{zero}"]
+    assert [r["stage"] for r in ranks] == [0, 1]
+    for r in ranks:
+        assert r["finite"] == [True, False, True], r
+        assert r["changed"] == [True, False, True], r
+    assert ranks[0]["lr"] == ranks[1]["lr"]

@@ -119,17 +119,24 @@ def _before_update(state, engine) -> bool:
     return state.last_step_finite
 
 
-def train_step(state, micro_batches: list[dict], step: int | None = None) -> torch.Tensor:  # noqa: ARG001
+def train_step(state, micro_batches: list[dict], step: int | None = None) -> torch.Tensor:
     """One optimizer step over ``grad_accum_steps`` micro-batches through the pipeline; returns
-    the mean loss over micro-batches and DP ranks (on every stage), as the PP=1 step does."""
+    the mean loss over micro-batches and DP ranks (on every stage), as the PP=1 step does. A
+    non-finite loss or gradient on any rank of any stage skips the update on all of them
+    (``state.last_step_finite``). ``step`` (1-based) arms the ``nan_loss`` test fault."""
+    from pipeline.components import faults
     from pipeline.engine.engine import ClipperNotRunError
     from pipeline.model.pipe_stages import pipe_inputs
 
     if len(micro_batches) != state.cfg.engine.grad_accum_steps:
         raise ValueError(f"expected {state.cfg.engine.grad_accum_steps} micro-batches, got {len(micro_batches)}")
     clips_before = state.clipper.runs if state.clipper is not None else 0
-    state.model.loss_fn.per_token = False
-    loss = state.engine.train_batch(data_iter=iter([pipe_inputs(mb, state.dist.device) for mb in micro_batches]))
+    loss_fn = state.model.loss_fn
+    loss_fn.per_token, loss_fn.poison = False, faults.armed("nan_loss", step)
+    try:
+        loss = state.engine.train_batch(data_iter=iter([pipe_inputs(mb, state.dist.device) for mb in micro_batches]))
+    finally:
+        loss_fn.poison = False
     if state.last_step_finite and state.clipper is not None and state.clipper.runs != clips_before + 1:
         raise ClipperNotRunError(
             f"step {step}: engine.clip_mode=per_partition, but the clipper ran {state.clipper.runs - clips_before} "

@@ -146,6 +146,7 @@ class PipeLoss:
         self.sequence_parallel = sequence_parallel
         self.per_token = False
         self.collected: list[torch.Tensor] = []
+        self.poison = False  # a test fault (``nan_loss``): the loss becomes NaN
         self.__name__ = "sgtm_token_loss"
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -153,7 +154,8 @@ class PipeLoss:
         per_token = token_losses(logits, labels.t().contiguous() if sp else labels)
         if self.per_token:
             self.collected.append((per_token.t() if sp else per_token).detach())
-        return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        loss = per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        return loss * float("nan") if self.poison else loss
 
 
 class SGTMPipelineModule(PipelineModule):
