@@ -399,28 +399,32 @@ def run_moe_workers(nprocs: int, scenario: str, out_dir, timeout: int = 900, **k
     return json.loads((out_dir / "result.json").read_text())
 
 
-EP_CASES = {"plain": {"ep": 2}, "shared_capacity": {"ep": 2, "shared": 1, "capacity": 0.75}}
+# One launch of 4 ranks: EP=2 x DP=2 (EP groups {0, 1} and {2, 3}), then EP=2 x TP=2 (the EP group
+# is the TP group), both with a shared expert and binding capacity.
+EP_CASES = {"ep2_dp2": {"ep": 2, "shared": 1, "capacity": 0.75},
+            "ep2_tp2": {"ep": 2, "tp": 2, "shared": 1, "capacity": 0.75}}
 
 
 @pytest.fixture(scope="module")
 def ep2(tmp_path_factory):
     out = tmp_path_factory.mktemp("ep2")
-    return out, run_moe_workers(2, "moe_grads", out, cases=EP_CASES)
+    return out, run_moe_workers(4, "moe_grads", out, cases=EP_CASES)
 
 
 @pytest.mark.parallel
 @pytest.mark.parametrize("name", list(EP_CASES))
 def test_ep2_loss_gradients_and_ablation_equal_ep1(single_process_world, ep2, name):
     """Two EP ranks (experts 0-1 / 2-3, forget[es] on rank 0, forget[fr] on rank 1, tokens split
-    and dispatched by all-to-all) give the loss and every gradient of one process to 1e-5; ablation
-    on each shard zeroes exactly its forget slices and equals ablation at EP=1."""
+    and dispatched by all-to-all), beside DP=2 or inside TP=2, give the loss and every gradient of
+    one process to 1e-5; ablation on each shard zeroes exactly its forget slices and equals
+    ablation at EP=1 (state and ablated loss)."""
     from pipeline.model.moe import load_full_state_dict
 
     out, result = ep2
     saved = torch.load(out / f"moe_{name}.pt", weights_only=True)
     ranks = result[name]["ranks"]
-    assert [r["ep"] for r in ranks] == [[0, 2], [1, 2]] and result[name]["dp"] == [0, 1]
-    assert sorted(set(ranks[0]["experts"])) == [0, 1] and sorted(set(ranks[1]["experts"])) == [2, 3]
+    assert [r["ep"] for r in ranks] == [[0, 2], [1, 2]] * 2 and result[name]["dp"] == [0, 2]
+    assert all(sorted(set(r["experts"])) == ([0, 1] if i % 2 == 0 else [2, 3]) for i, r in enumerate(ranks))
     assert all(r["ok"] and r["zeroed"] > 0 for r in ranks)
     over = {k: v for k, v in EP_CASES[name].items() if k != "ep"}
     _, model = build_model(moe_config(**over), single_process_world)

@@ -306,6 +306,8 @@ def layout_of(dist_info, engine_cfg) -> dict:
               "zero_stage": int(engine_cfg.zero_stage), "precision": str(engine_cfg.precision)}
     if getattr(dist_info, "pp_size", 1) > 1:  # absent at PP=1, so earlier checkpoints' layouts still match
         layout["pp"] = int(dist_info.pp_size)
+    if getattr(engine_cfg, "expert_parallel", 1) > 1:  # MoE experts split over EP ranks (pipeline/model/moe.py)
+        layout["ep"] = int(engine_cfg.expert_parallel)
     return layout
 
 
@@ -491,6 +493,10 @@ def restore(engine, root: Path, tag: str, layout: dict, loader) -> dict:
     if saved != layout and max((saved or {}).get("pp", 1), layout.get("pp", 1)) > 1:
         raise CheckpointError(f"{Path(root) / tag}: written on layout {saved}, this run is {layout}; a pipeline-"
                               f"parallel checkpoint resumes only on the layout it was written with")
+    if saved != layout and max((saved or {}).get("ep", 1), layout.get("ep", 1)) > 1:
+        raise CheckpointError(f"{Path(root) / tag}: written on layout {saved}, this run is {layout}; an expert-"
+                              f"parallel checkpoint resumes only on the layout it was written with (its experts "
+                              f"are not resharded)")
     if saved is None or saved == layout:
         client, rank_state = load(engine, root, tag)
         own = rank_state["loader"]
