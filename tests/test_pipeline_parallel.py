@@ -139,6 +139,25 @@ def test_partition_prints_which_stage_and_tp_rank_owns_what(tmp_path, capsys):
     assert stages[1]["owned"]["1"]["es"] == {"2": {"heads": [4, 5, 6, 7], "units": [40]}}
 
 
+def test_a_stage_builds_only_its_blocks_with_pp1_weights(single_process_world):
+    """A stage's model (keep_blocks) holds PP=1's weights for its blocks, the embeddings and the
+    head, placeholders without parameters for the other blocks, and leaves the RNG where the whole
+    model's construction leaves it (the other blocks were built, then dropped)."""
+    from pipeline.model.transformer import RemoteBlock
+
+    cfg = config({"arch": "llama3"}, 1)
+    _, whole = build_model(cfg, single_process_world)
+    rng_whole = torch.get_rng_state()
+    _, stage = build_model(cfg, single_process_world, keep_blocks=range(2, 4))
+    assert torch.equal(torch.get_rng_state(), rng_whole)
+    assert [type(b) is RemoteBlock for b in stage.blocks] == [True, True, False, False]
+    ref = dict(whole.named_parameters())
+    names = [n for n, _ in stage.named_parameters()]
+    assert set(names) == {n for n in ref if not n.startswith(("blocks.0.", "blocks.1."))}
+    for n, p in stage.named_parameters():
+        assert torch.equal(p, ref[n]), n
+
+
 # ------------------------------------------------------------------------------ multi-process
 
 

@@ -31,12 +31,15 @@ class TrainState:
     last_step_finite: bool = True  # False: the last train_step saw a non-finite loss/gradient and skipped
 
 
-def build_model(cfg: ExperimentConfig, dist: DistInfo) -> tuple[ForgetPartition, Transformer]:
+def build_model(cfg: ExperimentConfig, dist: DistInfo,
+                keep_blocks: range | None = None) -> tuple[ForgetPartition, Transformer]:
     """Same seed on every rank: megatron's CPU init builds each master weight whole and slices
-    it, so the logical model is the same for any TP size."""
+    it, so the logical model is the same for any TP size (and, ``keep_blocks``: a pipeline
+    stage's blocks, the others dropped as soon as built, for any PP size)."""
     partition = ForgetPartition(cfg.model, cfg.sgtm, dist.tp_size)
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model, partition, cfg.sgtm.strategy, sequence_parallel=cfg.engine.sequence_parallel)
+    model = Transformer(cfg.model, partition, cfg.sgtm.strategy, sequence_parallel=cfg.engine.sequence_parallel,
+                        keep_blocks=keep_blocks)
     return partition, model
 
 
@@ -89,11 +92,12 @@ def build_engine(cfg: ExperimentConfig) -> TrainState:
     dist = init_distributed(cfg.engine)
     import deepspeed
 
-    partition, model = build_model(cfg, dist)
     if dist.pp_size > 1:  # DeepSpeed's pipeline engine over the model's stages
-        from pipeline.engine.pipe import build_pipeline_engine
+        from pipeline.engine.pipe import build_pipeline_engine, stage_blocks
 
-        return build_pipeline_engine(cfg, dist, partition, model)
+        keep = stage_blocks(cfg.model.n_layers, dist.pp_size)[dist.pp_rank]
+        return build_pipeline_engine(cfg, dist, *build_model(cfg, dist, keep))
+    partition, model = build_model(cfg, dist)
     model.to(dist.device)
     ds_config = deepspeed_config(cfg, dist)
     if per_partition:

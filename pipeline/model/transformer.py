@@ -342,6 +342,21 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x, masks), masks)
 
 
+class RemoteBlock(nn.Module):
+    """Stands in for a block another pipeline stage holds (pipeline/engine/pipe.py)."""
+
+    def __init__(self, layer: int):
+        super().__init__()
+        self.layer = layer
+
+    @staticmethod
+    def unless_kept(block: Block, layer: int, keep: range | None) -> nn.Module:
+        return block if keep is None or layer in keep else RemoteBlock(layer)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"block {self.layer} lives on another pipeline stage")
+
+
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy [B, S] from vocab-parallel logits; 0 where labels == -100.
 
@@ -354,7 +369,9 @@ class Transformer(nn.Module):
     """Decoder-only LM. ``forward`` returns the mean next-token loss (and per-token losses on demand)."""
 
     def __init__(self, cfg: ModelConfig, partition: ForgetPartition, strategy: str = "sgtm",
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, keep_blocks: range | None = None):
+        """``keep_blocks`` (a pipeline stage's blocks): the others are built, so the RNG advances
+        exactly as for the whole model, and dropped at once (:class:`RemoteBlock`)."""
         super().__init__()
         self.cfg = cfg
         self.partition = partition
@@ -390,8 +407,8 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.blocks = nn.ModuleList(Block(cfg, partition, i, tp_rank, mpc, init, out_init)
-                                    for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(RemoteBlock.unless_kept(Block(cfg, partition, i, tp_rank, mpc, init, out_init),
+                                                            i, keep_blocks) for i in range(cfg.n_layers))
         self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, partition.role("final_norm", None, tp_rank),
                                sequence_parallel)
         tied = bool(cfg.tie_embeddings)
