@@ -430,9 +430,13 @@ def expert_ownership(part: ForgetPartition, ep: int) -> list[dict]:
 def describe(part: ForgetPartition, ep: int) -> str:
     """Lines for ``sgtm partition``: which experts each domain owns on which EP rank."""
     m = part.model
+    swiglu = m.mlp == "swiglu"
+    per_expert = (3 if swiglu else 2) * m.d_model * m.d_ff + ((2 if swiglu else 1) * m.d_ff + m.d_model) * bool(m.bias)
+    active = m.num_params() - m.n_layers * (m.n_experts - m.moe_top_k) * per_expert
     lines = [f"MoE: {m.n_experts} routed experts (top {m.moe_top_k}, d_ff {m.d_ff} each), "
              f"{m.moe_shared_experts} shared (forget units index their {m.mlp_units} units); router "
-             f"{'joint(all)' if part.sgtm.joint_update == 'all' else 'joint(non_forget)'}; EP={ep}"]
+             f"{'joint(all)' if part.sgtm.joint_update == 'all' else 'joint(non_forget)'}; EP={ep}; "
+             f"{active / 1e6:.2f}M parameters active per token of {m.num_params() / 1e6:.2f}M"]
     for row in expert_ownership(part, ep):
         r, es = row["rank"], row["experts"]
         parts = []
