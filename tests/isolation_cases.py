@@ -45,8 +45,8 @@ def _subset(pick: Pick, pool: list[int], k: int) -> list[int]:
 def make_case(pick: Pick, tp: int = 1, batch: int = 3) -> IsolationCase:
     arch = ("gpt-neo", "llama", "llama3")[pick(0, 2)]
     # llama3: grouped-query (2 query heads per KV head) or multi-query attention; forget heads
-    # are whole KV groups. At TP=2 every rank must hold whole groups.
-    n_kv = N_HEADS if arch != "llama3" else (2, 1)[pick(0, 1) if tp == 1 else 0]
+    # are whole KV groups. Multi-query at TP=2: the one KV head is replicated on both ranks.
+    n_kv = N_HEADS if arch != "llama3" else (2, 1)[pick(0, 1)]
     group = N_HEADS // n_kv
     n_domains = pick(1, 3)
     scope = ("attention_mlp", "attention", "mlp")[pick(0, 2)]

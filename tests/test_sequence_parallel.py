@@ -18,6 +18,9 @@ CASES = {
     "gpt-neo": {"arch": "gpt-neo"},
     "llama": {"arch": "llama"},
     "llama3_gqa": GQA,
+    # one KV head replicated on both TP ranks (n_kv_heads < TP), forget units on both
+    "llama3_mqa_replicated": {"arch": "llama3", "model": {"n_heads": 8, "n_kv_heads": 1}, "two_domains": False,
+                              "sgtm": {"domains": [{"name": "es", "heads": [], "units": [3, 10, 31, 32, 40]}]}},
     "gpt-neo_routing": {"arch": "gpt-neo", "strategy": "gradient_routing"},
     # Mutations: the comparison below must see them.
     "mut_norm_grads_not_reduced": {"arch": "gpt-neo", "mutation": "norm_grads_not_reduced"},
