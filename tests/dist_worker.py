@@ -120,6 +120,42 @@ def scenario_tp_grads_configs(out: Path, cases: dict[str, dict], tp: int = 2) ->
     return result
 
 
+MQA_TP2 = {"model": {"n_heads": 8, "n_kv_heads": 1},
+           "sgtm": {"domains": [{"name": "es", "heads": [], "units": [3, 10, 31, 32, 40]}]},
+           "engine": {"zero_stage": 1, "micro_batch_size": 6, "grad_clip": 1.0},
+           "optimizer": {"lr": 3e-3, "weight_decay": 0.1}, "train": {"steps": 10}}
+
+
+def mqa_config(tp: int):
+    """llama3, 8 query heads and one KV head (replicated at TP=2), ZeRO-1: the checkpoint test's model."""
+    return tiny_config("llama3", "sgtm", tp=tp, two_domains=False, **MQA_TP2)
+
+
+def scenario_replicated_kv_checkpoint(out: Path, steps: int) -> dict:
+    """TP=2 with the KV head replicated: ``steps`` DeepSpeed steps, a checkpoint as ``sgtm train``
+    writes it (``tp_layout`` with the replicas), the live consolidated train state, the model
+    ``sgtm consolidate`` reads from the files, and the loss of one more step."""
+    from pipeline.components import checkpoint
+    from pipeline.config import to_dict
+    from pipeline.train.loop import tp_layout
+    from pipeline.train.offline import consolidate
+
+    cfg = mqa_config(2)
+    state = build_engine(cfg)
+    for i in range(steps):
+        train_step(state, [mixed_batch(seed=i, n_domains=1)])
+    layout = tp_layout(state.engine.module)
+    client = {"step": steps, "tp_layout": layout, "config": to_dict(cfg), "partition": state.partition.to_dict()}
+    path = checkpoint.save(state.engine, out / "ckpt", steps, client, {}, keep=1)
+    live = checkpoint.full_train_state(state.engine)
+    weights = gather_full_state_dict(state.engine.module)
+    nxt = float(train_step(state, [mixed_batch(seed=99, n_domains=1)]))
+    if dist.get_rank() == 0:
+        torch.save({"live": live, "weights": weights, "next_loss": nxt, "consolidated": consolidate(path).state,
+                    "tag": str(path)}, out / "mqa_ckpt.pt")
+    return {"qkv_layout": layout["blocks.0.attn.qkv.weight"]}
+
+
 def scenario_isolation(out: Path, runs: list[dict], steps: int) -> dict:
     """Per run (arch, engine overrides, sgtm overrides): three DeepSpeed runs at TP=2 that differ
     only in the forget spans inside the documents (A, B: other content; C: B's content unlabelled)."""

@@ -3,6 +3,8 @@ forget units, exact against the independent reference and across TP ranks."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -342,3 +344,32 @@ def test_export_refuses_an_architecture_no_hf_class_computes(single_process_worl
                           tmp_path / "m")
     with pytest.raises(ValueError, match=r"^model: no HF class matches norm=layernorm, positions=rope"):
         export_hf(src, tmp_path / "hf")
+
+
+def test_replicated_kv_checkpoint_consolidates_and_resumes_at_tp1(single_process_world, tmp_path):
+    """A TP=2 checkpoint with the KV head replicated: its tp_layout records the copies, the
+    consolidated train state read from the files (weights, Adam moments, step) equals the live
+    engine's with one K/V copy, `sgtm consolidate` gives the gathered weights, and a TP=1 engine
+    loaded from it takes the same next step (loss to 1e-5)."""
+    from pipeline.components import checkpoint
+    from tests.dist_worker import mqa_config
+
+    result = run_workers(2, "replicated_kv_checkpoint", tmp_path, steps=2)
+    hd = 4
+    assert result["qkv_layout"] == [0, 1, 2, 2 * hd]
+    saved = torch.load(tmp_path / "mqa_ckpt.pt", weights_only=True)
+    params, meta = checkpoint.consolidated_train_state(Path(saved["tag"]))
+    cfg1 = mqa_config(1)
+    rows = cfg1.model.d_model + 2 * cfg1.model.kv_dim
+    assert params["blocks.0.attn.qkv.weight"]["param"].shape[0] == rows
+    for name, states in saved["live"].items():
+        for key, value in states.items():
+            assert torch.equal(params[name][key], value), (name, key)
+    for name, w in saved["weights"].items():
+        assert torch.equal(saved["consolidated"][name], w), name
+    from pipeline.engine.engine import build_engine, train_step
+
+    fresh = build_engine(cfg1)
+    checkpoint.apply_train_state(fresh.engine, params, meta)
+    loss = float(train_step(fresh, [mixed_batch(seed=99, n_domains=1)]))
+    assert loss == pytest.approx(saved["next_loss"], abs=1e-5)
