@@ -100,6 +100,7 @@ if want harness; then
   # lm-evaluation-harness accuracy (offline) of every finished trade-off cell's deployed model on
   # multiple-choice tasks made from the held-out split; cached per cell (<run_dir>/harness.json).
   analyze harness tradeoff -- --out $A --max-items 300
+  analyze harness tradeoff_wiki -- --out $W --max-items 300  # biology / other leads
 fi
 
 if want report; then
