@@ -28,14 +28,15 @@ CLIP_NF = 0.5
 
 
 def config(run: dict, steps: int):
-    """A tiny experiment for ``run``: {pp, tp, zero, clip, sp, arch, model, sgtm, two_domains}."""
+    """A tiny experiment for ``run``: {pp, tp, zero, gas, clip, sp, precision, arch}."""
     dp = int(os.environ.get("WORLD_SIZE", "1")) // (run.get("tp", 1) * run.get("pp", 1))
     over = GQA if run.get("arch") == "llama3" else {"arch": run.get("arch", "llama")}
     return tiny_config(over["arch"], "sgtm", tp=run.get("tp", 1), two_domains=over.get("two_domains", True),
                        model={"n_layers": BLOCKS, **over.get("model", {})}, sgtm=over.get("sgtm", {}),
                        engine={"pipeline_parallel": run.get("pp", 1), "zero_stage": run.get("zero", 1),
                                "micro_batch_size": 4 // dp // run.get("gas", 1), "grad_accum_steps": run.get("gas", 1),
-                               "grad_clip": run.get("clip", 0.0), "sequence_parallel": run.get("sp", False)},
+                               "grad_clip": run.get("clip", 0.0), "sequence_parallel": run.get("sp", False),
+                               "precision": run.get("precision", "fp32")},
                        optimizer={"lr": 3e-3, "weight_decay": 0.1}, train={"steps": steps},
                        eval={"calibrate": False})
 
@@ -69,12 +70,12 @@ def mutation(name: str | None):
     elif name == "modes_dropped_on_stage1":
         orig_call = pipe_stages.StageMasks.__call__
 
-        def call(self, modes, doc_ids, labels, target_modes):
+        def call(self, modes, doc_ids, labels, target_modes, dtype):
             from megatron.core import parallel_state as ps
 
             if ps.get_pipeline_model_parallel_rank() == 1:
                 modes, target_modes = torch.zeros_like(modes), torch.zeros_like(target_modes)
-            return orig_call(self, modes, doc_ids, labels, target_modes)
+            return orig_call(self, modes, doc_ids, labels, target_modes, dtype)
 
         pipe_stages.StageMasks.__call__ = call
         undo.callback(setattr, pipe_stages.StageMasks, "__call__", orig_call)

@@ -29,7 +29,8 @@ from tests.test_resume import corpus, data_cfg  # noqa: F401  (the module-scoped
 STEPS = 5
 CLIP = 0.05  # binds every clip group at this size (asserted)
 TOL = dict(rel=0, abs=1e-5)
-RUNS2 = [{"name": "pp2", "pp": 2, "clip": CLIP, "gas": 2}]
+RUNS2 = [{"name": "pp2", "pp": 2, "clip": CLIP, "gas": 2},
+         {"name": "pp2_bf16", "pp": 2, "clip": CLIP, "precision": "bf16"}]
 RUNS4 = [{"name": "pp2_tp2", "pp": 2, "tp": 2, "clip": CLIP, "gas": 2},
          {"name": "pp2_dp2", "pp": 2, "zero": 0, "clip": CLIP},
          {"name": "pp2_tp2_gqa_sp", "arch": "llama3", "pp": 2, "tp": 2, "sp": True, "clip": CLIP},
@@ -162,12 +163,13 @@ def test_a_stage_builds_only_its_blocks_with_pp1_weights(single_process_world):
 
 
 @pytest.mark.parallel
-def test_pp2_losses_equal_pp1(single_process_world, two):
-    """5 masked steps, mixed modes, 2 micro-batches a step, binding per-partition clipping:
-    PP=2 gives PP=1's losses (1e-5) and clip norms."""
-    got = two[1]["losses"]["pp2"]
+@pytest.mark.parametrize("run", RUNS2, ids=lambda r: r["name"])
+def test_pp2_losses_equal_pp1(single_process_world, two, run):
+    """5 masked steps, mixed modes, binding per-partition clipping (fp32 with 2 micro-batches a
+    step; bf16 ZeRO-1): PP=2 gives PP=1's losses (1e-5) and clip norms."""
+    got = two[1]["losses"][run["name"]]
     assert got["stage_layers"] == [0, 1, 2]  # embeddings + blocks 0-1 on stage 0 (rank 0)
-    losses, norms = _pp1(single_process_world, RUNS2[0])
+    losses, norms = _pp1(single_process_world, run)
     assert not _differs(got, losses, norms), (got, losses, norms)
     assert all(n > CLIP for n in norms) and losses[-1] != losses[0]
 

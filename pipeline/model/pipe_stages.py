@@ -54,19 +54,19 @@ class StageMasks:
         self.strategy, self.n_domains = model.strategy, len(model.partition.domains)
         self.cross_mode = model.partition.sgtm.cross_mode_attention
         self.document_masking = model.cfg.document_masking
-        self.dtype = model.embedding.weight.dtype
         self.shard = (model.tp_rank, model.tp_size) if model.sequence_parallel else None
         self._key: torch.Tensor | None = None
         self._masks: TokenMasks | None = None
 
     def __call__(self, modes: torch.Tensor, doc_ids: torch.Tensor, labels: torch.Tensor,
-                 target_modes: torch.Tensor) -> TokenMasks:
+                 target_modes: torch.Tensor, dtype: torch.dtype) -> TokenMasks:
+        """``dtype``: the model's compute dtype (DeepSpeed may have cast it after construction)."""
         if self._key is not modes:
             m, d = optional(modes), optional(doc_ids)
             if m is not None and d is None and self.document_masking:
                 raise ValueError("batch: 'modes' given without 'doc_ids' while model.document_masking is true "
                                  "(attention would cross documents); send doc_ids or set model.document_masking=false")
-            self._masks = TokenMasks.build(m, self.strategy, self.n_domains, self.dtype, labels=optional(labels),
+            self._masks = TokenMasks.build(m, self.strategy, self.n_domains, dtype, labels=optional(labels),
                                            target_modes=optional(target_modes), doc_ids=d,
                                            cross_mode=self.cross_mode, sequence_shard=self.shard)
             self._key = modes
@@ -91,7 +91,7 @@ class EmbedStage(nn.Module):
         if sp and S % self.tp_size:
             raise ValueError(f"engine.sequence_parallel: sequence length {S} is not divisible by "
                              f"engine.tensor_parallel={self.tp_size}")
-        masks = self.masks(modes, doc_ids, labels, target_modes)
+        masks = self.masks(modes, doc_ids, labels, target_modes, self.embedding.weight.dtype)
         x = grad_gate(self.embedding(input_ids.t() if sp else input_ids), _allow(masks, self.embedding_role))
         if self.position_embedding is not None:
             pos = self.position_embedding(torch.arange(S, device=input_ids.device))
@@ -118,7 +118,7 @@ class BlockStage(nn.Module):
         x, modes, doc_ids, labels, target_modes = inputs
         S = modes.shape[1]
         rope = (self.rope_cos[:S], self.rope_sin[:S]) if self.rope else None
-        x = self.block(x, self.masks(modes, doc_ids, labels, target_modes), rope)
+        x = self.block(x, self.masks(modes, doc_ids, labels, target_modes, x.dtype), rope)
         return x, modes, doc_ids, labels, target_modes
 
 
@@ -133,7 +133,7 @@ class HeadStage(nn.Module):
 
     def forward(self, inputs: Carry) -> torch.Tensor:
         x, modes, doc_ids, labels, target_modes = inputs
-        masks = self.masks(modes, doc_ids, labels, target_modes)
+        masks = self.masks(modes, doc_ids, labels, target_modes, x.dtype)
         return self.lm_head(self.final_norm(x, masks), masks, None)
 
 
