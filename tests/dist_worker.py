@@ -156,6 +156,31 @@ def scenario_replicated_kv_checkpoint(out: Path, steps: int) -> dict:
     return {"qkv_layout": layout["blocks.0.attn.qkv.weight"]}
 
 
+def scenario_mqa_engine_losses(out: Path, steps: int, zeros: list[int], clip: float) -> dict:
+    """TP=2 with the KV head replicated, DeepSpeed ZeRO ``zeros``: the losses and per-partition
+    clip norms of ``steps`` steps (clipping at ``clip``) on fixed mixed-mode batches; then, as a
+    mutation, ZeRO-2 with the clipper counting every K/V copy (``mut_copies_counted``)."""
+    from pipeline.components import clipping
+
+    result = {}
+    for zero in [*zeros, "mut_copies_counted"]:
+        mutated = zero == "mut_copies_counted"
+        if mutated:
+            zero, real = 2, clipping.replica_copy_rows
+            clipping.replica_copy_rows = lambda p, rank: None
+        cfg = mqa_config(2)
+        cfg.engine.zero_stage, cfg.engine.grad_clip = zero, clip
+        state = build_engine(cfg)
+        losses, norms = [], []
+        for i in range(steps):
+            losses.append(float(train_step(state, [mixed_batch(seed=i, n_domains=1)])))
+            norms.append(state.clipper.last_norms.tolist())
+        result["mut_copies_counted" if mutated else f"zero{zero}"] = {"losses": losses, "norms": norms}
+        if mutated:
+            clipping.replica_copy_rows = real
+    return result
+
+
 def scenario_isolation(out: Path, runs: list[dict], steps: int) -> dict:
     """Per run (arch, engine overrides, sgtm overrides): three DeepSpeed runs at TP=2 that differ
     only in the forget spans inside the documents (A, B: other content; C: B's content unlabelled)."""
