@@ -473,7 +473,8 @@ def test_isolation_invariant_through_deepspeed_at_ep2(single_process_world, tmp_
     forget units, capacity drops): changing the forget spans' content leaves every retain and
     joint(non_forget) parameter bit-identical, forget parameters differ, making the spans
     unlabelled changes retain parameters, and the replicated parameters stay equal on both EP
-    ranks. Letting retain tokens route to forget experts (a mutation) leaks over the steps."""
+    ranks, and the run equals the same steps at EP=1 in one process (parameters, clip norms).
+    Letting retain tokens route to forget experts (a mutation) leaks over the steps."""
     config = {"shared": 1, "capacity": 1.0}
     runs = [{"name": "ok", "engine": CLIP, "config": config},
             {"name": "mutated", "engine": CLIP, "config": config, "mutation": "retain_routes_to_forget"}]
@@ -488,3 +489,16 @@ def test_isolation_invariant_through_deepspeed_at_ep2(single_process_world, tmp_
     assert bool((norms[norms > 0] > CLIP["grad_clip"]).all())  # the clip bound
     mutated = torch.load(tmp_path / "moe_isolation_mutated.pt", weights_only=True)
     assert _leaks(mutated, cfg, single_process_world)[0]
+    # The same 6 steps in one process at EP=1 (DeepSpeed ZeRO-1, the same clipping): the EP=2 run's
+    # final parameters and last clip norms (experts counted once per EP group) match.
+    from pipeline.engine.engine import build_engine, train_step
+    from tests.fixtures import isolation_batch
+
+    one = moe_config(engine={"zero_stage": 1, "micro_batch_size": 4, **CLIP},
+                     optimizer={"lr": 3e-3, "weight_decay": 0.1}, train={"steps": 6}, **config)
+    state = build_engine(one)
+    for step in range(6):
+        train_step(state, [isolation_batch(step, 1, Mode.FORGET)])
+    torch.testing.assert_close(state.clipper.last_norms, norms.to(state.clipper.last_norms), rtol=0, atol=1e-5)
+    for n, p in state.model.named_parameters():
+        torch.testing.assert_close(ok["finals"]["A"][n], p.detach(), rtol=0, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
