@@ -216,6 +216,11 @@ class SGTMConfig:
     # every such boundary (exact, no extra cost). 'detached_context': forget queries still read
     # earlier non-forget keys/values, detached (exact, keeps context, ~2x attention cost).
     cross_mode_attention: Literal["segment", "detached_context"] = "segment"
+    # MoE models (pipeline/model/moe.py): how a forget:d token picks its top-k experts. 'free': by
+    # router probability, like every token. 'own_first': domain d's forget experts of the block
+    # first (by probability), the remaining slots by probability, so forget tokens always reach
+    # the experts that may learn from them (sgtm strategy only). Other tokens are unaffected.
+    moe_forget_routing: Literal["free", "own_first"] = "free"
 
     def __post_init__(self) -> None:
         if self.embedding_update is None:
@@ -587,6 +592,8 @@ def check_moe(model: ModelConfig, sgtm: SGTMConfig, engine: EngineConfig) -> Non
     if sgtm.strategy == "gradient_routing":
         raise ConfigError("sgtm.strategy: gradient_routing is not defined for MoE models (model.n_experts > 0); "
                           "use sgtm, activation_masking or none")
+    if sgtm.moe_forget_routing == "own_first" and sgtm.strategy != "sgtm":
+        raise ConfigError(f"sgtm.moe_forget_routing: own_first needs sgtm.strategy sgtm, got {sgtm.strategy!r}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,11 +52,11 @@ def _allowed(modes: torch.Tensor, cls: int, strategy: str) -> torch.Tensor:
 
 
 def reference_moe(P: dict, cfg, classes: list[int], x: torch.Tensor, modes: torch.Tensor, strategy: str,
-                  ablated: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                  ablated: set[int], own_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [T, d], aux) of one MoE layer, token by token: route (retain-mode tokens never to forget
     experts, nobody to ablated ones), top-k with renormalised weights, per-expert capacity in
     priority order (non-forget tokens first, then probability or position), switch aux loss over
-    non-forget tokens."""
+    non-forget tokens. ``own_first``: a forget:d token takes d's unablated experts first."""
     T, E, k = x.shape[0], cfg.n_experts, cfg.moe_top_k
     f = cfg.d_ff
     mode_aware = strategy != "none"
@@ -69,7 +69,10 @@ def reference_moe(P: dict, cfg, classes: list[int], x: torch.Tensor, modes: torc
             logits = torch.cat([logits[:e], logits[e:e + 1] * 0 - math.inf, logits[e + 1:]])
         p = logits.softmax(-1)
         probs.append(p)
-        chosen.append(sorted(range(E), key=lambda e, p=p: -float(p[e]))[:k])
+        own = [e for e in range(E) if own_first and int(modes[t]) >= FORGET and classes[e] == int(modes[t]) - FORGET
+               and e not in ablated]
+        by_p = lambda es, p=p: sorted(es, key=lambda i: -float(p[i]))  # noqa: E731
+        chosen.append((by_p(own) + by_p([e for e in range(E) if e not in own]))[:k])
     late = [mode_aware and int(modes[t]) >= FORGET for t in range(T)]
     assign = [(t, j, chosen[t][j]) for t in range(T) for j in range(k)]
     keep = set(assign)
@@ -107,14 +110,14 @@ def reference_moe(P: dict, cfg, classes: list[int], x: torch.Tensor, modes: torc
     return torch.stack(ys), aux
 
 
-def _layer_case(dist, E, k, forget, strategy, joint_update, capacity, policy, seed, mlp="swiglu"):
+def _layer_case(dist, E, k, forget, strategy, joint_update, capacity, policy, seed, mlp="swiglu", routing="free"):
     arch = "llama3" if mlp == "swiglu" else "gpt-neo"
     domains = [{"name": f"d{i}", "heads": 0, "units": 0, "experts": ex} for i, ex in enumerate(forget)]
     cfg = tiny_config(arch, strategy, two_domains=False, joint_update=joint_update,
                       model={"n_experts": E, "moe_top_k": k, "moe_capacity_factor": capacity,
                              "moe_drop_policy": policy, "bias": False,
                              **({"n_kv_heads": 2} if arch == "llama3" else {})},
-                      sgtm={"domains": domains})
+                      sgtm={"domains": domains, "moe_forget_routing": routing})
     _, model = build_model(cfg, dist)
     g = torch.Generator().manual_seed(seed)
     T = 16
@@ -125,10 +128,11 @@ def _layer_case(dist, E, k, forget, strategy, joint_update, capacity, policy, se
 
 
 def _check_layer(dist, E, k, forget, strategy, joint_update, capacity, policy, seed, ablate_first=False,
-                 mlp="swiglu") -> list[str]:
+                 mlp="swiglu", routing="free") -> list[str]:
     """Mismatches between our layer (output, every parameter's gradient, input gradient) and the
     reference with the per-class token weights."""
-    cfg, model, modes, x, c = _layer_case(dist, E, k, forget, strategy, joint_update, capacity, policy, seed, mlp)
+    cfg, model, modes, x, c = _layer_case(dist, E, k, forget, strategy, joint_update, capacity, policy, seed, mlp,
+                                          routing)
     if ablate_first:
         ablate(model, [0])
     layer: MoE = model.blocks[0].mlp
@@ -148,7 +152,7 @@ def _check_layer(dist, E, k, forget, strategy, joint_update, capacity, policy, s
     def ref_grads(weight):
         P = {n: t.clone().requires_grad_(True) for n, t in P0.items()}
         xr = x[0].clone().requires_grad_(True)
-        yr, aux = reference_moe(P, cfg.model, classes, xr, m, strategy, ablated)
+        yr, aux = reference_moe(P, cfg.model, classes, xr, m, strategy, ablated, routing == "own_first")
         ((yr * c[0]).sum(-1) * weight).sum().add(aux).backward()
         return yr.detach(), {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in P.items()}, xr.grad
 
@@ -180,7 +184,9 @@ def layer_cases(draw):
     split = draw(st.integers(0, n_forget))
     forget = [sorted(pool[:split]) or [], sorted(pool[split:n_forget])]
     forget = [f for f in forget if f] or [[pool[0]]]
-    return dict(E=E, k=k, forget=forget, strategy=draw(st.sampled_from(["sgtm", "activation_masking", "none"])),
+    strategy = draw(st.sampled_from(["sgtm", "activation_masking", "none"]))
+    return dict(E=E, k=k, forget=forget, strategy=strategy,
+                routing=draw(st.sampled_from(["free", "own_first"])) if strategy == "sgtm" else "free",
                 joint_update=draw(st.sampled_from(["non_forget", "all"])),
                 capacity=draw(st.sampled_from([None, 0.5, 1.0, 1.5])),
                 policy=draw(st.sampled_from(["probs", "position"])), seed=draw(st.integers(0, 10_000)),
@@ -192,7 +198,8 @@ def layer_cases(draw):
 @given(case=layer_cases())
 def test_moe_layer_matches_the_per_token_reference(single_process_world, case):
     """Random expert partitions (1-2 domains), top-1/2, strategies, joint policies, capacity with
-    either drop policy, ablation, SwiGLU/GELU experts: the output, the input gradient, the router's
+    either drop policy, ablation, SwiGLU/GELU experts, free or own-first forget routing: the output,
+    the input gradient, the router's
     gradient (its joint class's tokens) and each expert's gradient (its class's tokens) equal the
     reference's."""
     assert not _check_layer(single_process_world, **case)
@@ -231,6 +238,27 @@ def test_capacity_really_drops_and_forget_tokens_go_last(single_process_world):
         kept_forget = (keep & (top_e == e) & forget_tok[:, None]).any()
         dropped_nonforget = (~keep & (top_e == e) & ~forget_tok[:, None]).any()
         assert not (kept_forget and dropped_nonforget), e
+
+
+def test_own_first_routing_sends_every_forget_token_to_its_experts(single_process_world):
+    """sgtm.moe_forget_routing=own_first: every forget:d token's top-k holds d's expert (top-1
+    included); under 'free' routing some forget token misses it (the option changes something);
+    non-forget tokens route the same either way."""
+    picks = {}
+    for routing in ("free", "own_first"):
+        cfg, model, modes, x, _ = _layer_case(single_process_world, 4, 1, [[1], [2]], "sgtm", "non_forget", None,
+                                              "probs", 5, routing=routing)
+        layer = model.blocks[0].mlp
+        masks = model.token_masks(modes, target_modes=modes, doc_ids=torch.zeros_like(modes))
+        probs = (x[0] @ layer.router.detach().t()).masked_fill(layer._blocked(masks, 16), -math.inf).softmax(-1)
+        picks[routing] = layer._route(probs, masks, masks.allow[int(ParamClass.JOINT_NON_FORGET)],
+                                      layer._blocked(masks, 16))[1][:, 0]
+    m = modes[0]
+    own = torch.where(m == FORGET, 1, torch.where(m == FORGET + 1, 2, -1))
+    forget = m >= FORGET
+    assert forget.sum() > 2 and torch.equal(picks["own_first"][forget], own[forget])
+    assert not torch.equal(picks["free"][forget], own[forget])
+    assert torch.equal(picks["free"][~forget], picks["own_first"][~forget])
 
 
 def test_retain_tokens_never_reach_forget_experts_and_ablation_removes_them(single_process_world):
@@ -287,6 +315,7 @@ def _moe_case(pick, n_experts: int | None = None):
     if case.overrides["sgtm"]["scope"] == "attention":
         for dom in case.overrides["sgtm"]["domains"]:
             dom["experts"] = []
+    case.overrides["sgtm"]["moe_forget_routing"] = ("free", "own_first")[pick(0, 1)]
     case.overrides["model"].update(n_experts=E, moe_top_k=k, moe_shared_experts=shared,
                                    moe_capacity_factor=(None, 0.5, 1.0)[pick(0, 2)])
     return case

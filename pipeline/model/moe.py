@@ -162,6 +162,7 @@ class MoE(SplitFeatures):
         self.swiglu = cfg.mlp == "swiglu"
         self.capacity_factor, self.drop_policy = cfg.moe_capacity_factor, cfg.moe_drop_policy
         self.aux_coef = cfg.moe_aux_loss_coef
+        self.own_first = part.sgtm.moe_forget_routing == "own_first" and part.sgtm.strategy == "sgtm"
         classes = part.expert_class(layer)
         self._init_features(classes)
         self.register_buffer("forget_expert", classes >= 0, persistent=False)
@@ -205,6 +206,25 @@ class MoE(SplitFeatures):
             off = self.ablated[None].expand(T, -1)
             blocked = off if blocked is None else blocked | off
         return blocked
+
+    def _route(self, probs: torch.Tensor, masks: TokenMasks | None, nonforget: torch.Tensor | None,
+               blocked: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (probabilities, experts) per token, highest first. ``sgtm.moe_forget_routing:
+        own_first``: a forget:d token takes domain d's (unablated) forget experts first. Its domain
+        is read from the allow vectors: under sgtm, forget[d] admits non-forget tokens and forget:d
+        tokens only (every forget token when there is one domain)."""
+        if not (self.own_first and self.has_forget and masks is not None and nonforget is not None):
+            return probs.topk(self.top_k, dim=-1)
+        forget_tok = nonforget == 0  # [T, 1]
+        cols = []
+        for c in self.feature_class.tolist():
+            a = masks.allow.get(int(c)) if c >= 0 else None
+            cols.append(torch.zeros_like(forget_tok) if c < 0 else forget_tok if a is None else forget_tok & (a != 0))
+        own = torch.cat(cols, dim=1)  # [T, E]
+        if blocked is not None:
+            own &= ~blocked
+        _, top_e = (probs + 2.0 * own).topk(self.top_k, dim=-1)  # probabilities are <= 1: own experts first
+        return probs.gather(1, top_e), top_e
 
     def _capacity(self, top_p: torch.Tensor, top_e: torch.Tensor,
                   nonforget: torch.Tensor | None) -> torch.Tensor | None:
@@ -298,15 +318,15 @@ class MoE(SplitFeatures):
     def forward(self, x: torch.Tensor, masks: TokenMasks | None) -> torch.Tensor:
         shape = x.shape
         xf = x.reshape(-1, shape[-1])  # token order = the masks' order
-        T, k = xf.shape[0], self.top_k
+        T = xf.shape[0]
         logits = selective_linear(xf, self.router, None, self.router_split, 0, masks).float()
         blocked = self._blocked(masks, T)
         if blocked is not None:
             logits = logits.masked_fill(blocked, float("-inf"))
         probs = logits.softmax(-1)
-        top_p, top_e = probs.topk(k, dim=-1)
-        weights = (top_p / top_p.sum(-1, keepdim=True)).to(x.dtype)
         nonforget = None if masks is None else masks.allow.get(int(ParamClass.JOINT_NON_FORGET))
+        top_p, top_e = self._route(probs, masks, nonforget, blocked)
+        weights = (top_p / top_p.sum(-1, keepdim=True)).to(x.dtype)
         self.aux_loss = self._aux(probs, top_e, nonforget) if self.training and self.aux_coef > 0 else None
         keep = self._capacity(top_p, top_e, nonforget)
         kind = self._kind(masks, nonforget, T)
