@@ -28,8 +28,10 @@ def gqa_config(n_kv: int, heads: list[int], tp: int = 1, strategy: str = "sgtm")
 
 def test_presets_fill_features_and_keys_override_them():
     no_heads = {"sgtm": {"domains": [{"name": "f", "heads": 0, "units": 4}]}}
+    moe = {"sgtm": {"domains": [{"name": "f", "heads": 0, "units": 0, "experts": 1}]}}  # MoE: no dense units
     for arch, preset in PRESETS.items():
-        m = load_config(None, [], data={"model": {"arch": arch}, **no_heads}).model
+        sgtm = moe if preset.get("n_experts") else no_heads
+        m = load_config(None, [], data={"model": {"arch": arch}, **sgtm}).model
         for k in ("norm", "positions", "mlp", "bias", "tie_embeddings", "rope_theta"):
             assert getattr(m, k) == preset[k], (arch, k)
     m = load_config(None, ["model.arch=llama3", "model.n_heads=8", "model.d_model=64"], data=no_heads).model
