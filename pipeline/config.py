@@ -179,7 +179,9 @@ class ModelConfig:
         final = per_norm
         if self.n_experts:  # every expert (total, not active) + router + shared experts' MLP
             per_expert = (3 * d * f + 2 * f * b + d * b) if self.mlp == "swiglu" else (2 * d * f + f * b + d * b)
-            mlp = self.n_experts * (per_expert + d) + self.moe_shared_experts * per_expert
+            sw = self.moe_shared_experts * f  # the shared experts are one MLP of this width
+            shared = ((3 * d * sw + 2 * sw * b) if self.mlp == "swiglu" else (2 * d * sw + sw * b)) + d * b if sw else 0
+            mlp = self.n_experts * (per_expert + d) + shared
         return self.n_layers * (attn + mlp + norms) + emb + head + final
 
 

@@ -404,6 +404,14 @@ def test_partition_shows_experts_per_ep_rank(capsys):
                            for e in es)
 
 
+@pytest.mark.parametrize("over", [{}, {"shared": 1}, {"arch": "gpt-neo", "shared": 2}])
+def test_num_params_counts_the_built_moe_model(single_process_world, over):
+    """model.num_params (every expert, the router, the shared MLP, biases) is the built model's."""
+    cfg = moe_config(model={"vocab_size": 128}, **over)
+    _, model = build_model(cfg, single_process_world)
+    assert sum(p.numel() for p in model.parameters()) == cfg.model.num_params()
+
+
 def test_expert_ownership_places_experts_by_rank(single_process_world):
     cfg = moe_config(ep=1)
     from pipeline.sgtm.partition import ForgetPartition
