@@ -211,6 +211,25 @@ def test_two_torchrun_nodes_rendezvous_tp2(runs, data_overrides, reference):
     assert_same_losses(run_dir, reference, "2 nodes x 1 rank, TP=2")
 
 
+def test_local_sh_pipeline_parallel_pp2_then_offline_eval(runs, data_overrides):
+    """launch/local.sh with 2 ranks at engine.pipeline_parallel=2 (DeepSpeed's pipeline engine,
+    the README's shards through the real loader) reproduces one plain process's losses; then
+    `sgtm eval` reads the pipeline checkpoint offline."""
+    untied = ["model.tie_embeddings=false", "eval.calibrate=false", *data_overrides]  # what PP needs
+    one = runs / "pp_reference"
+    run([sys.executable, "-m", "pipeline", "train", "--config", CONFIG, f"run_dir={one}", *untied],
+        runs / "pp_reference.log", loopback_env(MASTER_PORT=str(free_port())))
+    pp = runs / "local_pp2"
+    wall = run(["bash", "launch/local.sh", "-n", "2", CONFIG, f"run_dir={pp}", "engine.pipeline_parallel=2",
+                *untied], runs / "local_pp2.log", loopback_env())
+    print(f"local.sh -n 2, PP=2: {wall:.0f}s")
+    assert_same_losses(pp, train_losses(one), "local.sh PP=2")
+    out = subprocess.run([sys.executable, "-m", "pipeline", "eval", "--checkpoint", str(pp)], cwd=ROOT,
+                         env=loopback_env(MASTER_PORT=str(free_port())), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "forget" in out.stdout and "retain" in out.stdout, out.stdout[-2000:]
+
+
 # ------------------------------------------------------------------------------------------- MPI
 
 
