@@ -302,7 +302,7 @@ def test_sweep_seeds_key_runs_every_cell_per_seed_with_seeded_init_data_and_labe
 
 def _synthetic_sweep(tmp_path: Path, cells: list[tuple], name: str = "syn", extra: dict | None = None) -> Path:
     """results.json + per-cell final.json + deployed.json with given losses: analyses run on known inputs.
-    ``cells``: (method, seed, {set: (deployed_calibrated, deployed)}[, {row field: value}]); a row
+    ``cells``: (method, seed, {set: (deployed_calibrated, deployed[, full])}[, {row field: value}]); a row
     field ``forget_unlabelled`` becomes the cell's cached token count (tokens.json)."""
     from pipeline.experiments.deployed import VERSION
 
@@ -319,7 +319,7 @@ def _synthetic_sweep(tmp_path: Path, cells: list[tuple], name: str = "syn", extr
             (run / "tokens.json").write_text(json.dumps({"forget_unlabelled": n, "forget_labelled": 0,
                                                          "forget_total": n, "total": 10 * n + 1}))
         (run / "final.json").write_text(json.dumps({"kind": "eval", "step": 10}))
-        sets = {s: {"full": v[1], "deployed": v[1], "deployed_calibrated": v[0], "tokens": 100}
+        sets = {s: {"full": v[2] if len(v) > 2 else v[1], "deployed": v[1], "deployed_calibrated": v[0], "tokens": 100}
                 for s, v in losses.items()}
         (run / "deployed.json").write_text(json.dumps({"version": VERSION, "step": 10, "sets": sets,
                                                        "deployed_model": "ablated"}))
@@ -600,3 +600,84 @@ def test_leakage_compares_sizes_at_one_matched_rate_and_compute_penalty_runs(tmp
     cp = compute_penalty_analysis([str(sweep)], str(tmp_path / "out"), "test")
     assert cp["fits"]["retain"]["points"] == 6 and all(c["holds"] is None for c in cp["claims"])
     assert any(r["method"] == "sgtm" and r["set"] == "retain" and r["seeds"] == 3 for r in cp["table"])
+
+
+def test_moe_analysis_pairs_by_seed_with_intervals_params_and_pending_cells(tmp_path):
+    """Known answers on synthetic cells of configs/sweeps/moe.yaml's four methods. A seed effect
+    shared by every method (+-0.4 nats) swamps an unpaired (Welch) comparison of the 0.5-nat
+    forget-expert advantage; paired by seed it holds with the interval of the per-seed
+    differences. A one-seed method has no interval and only inconclusive verdicts; a cell without
+    final.json is listed as pending with the command that finishes it; parameter counts come from
+    each cell's config.yaml (matched active parameters: the MoE model's extra is its router)."""
+    from pipeline.cli import main
+    from pipeline.experiments.report import build_report, load_summaries
+
+    shared, small = [0.0, 0.4, -0.4], [0.0, 0.01, -0.01]
+    cells = []
+    for s in range(3):
+        e, d = shared[s], small[s]
+        cells += [("dense_sgtm", s, {"forget": (7.0 + e, 6.9 + e, 5.0 + e), "retain": (4.8 + e, 4.75 + e, 4.6 + e)},
+                   {"strategy": "sgtm"}),
+                  ("expert_sgtm", s, {"forget": (7.5 + e + d, 7.4 + e + d, 5.0 + e),
+                                      "retain": (4.7 + e, 4.65 + e, 4.6 + e)}, {"strategy": "sgtm"}),
+                  ("weak_filter", s, {"forget": (5.0 + e, 5.0 + e), "retain": (4.5 + e + d, 4.5 + e + d)})]
+    cells += [("expert_sgtm_own_first", s, {"forget": (9.0, 9.0, 5.0), "retain": (4.6, 4.6, 4.6)},
+               {"strategy": "sgtm"}) for s in (0, 1)]
+    sweep = _synthetic_sweep(tmp_path, cells, name="moe")
+    data = json.loads((sweep / "results.json").read_text())
+    models = {"dense_sgtm": ({"arch": "llama3", "d_ff": 384, "n_kv_heads": 2}, {"units": 48, "experts": 0}),
+              "expert_sgtm": ({"arch": "llama3-moe", "d_ff": 128, "n_kv_heads": 2, "n_experts": 8, "moe_top_k": 2,
+                               "moe_shared_experts": 1}, {"units": 0, "experts": 1})}
+    for c in data["cells"]:
+        m = c["labels"]["method"]
+        model, dom = models["dense_sgtm" if m in ("dense_sgtm", "weak_filter") else "expert_sgtm"]
+        cfg = {"model": {"n_layers": 4, "d_model": 128, "n_heads": 8, "vocab_size": 4096, **model},
+               "sgtm": {"strategy": c["strategy"], "domains": [{"name": "spanish", "heads": 0, **dom}]}}
+        (Path(c["run_dir"]) / "config.yaml").write_text(yaml.safe_dump(cfg))
+    pending = next(c for c in data["cells"] if c["labels"] == {"method": "expert_sgtm_own_first", "seed": 1})
+    (Path(pending["run_dir"]) / "final.json").unlink()
+    out = tmp_path / "analysis" / "bilingual"
+    assert main(["analyze", "moe", "--sweeps", str(sweep), "--out", str(out)]) == 0
+    res = json.loads((out / "moe.analysis.json").read_text())
+    assert (out / "moe.png").is_file()
+    rows = {r["method"]: r for r in res["table"]}
+    t2 = 4.302653  # t quantile, 2 degrees of freedom, 95%
+    assert rows["dense_sgtm"]["seeds"] == 3 and rows["dense_sgtm"]["forget_cal"] == pytest.approx(7.0)
+    assert rows["dense_sgtm"]["forget_cal_pm"] == pytest.approx(t2 * 0.4 / math.sqrt(3), rel=1e-4)
+    assert rows["dense_sgtm"]["forget_ablation_gap"] == pytest.approx(1.9)
+    assert rows["expert_sgtm"]["retain_ablation_gap"] == pytest.approx(0.05)
+    own = rows["expert_sgtm_own_first"]
+    assert own["seeds"] == 1 and own["forget_cal_pm"] is None and "inconclusive" in own["note"]
+    # parameter counts: dense active == total; MoE active = dense + the router (8 x 128 per block)
+    assert rows["dense_sgtm"]["params_active"] == rows["dense_sgtm"]["params_total"]
+    assert rows["expert_sgtm"]["params_active"] == rows["dense_sgtm"]["params_total"] + 4 * 8 * 128
+    assert rows["expert_sgtm"]["params_total"] > rows["expert_sgtm"]["params_active"]
+    assert rows["dense_sgtm"]["forget_mlp_params"] == 4 * 48 * 3 * 128
+    assert rows["expert_sgtm"]["forget_mlp_params"] == 4 * 3 * 128 * 128
+    assert rows["weak_filter"]["forget_mlp_params"] == 0
+    claims = {c["claim"]: c for c in res["claims"]}
+    (better,) = [c for k, c in claims.items() if k.startswith("forget experts") and "expert_sgtm's" in k]
+    half = t2 * 0.01 / math.sqrt(3)
+    assert better["holds"] == "holds" and better["diff"]["paired"] and better["diff"]["n"] == 3
+    assert better["diff"]["lo"] == pytest.approx(0.5 - half, rel=1e-4)
+    assert better["diff"]["hi"] == pytest.approx(0.5 + half, rel=1e-4)
+    assert "inconclusive" != better["holds"]  # unpaired (Welch) it would be: the seed effect is +-0.4
+    from pipeline.experiments.stats import verdict
+
+    dense = {s: 7.0 + shared[s] for s in range(3)}
+    expert = {s: 7.5 + shared[s] + small[s] for s in range(3)}
+    assert verdict(diff_interval(expert, {k + 10: v for k, v in dense.items()})) == "inconclusive"
+    (own_claim,) = [c for k, c in claims.items() if k.startswith("forget experts") and "own_first" in k]
+    assert own_claim["holds"] == "inconclusive" and own_claim["diff"]["n"] == 1  # seed 0 only, no interval
+    vs_filter = {k.split("'")[0]: c["holds"] for k, c in claims.items() if "above the weak filter" in k}
+    assert vs_filter == {"dense_sgtm": "holds", "expert_sgtm": "holds", "expert_sgtm_own_first": "inconclusive"}
+    cost = [c for k, c in claims.items() if k.startswith("expert_sgtm's English loss minus")]
+    assert cost[0]["holds"] is None and cost[0]["diff"]["mean"] == pytest.approx(0.2)
+    (gap,) = [c for k, c in claims.items() if k.startswith("Spanish ablation gap") and "expert_sgtm minus" in k]
+    assert gap["diff"]["mean"] == pytest.approx(0.5) and gap["holds"] is None
+    assert res["setup"]["pending"] == ["method=expert_sgtm_own_first,seed=1"]
+    assert any("sgtm sweep --config moe" in n and "seed=1" in n for n in res["notes"])
+    # the report renders it from its summary, every number traceable
+    text = build_report([tmp_path / "analysis"], tmp_path / "docs", command="sgtm report").read_text()
+    assert "Forget experts (MoE)" in text and "`bilingual/moe`" not in text.split("## Paper claims")[0]
+    assert numbers_not_in_summaries(text, load_summaries(tmp_path / "docs" / "results")) == set()

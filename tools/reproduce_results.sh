@@ -19,7 +19,7 @@ A=runs/analysis/bilingual
 W=runs/analysis/wiki
 STAGE=${1:-all}
 SEEDS=${SEEDS:-"0 1 2"}
-SWEEPS=${SWEEPS:-"tradeoff undiscovered tradeoff_wiki leakage capacity scaling matched_budget joint_policy retain_fraction"}
+SWEEPS=${SWEEPS:-"tradeoff undiscovered tradeoff_wiki leakage capacity scaling matched_budget joint_policy retain_fraction moe"}
 
 cell() { $SGTM sweep --config "$1" --cell "$2"; }
 want() { [[ $STAGE == all || $STAGE == "$1" ]]; }
@@ -47,6 +47,7 @@ if want analyses; then
   analyze compute-penalty tradeoff -- --from-history --out $A   # one size, fit on the training histories
   analyze joint-policy joint_policy -- --out $A
   analyze retain-fraction retain_fraction -- --out $A
+  analyze moe moe -- --out $A   # forget experts vs dense SGTM vs the weak filter (issue #15)
   analyze capacity capacity -- --out $A
   analyze tradeoff tradeoff_wiki -- --out $W
   analyze classifier tradeoff_wiki -- --out $W

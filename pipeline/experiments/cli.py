@@ -28,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       ("seeds", "seed-to-seed spread of the deployed losses"),
                       ("joint-policy", "SGTM's deployed losses per joint-parameter policy (embeddings/norms "
                                        "updated by forget tokens or not)"),
-                      ("retain-fraction", "SGTM's deployed losses against the retain-mode fraction")):
+                      ("retain-fraction", "SGTM's deployed losses against the retain-mode fraction"),
+                      ("moe", "forget-expert SGTM vs dense SGTM vs the weak filter at matched active parameters "
+                              "(deployed losses, ablation gap, parameter counts)")):
         q = asub.add_parser(name, help=hlp)
         q.add_argument("--sweeps", nargs="+", required=True, help="sweep result dirs (OUT/<name>) or results.json")
         q.add_argument("--out", required=True, help="directory for <analysis>.analysis.json and .png")
@@ -158,7 +160,7 @@ def cmd_analyze(args) -> int:
         fn = {"tradeoff": analyses.tradeoff, "undiscovered": analyses.undiscovered, "capacity": analyses.capacity,
               "leakage": analyses.leakage, "compute-penalty": analyses.compute_penalty_analysis,
               "classifier": analyses.classifier, "seeds": analyses.seeds, "joint-policy": analyses.joint_policy,
-              "retain-fraction": analyses.retain_fraction}[a]
+              "retain-fraction": analyses.retain_fraction, "moe": analyses.moe}[a]
         extra = {"from_history": True} if getattr(args, "from_history", False) else {}
         res = fn(args.sweeps, args.out, cmd, **extra)
     for c in res.get("claims", []):

@@ -24,7 +24,7 @@ from pipeline.experiments.common import fmt
 
 VERDICT = {None: "compare", True: "holds", False: "does not hold"}
 ORDER = ["tradeoff", "harness", "undiscovered", "seeds", "leakage", "compute_penalty", "joint_policy",
-         "retain_fraction", "capacity", "classifier", "attacks",
+         "retain_fraction", "moe", "capacity", "classifier", "attacks",
          "attack", "rmu", "gradnorm", "per_token"]
 SKIP_COLUMNS = {"run_dir", "confusion", "checkpoint"}
 # What a summary keeps of an analysis: the numbers the report shows, not curves or paths.
@@ -32,7 +32,7 @@ SUMMARY_KEYS = ("analysis", "title", "command", "seeds", "setup", "claims", "tab
                 "param_norms", "headroom")
 # The analyses tools/reproduce_results.sh produces; any of them missing is listed as pending.
 EXPECTED = {"bilingual": ["tradeoff", "harness", "undiscovered", "seeds", "leakage", "compute_penalty",
-                          "compute_penalty_history", "capacity", "joint_policy", "retain_fraction", "attacks",
+                          "compute_penalty_history", "capacity", "joint_policy", "retain_fraction", "moe", "attacks",
                           "gradnorm", "per_token"],
             "wiki": ["tradeoff", "classifier", "attacks"]}
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"

@@ -447,12 +447,24 @@ def expert_ownership(part: ForgetPartition, ep: int) -> list[dict]:
     return out
 
 
+def expert_params(m) -> int:
+    """Parameters of one routed expert (an MLP of width ``d_ff``)."""
+    swiglu = m.mlp == "swiglu"
+    return (3 if swiglu else 2) * m.d_model * m.d_ff + ((2 if swiglu else 1) * m.d_ff + m.d_model) * bool(m.bias)
+
+
+def active_params(m) -> int:
+    """Parameters a token uses (``ModelConfig``): the total less, per block, the routed experts it
+    is not sent to (``n_experts - moe_top_k``); the whole model for a dense one."""
+    if not m.n_experts:
+        return m.num_params()
+    return m.num_params() - m.n_layers * (m.n_experts - m.moe_top_k) * expert_params(m)
+
+
 def describe(part: ForgetPartition, ep: int) -> str:
     """Lines for ``sgtm partition``: which experts each domain owns on which EP rank."""
     m = part.model
-    swiglu = m.mlp == "swiglu"
-    per_expert = (3 if swiglu else 2) * m.d_model * m.d_ff + ((2 if swiglu else 1) * m.d_ff + m.d_model) * bool(m.bias)
-    active = m.num_params() - m.n_layers * (m.n_experts - m.moe_top_k) * per_expert
+    active = active_params(m)
     lines = [f"MoE: {m.n_experts} routed experts (top {m.moe_top_k}, d_ff {m.d_ff} each), "
              f"{m.moe_shared_experts} shared (forget units index their {m.mlp_units} units); router "
              f"{'joint(all)' if part.sgtm.joint_update == 'all' else 'joint(non_forget)'}; EP={ep}; "
