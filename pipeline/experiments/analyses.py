@@ -665,7 +665,7 @@ def moe(sweeps: list[str], out: str, command: str) -> dict:
                     ax3.errorbar([i + dx], [iv["mean"]], yerr=err, fmt=mk, capsize=3, color=MOE_COLORS.get(m),
                                  label=s if i == 0 else None)
                     ax3.plot([i + dx] * len(g), list(g.values()), ".", color="k", alpha=0.4)
-    ticks = [f"{m}\n({len(groups[m])} seeds)" for m in order]
+    ticks = [f"{m}\n({len(groups[m])} seed{'s' if len(groups[m]) > 1 else ''})" for m in order]
     ax1.set(title="deployed model, whole held-out split\n(calibrated; 95% intervals over seeds)",
             xlabel="English (retain) loss, lower is better", ylabel="Spanish (forget) loss, higher = more removed")
     ax1.legend(fontsize=7)
@@ -673,6 +673,8 @@ def moe(sweeps: list[str], out: str, command: str) -> dict:
     ax2.set(title="deployed Spanish loss (calibrated; dots: seeds)", ylabel="nats/token")
     arms = [m for m in order if m in MOE_ARMS]
     ax3.set_xticks(range(len(arms)), ticks[:len(arms)], fontsize=7)
+    ax2.set_xlim(-0.5, len(order) - 0.5)
+    ax3.set_xlim(-0.5, max(len(arms), 1) - 0.5)
     ax3.set(title="ablation gap: ablated - full (no bias)\no: Spanish, s: English; dots: seeds",
             ylabel="nats/token")
     ax3.legend(fontsize=7)
