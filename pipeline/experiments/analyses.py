@@ -858,7 +858,9 @@ def leakage(sweeps: list[str], out: str, command: str) -> dict:
             hold = verdict({"lo": None if iv["lo"] is None else 0.05 - iv["hi"],
                             "hi": None if iv["hi"] is None else 0.05 - iv["lo"]})
             claims.append(claim("leakage stays at most 0.05 (two orders of magnitude below filtering's 1) at every "
-                                "size and rate", "0.005-0.02 at 64M for undiscovered rates up to 40%",
+                                f"size and rate measured ({len({r['size'] for r in iv_all})} size(s), "
+                                f"{len({r['undiscovered_rate'] for r in iv_all})} rate(s))",
+                                "0.005-0.02 at 64M for undiscovered rates up to 40%",
                                 f"largest: {worst['size']} at {100 * worst['undiscovered_rate']:g}% undiscovered: "
                                 f"{ci_text(iv)}", hold))
         sizes = sorted({(r["n_params"], r["size"]) for r in runs})
