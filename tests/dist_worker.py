@@ -406,10 +406,12 @@ def scenario_elastic_train(out: Path, phase: str, config: dict, steps: int, resu
             "tp": ps.get_tensor_model_parallel_world_size()}
 
 
-def main() -> None:
+def main(scenarios: dict | None = None) -> None:
+    """Run ``scenario_<argv[1]>`` from ``scenarios`` (another worker module's globals) or this
+    module's; rank 0 writes its result atomically."""
     scenario, args = sys.argv[1], json.loads(sys.argv[2])
     out = Path(args.pop("out"))
-    result = globals()[f"scenario_{scenario}"](out, **args)
+    result = (scenarios or globals())[f"scenario_{scenario}"](out, **args)
     if int(os.environ["RANK"]) == 0:
         tmp = out / "result.json.tmp"
         tmp.write_text(json.dumps(result))

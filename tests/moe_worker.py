@@ -91,5 +91,4 @@ def scenario_moe_isolation(out: Path, runs: list[dict], steps: int) -> dict:
 
 
 if __name__ == "__main__":
-    dist_worker.__dict__.update({k: v for k, v in globals().items() if k.startswith("scenario_moe")})
-    dist_worker.main()
+    dist_worker.main({**vars(dist_worker), **globals()})

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from pipeline.engine.engine import build_engine, train_step  # noqa: E402
+from tests import dist_worker  # noqa: E402
 from tests.fixtures import isolation_batch, mixed_batch, tiny_config  # noqa: E402
 
 # GQA (8 query heads, 2 KV heads: one KV group per TP=2 rank), RoPE, untied: the llama3 shape.
@@ -210,18 +211,5 @@ def scenario_all(out: Path, **parts: dict) -> dict:
     return {name: globals()[f"scenario_{name.split('-')[0]}"](out, **kwargs) for name, kwargs in parts.items()}
 
 
-def main() -> None:
-    scenario, args = sys.argv[1], json.loads(sys.argv[2])
-    out = Path(args.pop("out"))
-    result = globals()[f"scenario_{scenario}"](out, **args)
-    if int(os.environ["RANK"]) == 0:
-        tmp = out / "result.json.tmp"
-        tmp.write_text(json.dumps(result))
-        tmp.rename(out / "result.json")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    dist_worker.main(globals())
