@@ -281,20 +281,6 @@ NOTE = (
     "`torch.cuda.max_memory_allocated` (tools/gpu_checks.sh), plus the CUDA context and NCCL buffers.")
 
 
-def replace_section(doc: Path, block: str) -> None:
-    """Replace (or add at the end) the ``HEADING`` section of ``doc``; other sections untouched."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == HEADING), None)
-    section = f"{HEADING}\n{block}\n"
-    if start is None:
-        doc.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    rest = "".join(lines[end:])
-    doc.write_text("".join(lines[:start]) + section + ("\n" + rest if rest else ""))
-
-
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -327,7 +313,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             _atomic_write(Path(args.json), json.dumps(result, indent=2) + "\n")
     text = render(result)
     if args.doc:
-        replace_section(Path(args.doc), text)
+        from pipeline.bench import train_bench
+
+        train_bench.replace_section(Path(args.doc), HEADING, text)
     print(text)
     return result
 

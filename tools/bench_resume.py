@@ -118,20 +118,6 @@ def render(result: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def replace_section(doc: Path, block: str) -> None:
-    """Replace (or add at the end) the ``HEADING`` section of ``doc``; other sections untouched."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == HEADING), None)
-    section = f"{HEADING}\n{block}\n"
-    if start is None:
-        doc.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    rest = "".join(lines[end:])
-    doc.write_text("".join(lines[:start]) + section + ("\n" + rest if rest else ""))
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="N: the first restore point (batches)")
@@ -148,7 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.render:
         result = json.loads(Path(args.render).read_text())
         if args.doc:
-            replace_section(Path(args.doc), render(result))
+            from pipeline.bench import train_bench
+
+            train_bench.replace_section(Path(args.doc), HEADING, render(result))
         print(render(result))
         return result
     from pipeline.config import DataConfig
@@ -180,7 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if args.doc:
-        replace_section(Path(args.doc), render(result))
+        from pipeline.bench import train_bench
+
+        train_bench.replace_section(Path(args.doc), HEADING, render(result))
     print(render(result))
     return result
 

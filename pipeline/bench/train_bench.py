@@ -421,6 +421,21 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def replace_section(doc: Path, heading: str, block: str) -> None:
+    """Replace (or add at the end) the ``heading`` section of ``doc`` with ``block``: benchmarks that
+    re-measure one table; other sections untouched."""
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
+    section = f"{heading}\n{block}\n"
+    if start is None:
+        doc.write_text(text.rstrip("\n") + "\n\n" + section)
+        return
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    rest = "".join(lines[end:])
+    doc.write_text("".join(lines[:start]) + section + ("\n" + rest if rest else ""))
+
+
 def add_to_section(doc: Path, heading: str, block: str, intro: str = "") -> None:
     """Append ``block`` at the end of the ``heading`` section of ``doc`` (created at the end of the
     file if missing); other sections are left untouched."""
