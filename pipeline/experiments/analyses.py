@@ -461,6 +461,12 @@ def _axis_plot(axes, xs: list, groups: dict, label: str, categorical: bool) -> N
         ax.grid(alpha=0.3)
 
 
+def _per_seed_losses(groups: dict, keys: list) -> dict:
+    """key -> set (forget/retain) -> calibrated/raw -> {seed: deployed loss}: what seed-paired claims compare."""
+    return {x: {s: {k: per_seed(groups[x], lambda c, s=s, k=k: value(c, s, k)) for k in (CAL, RAW)}
+                for s in ("forget", "retain")} for x in keys}
+
+
 def _on_common_seeds(x: dict, y: dict) -> tuple[dict, dict]:
     """Two groups' ``{set: {kind: {seed: loss}}}`` cut to the seeds both ran (when they share
     any): a 3-seed mean against a 1-seed value would put seed-to-seed noise into the difference;
@@ -494,8 +500,7 @@ def joint_policy(sweeps: list[str], out: str, command: str) -> dict:
             for p in order]
     fig, axes = figure(2)
     _axis_plot(axes, order, groups, "joint-parameter policy", categorical=True)
-    vals = {p: {s: {k: per_seed(groups[p], lambda c, s=s, k=k: value(c, s, k)) for k in (CAL, RAW)}
-                for s in ("forget", "retain")} for p in order}
+    vals = _per_seed_losses(groups, order)
     claims = []
     if "non_forget" in vals:
         ref = vals["non_forget"]
@@ -541,8 +546,7 @@ def retain_fraction(sweeps: list[str], out: str, command: str) -> dict:
             for x in xs]
     fig, axes = figure(2)
     _axis_plot(axes, xs, groups, "share of confident-English documents in retain mode", categorical=False)
-    vals = {x: {s: {k: per_seed(groups[x], lambda c, s=s, k=k: value(c, s, k)) for k in (CAL, RAW)}
-                for s in ("forget", "retain")} for x in xs}
+    vals = _per_seed_losses(groups, xs)
     claims = []
     if len(xs) >= 2:
         lo, hi = xs[0], xs[-1]
