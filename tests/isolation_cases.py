@@ -143,3 +143,16 @@ def forget_reaches_its_parameters(case: IsolationCase) -> bool:
         if heads or units:
             return True
     return False
+
+
+def slice_changes(model, a: dict, b: dict, c: dict | None = None) -> tuple[list[str], int, int]:
+    """Between full state dicts ``a`` and ``b`` (classes from ``model``'s ``sgtm_role``): the
+    retain/joint(non_forget) slices that differ, the number of forget slices that differ, and the
+    number of retain slices that differ between ``a`` and the control ``c``."""
+    from pipeline.sgtm.isolation_check import differing_slices
+
+    ab = differing_slices(model, a, b)
+    leaked = [f"{n}[class {cls}]" for cls in (ParamClass.RETAIN, ParamClass.JOINT_NON_FORGET) for n in ab.get(cls, [])]
+    forget_changed = sum(len(names) for cls, names in ab.items() if cls >= 0)
+    control = len(differing_slices(model, a, c).get(ParamClass.RETAIN, [])) if c is not None else 0
+    return leaked, forget_changed, control

@@ -27,7 +27,7 @@ from pipeline.sgtm.ablate import ablate
 from pipeline.sgtm.codes import Mode, ParamClass
 from tests.conftest import ROOT
 from tests.fixtures import tiny_config
-from tests.isolation_cases import isolation_leaks, make_case
+from tests.isolation_cases import isolation_leaks, make_case, slice_changes
 from tests.moe_cases import moe_config, mutation
 
 TOL = dict(rtol=1e-4, atol=1e-6)
@@ -490,18 +490,7 @@ CLIP = {"grad_clip": 0.05}
 def _leaks(saved, cfg, dist):
     A, B, C = (saved["finals"][k] for k in "ABC")
     _, full = build_model(cfg, dist)
-    leaked, forget_changed, retain_changed_c = [], 0, 0
-    for name, p in full.named_parameters():
-        split_dim, classes = p.sgtm_role.split_dim, p.sgtm_role.classes
-        for cls in set(classes.tolist()):
-            idx = (classes == cls).nonzero().flatten()
-            pick = (lambda t: t) if split_dim is None else (lambda t, i=idx, d=split_dim: t.index_select(d, i))
-            same = torch.equal(pick(A[name]), pick(B[name]))
-            if cls in (ParamClass.RETAIN, ParamClass.JOINT_NON_FORGET) and not same:
-                leaked.append(f"{name}[class {cls}]")
-            forget_changed += cls >= 0 and not same
-            retain_changed_c += cls == ParamClass.RETAIN and not torch.equal(pick(A[name]), pick(C[name]))
-    return leaked, forget_changed, retain_changed_c
+    return slice_changes(full, A, B, C)
 
 
 @pytest.mark.parallel

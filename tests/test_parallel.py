@@ -8,9 +8,9 @@ import torch
 from pipeline.engine.engine import build_engine, build_model, train_step
 from pipeline.model.tp_state import load_full_state_dict
 from pipeline.sgtm.ablate import ablate
-from pipeline.sgtm.codes import ParamClass
 from tests.conftest import run_workers
 from tests.fixtures import mixed_batch, tiny_config
+from tests.isolation_cases import slice_changes
 
 ARCHS = ["gpt-neo", "llama"]
 
@@ -77,19 +77,7 @@ def _isolation_leaks(single_process_world, tmp_path_factory, run: dict, steps: i
     A, B, C = (saved["finals"][k] for k in "ABC")
     cfg = tiny_config(run["arch"], "sgtm", tp=1, sgtm=run.get("sgtm", {}))
     _, full_model = build_model(cfg, single_process_world)  # roles of full tensors
-    leaked, forget_changed, retain_changed_c = [], 0, 0
-    for name, p in full_model.named_parameters():
-        split_dim, classes = p.sgtm_role.split_dim, p.sgtm_role.classes
-        for cls in set(classes.tolist()):
-            idx = (classes == cls).nonzero().flatten()
-            pick = (lambda t: t) if split_dim is None else (lambda t, i=idx, d=split_dim: t.index_select(d, i))
-            same_ab = torch.equal(pick(A[name]), pick(B[name]))
-            if cls in (ParamClass.RETAIN, ParamClass.JOINT_NON_FORGET) and not same_ab:
-                leaked.append(f"{name}[class {cls}]")
-            if cls == 0 and not same_ab:
-                forget_changed += 1
-            if cls == ParamClass.RETAIN and not torch.equal(pick(A[name]), pick(C[name])):
-                retain_changed_c += 1
+    leaked, forget_changed, retain_changed_c = slice_changes(full_model, A, B, C)
     return leaked, forget_changed, retain_changed_c, saved["finals"].get("A_norms")
 
 

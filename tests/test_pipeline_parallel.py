@@ -21,8 +21,8 @@ from pipeline.engine.distributed import spawn_local_ranks
 from pipeline.engine.engine import build_engine, build_model, train_step
 from pipeline.model.tp_state import load_full_state_dict
 from pipeline.sgtm.ablate import ablate
-from pipeline.sgtm.codes import ParamClass
 from tests.conftest import ROOT
+from tests.isolation_cases import slice_changes
 from tests.pipe_worker import config, dp_share, global_batch
 from tests.test_resume import corpus, data_cfg  # noqa: F401  (the module-scoped corpus fixture)
 
@@ -199,16 +199,7 @@ def test_clip_norms_must_be_summed_over_the_pipeline_group(single_process_world,
 def _leaks(single_process_world, a: dict, b: dict) -> tuple[list[str], int]:
     """(retain/joint(non_forget) slices that differ between a and b, number of forget slices that do)."""
     _, model = build_model(config({"arch": "llama3"}, 1), single_process_world)  # roles of the full tensors
-    leaked, forget_changed = [], 0
-    for name, p in model.named_parameters():
-        split_dim, classes = p.sgtm_role.split_dim, p.sgtm_role.classes
-        for cls in set(classes.tolist()):
-            idx = (classes == cls).nonzero().flatten()
-            pick = (lambda t: t) if split_dim is None else (lambda t, i=idx, d=split_dim: t.index_select(d, i))
-            same = torch.equal(pick(a[name]), pick(b[name]))
-            if cls in (ParamClass.RETAIN, ParamClass.JOINT_NON_FORGET) and not same:
-                leaked.append(f"{name}[class {cls}]")
-            forget_changed += cls >= 0 and not same
+    leaked, forget_changed, _ = slice_changes(model, a, b)
     return leaked, forget_changed
 
 

@@ -60,7 +60,7 @@ def _local_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
 
 
-def _differing_slices(model: torch.nn.Module, a: dict, b: dict) -> dict[int, list[str]]:
+def differing_slices(model: torch.nn.Module, a: dict, b: dict) -> dict[int, list[str]]:
     """Parameter-slice class -> names of the local tensors whose slices of that class differ."""
     out: dict[int, list[str]] = {}
     for name, p in model.named_parameters():
@@ -97,9 +97,9 @@ def check_isolation(cfg, steps: int = 20, log=print) -> dict:
         model = state.model
         log(f"[check-isolation] run {name}: {steps} steps done")
         del state
-    ab = _differing_slices(model, finals["A"], finals["B"])
-    floor = _differing_slices(model, finals["A"], finals["A'"])
-    ac = _differing_slices(model, finals["A"], finals["C"])
+    ab = differing_slices(model, finals["A"], finals["B"])
+    floor = differing_slices(model, finals["A"], finals["A'"])
+    ac = differing_slices(model, finals["A"], finals["C"])
     non_forget = (ParamClass.RETAIN, ParamClass.JOINT_NON_FORGET)
     counts = torch.tensor([sum(len(ab.get(c, [])) for c in non_forget),
                            sum(len(v) for c, v in ab.items() if c >= 0),
