@@ -197,3 +197,27 @@ def test_compute_penalty_from_history_scores_runs_on_the_fits_batches(tmp_path):
     assert rows[("retain", "sgtm")]["penalty"] == pytest.approx(0.5) and rows[("retain", "sgtm")]["seeds"] == 3
     assert rows[("forget", "sgtm")]["penalty"] == pytest.approx(0.9)
     assert all(r["compute_flops"] == per_step * 300 for r in res["runs"])
+
+
+def test_wiki_gap_share_places_each_method_between_no_filter_and_perfect_filter(tmp_path):
+    """Per seed, no filter 4.0+eps and the perfect filter 4.5+2eps (gap 0.5+eps): a method at
+    no + k * gap closes share k exactly, and "removes some forget knowledge" holds only for k > 0
+    (a method below no filter does not hold)."""
+    from pipeline.experiments.analyses import tradeoff
+
+    ks = {"sgtm": 0.8, "weak_filter": 0.3, "strict_filter": -0.4}
+    cells = []
+    for seed, eps in enumerate((0.0, 0.05, -0.03)):
+        no, gap = 4.0 + eps, 0.5 + eps
+        rows = {"no_filter": no, "perfect_filter": no + gap, **{m: no + k * gap for m, k in ks.items()}}
+        for m, f in rows.items():
+            cells.append((m, seed, {"forget": (f, f), "retain": (3.0 + eps, 3.0 + eps)}))
+    res = tradeoff([str(_synthetic_sweep(tmp_path, cells))], str(tmp_path / "out"), "test")
+    shares = res["headroom"]["methods"]
+    for m, k in ks.items():
+        assert shares[m]["share"] == pytest.approx(k) and shares[m]["seeds"] == 3
+        assert shares[m]["lo"] == pytest.approx(k) and shares[m]["hi"] == pytest.approx(k)
+    assert _by_claim(res, "sgtm removes some forget")["holds"] == "holds"
+    assert _by_claim(res, "weak filter removes some forget")["holds"] == "holds"
+    assert _by_claim(res, "strict filter removes some forget")["holds"] == "does not hold"
+    assert "share of the removable gap closed: 0.800" in _by_claim(res, "sgtm removes some forget")["here"]

@@ -163,6 +163,7 @@ def tradeoff(sweeps: list[str], out: str, command: str) -> dict:
                             here("perfect_filter", "no_filter", "forget")
                             + ("" if noise is None else f"; seed-to-seed sd of the gap {noise:.3f}"),
                             v, diff=iv, holds_uncalibrated=vs("perfect_filter", "no_filter", "forget", RAW)[1]))
+        headroom["methods"] = _gap_shares(vals, claims)
 
     papers = (("weak_filter", "SGTM > weak filter at every retain loss (TinyStories 20% undiscovered; Wikipedia)"),
               ("strict_filter", "SGTM > strict filter on Wikipedia biology"))
@@ -219,6 +220,36 @@ def tradeoff(sweeps: list[str], out: str, command: str) -> dict:
                "headroom": headroom, "notes": [coverage_note(sweeps), DEPLOYED_NOTE, INTERVAL_NOTE]}
     write_analysis(out, "tradeoff", payload, fig)
     return payload
+
+
+def _gap_shares(vals: dict, claims: list) -> dict:
+    """How much of the removable gap (perfect filter minus no filter, per seed) each method closes.
+
+    A method's raw forget loss is hard to read where the whole gap is half a nat; its share (0: no
+    filter, 1: the true-label filter) is comparable across settings. Each method also gets the
+    claim "removes some forget knowledge" (forget loss above no filter's), the weakest claim a
+    removal method must pass before it is compared with another."""
+    no, perfect = vals["no_filter"]["forget"][CAL], vals["perfect_filter"]["forget"][CAL]
+    shares = {}
+    for m in sorted(vals):
+        if m in ("no_filter", "perfect_filter"):
+            continue
+        own = vals[m]["forget"][CAL]
+        seeds = sorted(set(own) & set(no) & set(perfect))
+        per = [(own[s] - no[s]) / (perfect[s] - no[s]) for s in seeds if perfect[s] != no[s]]
+        iv = t_interval(per)
+        shares[m] = {"share": iv["mean"], "lo": iv["lo"], "hi": iv["hi"], "seeds": iv["n"]}
+        div, v = compare(own, no)
+        name = m.replace("_", " ")
+        claims.append(claim(f"{name} removes some forget knowledge: its deployed forget loss is above no filter's",
+                            "implied: on Wikipedia the paper's SGTM and filters raise biology loss "
+                            "(compute penalty 95-99%)",
+                            f"{ci_text(t_interval(list(own.values())))} vs {ci_text(t_interval(list(no.values())))}; "
+                            f"{diff_text(div)}; share of the removable gap closed: {ci_text(iv)} "
+                            f"(0 = no filter, 1 = perfect filter)",
+                            v, diff=div, holds_uncalibrated=compare(vals[m]["forget"][RAW],
+                                                                    vals["no_filter"]["forget"][RAW])[1]))
+    return shares
 
 
 def _retain_curve(cell: dict) -> dict[int, float]:
