@@ -34,7 +34,7 @@ SUMMARY_KEYS = ("analysis", "title", "command", "seeds", "setup", "claims", "tab
 EXPECTED = {"bilingual": ["tradeoff", "harness", "undiscovered", "seeds", "leakage", "compute_penalty",
                           "compute_penalty_history", "capacity", "joint_policy", "retain_fraction", "moe", "attacks",
                           "gradnorm", "per_token"],
-            "wiki": ["tradeoff", "classifier", "attacks"]}
+            "wiki": ["tradeoff", "classifier", "harness", "attacks"]}
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 FIELD = re.compile(r"\{\{([\w-]+)/([\w-]+):([^}|]+)(?:\|([^}]*))?\}\}")
 
