@@ -201,8 +201,9 @@ def test_compute_penalty_from_history_scores_runs_on_the_fits_batches(tmp_path):
 
 def test_wiki_gap_share_places_each_method_between_no_filter_and_perfect_filter(tmp_path):
     """Per seed, no filter 4.0+eps and the perfect filter 4.5+2eps (gap 0.5+eps): a method at
-    no + k * gap closes share k exactly, and "removes some forget knowledge" holds only for k > 0
-    (a method below no filter does not hold)."""
+    no + k * gap closes share k exactly, its forget rise beyond its retain rise (0.1 k) is
+    k * gap - 0.1 k, and "removes some forget knowledge" holds only for k > 0 (a method below no
+    filter does not hold)."""
     from pipeline.experiments.analyses import tradeoff
 
     ks = {"sgtm": 0.8, "weak_filter": 0.3, "strict_filter": -0.4}
@@ -211,12 +212,16 @@ def test_wiki_gap_share_places_each_method_between_no_filter_and_perfect_filter(
         no, gap = 4.0 + eps, 0.5 + eps
         rows = {"no_filter": no, "perfect_filter": no + gap, **{m: no + k * gap for m, k in ks.items()}}
         for m, f in rows.items():
-            cells.append((m, seed, {"forget": (f, f), "retain": (3.0 + eps, 3.0 + eps)}))
+            r = 3.0 + eps + 0.1 * ks.get(m, 0.0)  # each method's retain rise: 0.1 k
+            cells.append((m, seed, {"forget": (f, f), "retain": (r, r)}))
     res = tradeoff([str(_synthetic_sweep(tmp_path, cells))], str(tmp_path / "out"), "test")
     shares = res["headroom"]["methods"]
     for m, k in ks.items():
         assert shares[m]["share"] == pytest.approx(k) and shares[m]["seeds"] == 3
         assert shares[m]["lo"] == pytest.approx(k) and shares[m]["hi"] == pytest.approx(k)
+        mean_gap = sum(0.5 + e for e in (0.0, 0.05, -0.03)) / 3
+        assert shares[m]["beyond_retain"] == pytest.approx(k * mean_gap - 0.1 * k)
+    assert shares["perfect_filter"]["share"] == pytest.approx(1.0)
     assert _by_claim(res, "sgtm removes some forget")["holds"] == "holds"
     assert _by_claim(res, "weak filter removes some forget")["holds"] == "holds"
     assert _by_claim(res, "strict filter removes some forget")["holds"] == "does not hold"

@@ -223,22 +223,31 @@ def tradeoff(sweeps: list[str], out: str, command: str) -> dict:
 
 
 def _gap_shares(vals: dict, claims: list) -> dict:
-    """How much of the removable gap (perfect filter minus no filter, per seed) each method closes.
+    """How much of the removable gap (perfect filter minus no filter, per seed) each method closes,
+    and how much of its forget-loss rise is beyond its retain-loss rise.
 
     A method's raw forget loss is hard to read where the whole gap is half a nat; its share (0: no
-    filter, 1: the true-label filter) is comparable across settings. Each method also gets the
+    filter, 1: the true-label filter) is comparable across settings. A share above 1 is not "more
+    removal than perfect": an ablated model also loses general ability, so each method also gets
+    its forget-loss rise minus its retain-loss rise over no filter (per seed). Each method gets the
     claim "removes some forget knowledge" (forget loss above no filter's), the weakest claim a
     removal method must pass before it is compared with another."""
     no, perfect = vals["no_filter"]["forget"][CAL], vals["perfect_filter"]["forget"][CAL]
+    no_r = vals["no_filter"]["retain"][CAL]
     shares = {}
     for m in sorted(vals):
-        if m in ("no_filter", "perfect_filter"):
+        if m == "no_filter":
             continue
-        own = vals[m]["forget"][CAL]
+        own, own_r = vals[m]["forget"][CAL], vals[m]["retain"][CAL]
         seeds = sorted(set(own) & set(no) & set(perfect))
-        per = [(own[s] - no[s]) / (perfect[s] - no[s]) for s in seeds if perfect[s] != no[s]]
-        iv = t_interval(per)
-        shares[m] = {"share": iv["mean"], "lo": iv["lo"], "hi": iv["hi"], "seeds": iv["n"]}
+        iv = t_interval([(own[s] - no[s]) / (perfect[s] - no[s]) for s in seeds if perfect[s] != no[s]])
+        both = sorted(set(own) & set(no) & set(own_r) & set(no_r))
+        beyond = t_interval([(own[s] - no[s]) - (own_r[s] - no_r[s]) for s in both])
+        shares[m] = {"share": iv["mean"], "lo": iv["lo"], "hi": iv["hi"], "seeds": iv["n"],
+                     "beyond_retain": beyond["mean"], "beyond_retain_lo": beyond["lo"],
+                     "beyond_retain_hi": beyond["hi"]}
+        if m == "perfect_filter":
+            continue
         div, v = compare(own, no)
         name = m.replace("_", " ")
         claims.append(claim(f"{name} removes some forget knowledge: its deployed forget loss is above no filter's",
@@ -246,7 +255,7 @@ def _gap_shares(vals: dict, claims: list) -> dict:
                             "(compute penalty 95-99%)",
                             f"{ci_text(t_interval(list(own.values())))} vs {ci_text(t_interval(list(no.values())))}; "
                             f"{diff_text(div)}; share of the removable gap closed: {ci_text(iv)} "
-                            f"(0 = no filter, 1 = perfect filter)",
+                            f"(0 = no filter, 1 = perfect filter); forget rise minus retain rise: {ci_text(beyond)}",
                             v, diff=div, holds_uncalibrated=compare(vals[m]["forget"][RAW],
                                                                     vals["no_filter"]["forget"][RAW])[1]))
     return shares
