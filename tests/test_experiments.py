@@ -382,7 +382,8 @@ def test_headroom_claim_needs_the_perfect_filter_gap_above_seed_noise(tmp_path):
 
 
 def test_attack_verdict_needs_something_removed(tmp_path):
-    """RMU that left the model at the target (start - target ~ 0) cannot be 'resisted longer than'."""
+    """RMU that left the model at the target (start - target ~ 0), or far closer to it than SGTM,
+    cannot be 'resisted longer than'."""
     from pipeline.experiments.analyses import attacks
 
     def write(label, seed, start, target, losses):
@@ -399,9 +400,14 @@ def test_attack_verdict_needs_something_removed(tmp_path):
     res = attacks([str(tmp_path)], str(tmp_path / "out"), "test")
     (c,) = res["claims"]
     assert c["holds"] == "inconclusive" and "RMU" in c["here"]
-    # when RMU did raise the forget loss and recovers fast, the comparison is made
+    # RMU measurably above the target but by a sliver (0.05 vs SGTM's 3.2 nats: the Wikipedia case)
     for seed in range(3):
-        write("rmu", seed, 6.0 + 0.01 * seed, 5.0, [5.5, 4.9])
+        write("rmu", seed, 5.05 + 0.001 * seed, 5.0, [5.1, 4.9])
+    (c,) = attacks([str(tmp_path)], str(tmp_path / "out1"), "test")["claims"]
+    assert c["holds"] == "inconclusive" and "too far apart" in c["here"]
+    # when RMU did raise the forget loss comparably and recovers fast, the comparison is made
+    for seed in range(3):
+        write("rmu", seed, 6.8 + 0.01 * seed, 5.0, [5.5, 4.9])
     res = attacks([str(tmp_path)], str(tmp_path / "out2"), "test")
     assert res["claims"][0]["holds"] == "holds"
 
