@@ -83,8 +83,12 @@ if want attacks; then
       [[ -f $W/attack_${m}_s$seed.analysis.json ]] || ! done_cell "$c" || \
         $SGTM attack --checkpoint "$c" --name attack_${m}_s$seed "${wattack[@]}" --out $W
     done
+    # RMU at the bilingual setting (lr 1e-3, alpha 100) left the biology loss within a hundredth of
+    # a nat of no filter's here, leaving nothing to attack; at lr 1e-2 with a retain weight of 10 it
+    # starts about as far above the target as SGTM (the wiki attacks table), so the attacks compare
+    # like with like.
     [[ -f $W/rmu_s$seed/attack_rmu.analysis.json ]] || \
-      $SGTM rmu --checkpoint "$wnofilter" --rmu-steps 100 --rmu-lr 1e-3 "${wattack[@]}" --out $W/rmu_s$seed
+      $SGTM rmu --checkpoint "$wnofilter" --rmu-steps 100 --rmu-lr 1e-2 --alpha 10 "${wattack[@]}" --out $W/rmu_s$seed
   done
   ls $W/attack_*.analysis.json >/dev/null 2>&1 && $SGTM analyze attacks --runs $W --out $W
 fi
