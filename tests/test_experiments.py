@@ -439,7 +439,7 @@ def test_report_renders_template_fields_pending_sections_and_summaries(tmp_path)
     assert numbers_not_in_summaries(text + " 7.777", summaries) == {"7.777"}
 
 
-NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?![\w])")
+NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w])")  # 1.43e-05 is one number
 
 
 def _summary_numbers(obj, out: set[str]) -> set[str]:
