@@ -1180,14 +1180,14 @@ def attacks(runs: list[str], out: str, command: str, thresholds: list[float] | N
     claims = []
     if "sgtm" in per and "rmu" in per:
         s_, r_ = per["sgtm"], per["rmu"]
-        removed = {m: verdict(t_interval(list(per[m]["gap"].values()))) for m in ("sgtm", "rmu")}
+        start = {m: t_interval(list(per[m]["gap"].values())) for m in ("sgtm", "rmu")}
+        removed = {m: verdict(start[m]) for m in start}
         iv = diff_interval(s_["steps"], r_["steps"])
-        start = {m: t_interval(list(per[m]["gap"].values()))["mean"] for m in ("sgtm", "rmu")}
         if removed["rmu"] != "holds" or removed["sgtm"] != "holds":
             who = [m.upper() for m in ("sgtm", "rmu") if removed[m] != "holds"]
             v, why = "inconclusive", (f"; {' and '.join(who)} did not start measurably above the target (interval of "
                                       "start - target not above 0): nothing to recover, so steps measure nothing")
-        elif min(start.values()) < COMPARABLE_START * max(start.values()):
+        elif min(g["mean"] for g in start.values()) < COMPARABLE_START * max(g["mean"] for g in start.values()):
             # A model that starts a hundredth of a nat above the target "recovers" in a few noisy steps
             # whatever the method: steps compare resistance only from comparable starting points.
             v, why = "inconclusive", (f"; the two start too far apart to compare (one is below {COMPARABLE_START:g}x "
@@ -1200,8 +1200,8 @@ def attacks(runs: list[str], out: str, command: str, thresholds: list[float] | N
                                    if s_["censored"] else "")
         claims.append(claim("SGTM resists fine-tuning longer than RMU (steps to the no-filter forget loss)",
                             "RMU 50 steps; SGTM 350 (~7x)",
-                            f"start above target: SGTM {ci_text(t_interval(list(s_['gap'].values())))}, RMU "
-                            f"{ci_text(t_interval(list(r_['gap'].values())))}; steps: SGTM "
+                            f"start above target: SGTM {ci_text(start['sgtm'])}, RMU {ci_text(start['rmu'])}; "
+                            "steps: SGTM "
                             f"{ci_text(t_interval(list(s_['steps'].values())), 0)}, RMU "
                             f"{ci_text(t_interval(list(r_['steps'].values())), 0)}; {diff_text(iv, 0)}" + why,
                             v, diff=iv))
