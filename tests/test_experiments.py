@@ -24,6 +24,7 @@ from pipeline.experiments.stats import (
     compute_penalty,
     diff_interval,
     dose_equivalent,
+    exponent_interval_from_r2,
     fit_power_law,
     nonincreasing,
     steps_to_threshold,
@@ -72,6 +73,68 @@ def test_power_law_fit_and_compute_penalty_known_answers():
     assert compute_penalty(3.0, 0.05, 3.0 * (1.1e14) ** -0.05, 1e14) == pytest.approx(-0.1)
     with pytest.raises(ValueError):
         fit_power_law([1e12, 1e12], [3.0, 2.9])
+
+
+def test_power_law_fit_reports_the_exponent_interval_and_calls_flat_fits_flat():
+    """The interval is the regression's (checked against scipy's slope standard error); a fit is
+    flat, with a reason, when the interval contains 0, when 2 points leave no interval, when R^2
+    is below the floor, or when the loss does not move at all (the case that overflowed)."""
+    from scipy.stats import linregress
+    from scipy.stats import t as student
+
+    rng = np.random.default_rng(0)
+    c = np.geomspace(1e12, 1e16, 9)
+    y = 3.0 * c ** -0.05 * np.exp(rng.normal(0, 0.01, c.size))
+    fit = fit_power_law(c, y)
+    ref = linregress(np.log(c), np.log(y))
+    half = student.ppf(0.975, c.size - 2) * ref.stderr
+    assert fit["b"] == pytest.approx(-ref.slope) and fit["b_se"] == pytest.approx(ref.stderr)
+    assert (fit["b_lo"], fit["b_hi"]) == pytest.approx((-ref.slope - half, -ref.slope + half))
+    assert fit["r2"] == pytest.approx(ref.rvalue ** 2) and not fit["flat"] and fit["reason"] is None
+    # the report rebuilds the same interval from b, R^2 and n for summaries that predate it
+    assert exponent_interval_from_r2(fit["b"], fit["r2"], 9) == pytest.approx((fit["b_lo"], fit["b_hi"]))
+
+    two = fit_power_law([1e12, 1e13], [3.0, 2.9])
+    assert two["flat"] and two["b_lo"] is None and "2 points" in two["reason"]
+    noise = fit_power_law(c, 4.0 * np.exp(rng.normal(0, 0.01, c.size)))  # no trend at all
+    assert noise["flat"] and noise["b_lo"] <= 0 <= noise["b_hi"] and "contains 0" in noise["reason"]
+    # many points: a significant slope that explains little of the loss is still flat
+    cm = np.geomspace(1e12, 1e16, 400)
+    weak = fit_power_law(cm, 3.0 * cm ** -0.002 * np.exp(rng.normal(0, 0.02, cm.size)))
+    assert weak["b_lo"] > 0 and weak["r2"] < 0.5 and weak["flat"] and "below the floor 0.5" in weak["reason"]
+    # two sizes x three seeds at one loss (the issue's sweep): no exponent, whatever its rounding
+    same = fit_power_law([6.4e6, 2.56e7] * 3, [4.0] * 6)
+    assert same["flat"] and same["r2"] is None and "same at every compute" in same["reason"]
+
+
+def test_compute_for_loss_is_done_in_log_space_at_extreme_exponents():
+    """The issue's numbers: a = 4, b = -3.3e-17 (a flat fit's rounding), loss 9. The old form
+    (loss / a) ** (-1 / b) raises OverflowError; in log space C is inf (or 0 for the other sign of
+    the rounding), the penalty -inf (or 1), never an exception; b == 0 has no answer (None)."""
+    a, b, loss_ = 3.9999999999999956, -3.267959445834808e-17, 9.0
+    with pytest.raises(OverflowError):
+        (loss_ / a) ** (-1.0 / b)  # the old inversion
+    assert compute_for_loss(a, b, loss_) == math.inf and compute_penalty(a, b, loss_, 1e7) == -math.inf
+    assert compute_for_loss(a, -b, loss_) == 0.0 and compute_penalty(a, -b, loss_, 1e7) == 1.0
+    assert compute_for_loss(a, 0.0, loss_) is None and compute_penalty(a, 0.0, loss_, 1e7) is None
+    # a shallow but real fit far outside its range: C_equivalent = 10^2000 in the old form overflows
+    with pytest.raises(OverflowError):
+        (1.0 / 10.0) ** (-1.0 / 5e-4)
+    assert compute_for_loss(10.0, 5e-4, 1.0) == math.inf
+    assert compute_penalty(10.0, 5e-4, 1.0, 1e20) == -math.inf
+    assert compute_penalty(10.0, 5e-4, 100.0, 1e20) == 1.0  # C_equivalent = 10^-2000: underflows to 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.floats(0.1, 100.0), b=st.floats(1e-3, 2.0), sign=st.sampled_from([1.0, -1.0]),
+       log10_c=st.floats(0.0, 20.0), penalty=st.floats(-10.0, 0.999))
+def test_compute_for_loss_round_trips_the_power_law(a, b, sign, log10_c, penalty):
+    """compute_for_loss inverts loss = a * C^-b for either sign of b, and compute_penalty of the
+    loss a run at C reaches with (1 - p) C of plain compute is p."""
+    b *= sign
+    c = 10.0 ** log10_c
+    assert compute_for_loss(a, b, a * c ** -b) == pytest.approx(c, rel=1e-9)
+    assert compute_penalty(a, b, a * ((1 - penalty) * c) ** -b, c) == pytest.approx(penalty, rel=1e-9, abs=1e-9)
 
 
 def test_steps_to_threshold():
@@ -576,7 +639,14 @@ def test_seeds_analysis_reports_spread_per_method(tmp_path):
 
 def test_leakage_compares_sizes_at_one_matched_rate_and_compute_penalty_runs(tmp_path):
     """Two sizes; the small one also has a 5% cell with a much larger leakage. The size claim
-    uses the 20% cells only (the old report averaged every rate of a size into its point)."""
+    uses the 20% cells only (the old report averaged every rate of a size into its point).
+
+    The compute penalty runs on the same sweep with a real retain fit on purpose: no filter's
+    retain loss is 4.0 at the small size and 3.7 at the big one, times exp(+-0.003) by seed, so
+    the log-log fit passes through both exactly (b = ln(4/3.7) / ln 4) with an interval that
+    excludes 0 (6 points). Its forget loss is 4.0 at both sizes: that fit is flat and says so.
+    (Retain used to be 4.0 at both sizes too: b was +-3e-17 by rounding and the sign decided
+    between a penalty of exactly 100% and an OverflowError.)"""
     from pipeline.experiments.analyses import compute_penalty_analysis, leakage
 
     cells = []
@@ -591,7 +661,8 @@ def test_leakage_compares_sizes_at_one_matched_rate_and_compute_penalty_runs(tmp
             target = (7.0 if size == "s" else 8.0) + 0.01 * seed
             cells.append(("sgtm", seed, {"forget": (target, target), "retain": (4.2, 4.2)},
                           {**f, "forget_unlabelled": 20000, "undiscovered_rate": 0.2}))
-            cells.append(("no_filter", seed, {"forget": (4.0, 4.0), "retain": (4.0 - 0.3 * (d == 16), 4.0)},
+            retain = (3.7 if d == 16 else 4.0) * math.exp(0.003 * (seed - 1))
+            cells.append(("no_filter", seed, {"forget": (4.0, 4.0), "retain": (retain, retain)},
                           {**f, "undiscovered_rate": 0.2}))
         # a 5% cell at the big size only, leaking far more: it must not enter the size comparison
         cells.append(("sgtm", seed, {"forget": (5.0, 5.0), "retain": (4.2, 4.2)},
@@ -605,8 +676,68 @@ def test_leakage_compares_sizes_at_one_matched_rate_and_compute_penalty_runs(tmp
     assert rows[(1000, 0.2)]["leakage"] == pytest.approx(0.05, rel=0.05) and rows[(1000, 0.2)]["seeds"] == 3
     assert rows[(4000, 0.2)]["leakage"] < rows[(1000, 0.2)]["leakage"]
     cp = compute_penalty_analysis([str(sweep)], str(tmp_path / "out"), "test")
-    assert cp["fits"]["retain"]["points"] == 6 and all(c["holds"] is None for c in cp["claims"])
-    assert any(r["method"] == "sgtm" and r["set"] == "retain" and r["seeds"] == 3 for r in cp["table"])
+    fit = cp["fits"]["retain"]
+    b = math.log(4.0 / 3.7) / math.log(4.0)
+    assert fit["points"] == 6 and not fit["flat"] and fit["b"] == pytest.approx(b, rel=1e-9)
+    assert 0 < fit["b_lo"] < b < fit["b_hi"] and all(c["holds"] is None for c in cp["claims"])
+    rows = {(r["set"], r["method"], r["size"].split(" ")[0]): r for r in cp["table"]}
+    # SGTM's retain 4.2 against the law: the small plain run reaches it at (4.2/4.0)^(-1/b) of its compute
+    small, big = (rows[("retain", "sgtm", k)] for k in ("d8xL1", "d16xL1"))
+    assert small["seeds"] == 3 and big["seeds"] == 6  # the big size also has the 5% cells (same retain loss)
+    assert small["penalty"] == pytest.approx(1 - (4.2 / 4.0) ** (-1 / b), rel=1e-6)
+    assert big["penalty"] == pytest.approx(1 - (4.2 / 3.7) ** (-1 / b), rel=1e-6)
+    assert 0.5 < small["penalty"] < big["penalty"] < 1
+    (retain_claim,) = [c for c in cp["claims"] if c["claim"].endswith("on retain for sgtm")]
+    assert retain_claim["here"].endswith("% over 9 runs")
+    assert cp["fits"]["forget"]["flat"] and rows[("forget", "sgtm", "d8xL1")]["penalty"] is None
+    (forget_claim,) = [c for c in cp["claims"] if c["claim"].endswith("on forget for sgtm")]
+    assert forget_claim["here"].startswith("no penalty: the fit is flat")
+
+
+def test_report_renders_fits_of_summaries_written_before_the_interval():
+    """The committed compute-penalty summaries predate b's interval (no ``b_lo``): the report
+    rebuilds it from b, R^2 and n and marks it so; a new flat fit renders its reason, no penalty."""
+    from pipeline.experiments.report import fit_text
+
+    old = json.loads((ROOT / "docs" / "results" / "bilingual_compute_penalty.json").read_text())["fits"]
+    for name, fit in old.items():
+        assert "b_lo" not in fit
+        text = fit_text(name, fit)
+        lo, hi = exponent_interval_from_r2(fit["b"], fit["r2"], fit["points"])
+        assert 0 < lo < fit["b"] < hi and f"[{lo:.4f}, {hi:.4f}] (95%, from R^2 and n)" in text
+        assert "flat" not in text
+    flat = fit_power_law([1e12, 1e13, 1e14], [4.0, 4.1, 3.9])
+    assert fit_text("retain", flat).endswith(f": no penalty: the fit is flat ({flat['reason']})")
+
+
+def test_compute_penalty_of_a_flat_fit_is_an_explicit_no_penalty(tmp_path):
+    """No-filter losses that do not fall with size, on purpose: the same retain loss at both
+    sizes (the fit whose b is rounding noise; the old code raised OverflowError or said 100%) and a
+    forget loss that wanders by seed without a trend (the exponent's interval contains 0). Every
+    penalty is None with "no penalty: the fit is flat" in the table, the claims, the notes and the
+    rendered report; nothing raises and no number stands in for it."""
+    from pipeline.experiments.analyses import compute_penalty_analysis
+    from pipeline.experiments.report import build_report
+
+    cells = []
+    for seed, eps in enumerate((0.0, 0.1, -0.1)):
+        for n_params, d, wander in ((1000, 8, eps), (4000, 16, -eps)):
+            f = {"n_params": n_params, "d_model": d}
+            cells.append(("no_filter", seed, {"forget": (4.0 + wander, 4.0 + wander), "retain": (4.0, 4.0)}, f))
+            cells.append(("sgtm", seed, {"forget": (9.0, 9.0), "retain": (4.2, 4.2)}, {**f, "strategy": "sgtm"}))
+    sweep = _synthetic_sweep(tmp_path, cells)
+    res = compute_penalty_analysis([str(sweep)], str(tmp_path / "analysis"), "test")
+    for s, why in (("retain", "the loss is the same at every compute"), ("forget", "interval")):
+        assert res["fits"][s]["flat"] and why in res["fits"][s]["reason"]
+        assert any(n.startswith(f"{s}: no penalty: the fit is flat") for n in res["notes"])
+    assert res["fits"]["forget"]["b_lo"] <= 0 <= res["fits"]["forget"]["b_hi"]
+    assert res["runs"] and all(r["penalty"] is None and r["penalty_no_bias"] is None for r in res["runs"])
+    assert all(r["penalty"] is None and r["no_penalty"].startswith("no penalty: the fit is flat")
+               for r in res["table"])
+    assert {c["claim"].rsplit(" on ", 1)[1] for c in res["claims"]} == {"forget for sgtm", "retain for sgtm"}
+    assert all(c["here"].startswith("no penalty: the fit is flat (") for c in res["claims"])
+    text = build_report([tmp_path / "analysis"], tmp_path / "docs", command="sgtm report").read_text()
+    assert "retain: a=4.000" in text and text.count(": no penalty: the fit is flat (") >= 2
 
 
 def test_moe_analysis_pairs_by_seed_with_intervals_params_and_pending_cells(tmp_path):

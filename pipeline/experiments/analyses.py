@@ -5,6 +5,7 @@ classifier | moe | ...`: each reads sweep results (or a run) and writes ``<name>
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from pipeline.experiments.common import (
 )
 from pipeline.experiments.stats import (
     CONFIDENCE,
+    POWER_LAW_R2_FLOOR,
     all_of,
     compute_penalty,
     diff_interval,
@@ -938,6 +940,19 @@ def leakage(sweeps: list[str], out: str, command: str) -> dict:
 # ------------------------------------------------------------------------------- compute penalty
 
 
+def _penalty(fit: dict, loss_: float | None, flops: float | None) -> tuple[float | None, str | None]:
+    """A run's compute penalty under ``fit``, or None and the reason: a flat fit turns no loss into
+    a compute, so it gives no number rather than a sign-of-rounding 0% / 100% or an overflow."""
+    if fit["flat"]:
+        return None, f"no penalty: the fit is flat ({fit['reason']})"
+    if loss_ is None or flops is None:
+        return None, "no loss recorded"
+    p = compute_penalty(fit["a"], fit["b"], loss_, flops)
+    if p is None or not math.isfinite(p):
+        return None, "no penalty: C_equivalent is beyond the float range"
+    return p, None
+
+
 def compute_penalty_analysis(sweeps: list[str], out: str, command: str, from_history: bool = False) -> dict:
     """Fit loss = a * C^-b on the no-filter runs of several sizes (C = 6 * params * tokens), per set,
     and express every other run's deployed loss as the compute fraction it gave up; mean and 95%
@@ -967,7 +982,8 @@ def compute_penalty_analysis(sweeps: list[str], out: str, command: str, from_his
         fit = fit_power_law([p[0] for p in pts], [p[1] for p in pts])
         fits[s] = {**fit, "compute_span": max(p[0] for p in pts) / min(p[0] for p in pts)}
         cs = np.geomspace(min(p[0] for p in pts) / 2, max(p[0] for p in pts) * 2, 50)
-        ax.plot(cs, fit["a"] * cs ** -fit["b"], "k--", lw=1, label=f"fit a*C^-b, b={fit['b']:.3f}")
+        ax.plot(cs, fit["a"] * cs ** -fit["b"], "k--", lw=1,
+                label=f"fit a*C^-b, b={fit['b']:.3f}" + (" (flat: no penalty)" if fit["flat"] else ""))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "ko", label="no filter")
         for c in cells:
             if c in plain:
@@ -981,11 +997,11 @@ def compute_penalty_analysis(sweeps: list[str], out: str, command: str, from_his
             if v is None:
                 continue
             m = method_of(c)
+            pen, why = _penalty(fit, v, flops)
             runs.append({"set": s, "method": m, "size": size_label(c), "undiscovered_rate": c["undiscovered_rate"],
-                         "seed": c["seed"], "compute_flops": flops, "loss": v,
-                         "penalty": compute_penalty(fit["a"], fit["b"], v, flops),
-                         "loss_no_bias": raw,
-                         "penalty_no_bias": compute_penalty(fit["a"], fit["b"], raw, flops)})
+                         "seed": c["seed"], "compute_flops": flops, "loss": v, "penalty": pen,
+                         "loss_no_bias": raw, "penalty_no_bias": _penalty(fit, raw, flops)[0],
+                         **({"no_penalty": why} if why else {})})
             ax.plot([flops], [v], "o", color=COLORS.get(m, "tab:olive"), ms=4)
         ax.set(xscale="log", yscale="log", title=f"{s} loss vs compute", xlabel="C = 6 N D (FLOPs)",
                ylabel="loss (deployed model, calibrated)")
@@ -994,19 +1010,25 @@ def compute_penalty_analysis(sweeps: list[str], out: str, command: str, from_his
     table = []
     for (s, m, size), rs in sorted(_groups(runs, lambda r: (r["set"], r["method"], r["size"])).items()):
         iv, ivr = t_interval([r["penalty"] for r in rs]), t_interval([r["penalty_no_bias"] for r in rs])
+        why = sorted({r["no_penalty"] for r in rs if "no_penalty" in r})
         table.append({"set": s, "method": m, "size": size, "seeds": len(rs), "penalty": iv["mean"],
                       "penalty_pm": None if iv["lo"] is None else iv["hi"] - iv["mean"],
-                      "penalty_no_bias": ivr["mean"]})
+                      "penalty_no_bias": ivr["mean"], **({"no_penalty": "; ".join(why)} if why else {})})
     paper = {("retain", "sgtm"): "5%", ("retain", "weak_filter"): "-10%", ("retain", "strict_filter"): "-15%",
              ("forget", "sgtm"): "99%", ("forget", "weak_filter"): "95%", ("forget", "strict_filter"): "96%"}
     claims = []
     for (s, m), rs in sorted(_groups(runs, lambda r: (r["set"], r["method"])).items()):
         if (s, m) not in paper:
             continue
-        iv = t_interval([100 * r["penalty"] for r in rs])
+        iv = t_interval([100 * r["penalty"] for r in rs if r["penalty"] is not None])
+        if fits[s]["flat"]:
+            here = f"no penalty: the fit is flat ({fits[s]['reason']})"
+        else:
+            why = "; ".join(sorted({r["no_penalty"] for r in rs if "no_penalty" in r}))
+            here = f"{ci_text(iv, 0)} % over {iv['n']} runs" + (
+                f" ({len(rs) - iv['n']} without a penalty: {why})" if why else "")
         claims.append(claim(f"compute penalty (from the fitted scaling law) on {s} for {m}",
-                            paper[(s, m)] + " (Wikipedia 254M; retain = general knowledge)",
-                            f"{ci_text(iv, 0)} % over {iv['n']} runs", None))
+                            paper[(s, m)] + " (Wikipedia 254M; retain = general knowledge)", here, None))
     span = {k: v["compute_span"] for k, v in fits.items()}
     title = "Compute penalty from the training histories" if from_history else "Compute penalty"
     payload = {"title": title, "command": command, "inputs": [str(s) for s in sweeps],
@@ -1018,6 +1040,12 @@ def compute_penalty_analysis(sweeps: list[str], out: str, command: str, from_his
                          "Positive: the method costs compute on that set; on the forget set a large penalty is the "
                          "goal. A loss increase and a compute penalty are different quantities: with a shallow fit "
                          "(small b) a small loss gap is a large compute fraction.",
+                         f"Each fit gives b with its {100 * CONFIDENCE:g}% t-interval (slope standard error, n - 2 "
+                         "degrees of freedom) and R^2. A fit is flat when that interval contains 0, when it has only "
+                         f"2 points (no interval) or when R^2 < {POWER_LAW_R2_FLOOR:g}: its set gets \"no penalty: "
+                         "the fit is flat\" instead of a number (a flat b is noise whose sign decides whether "
+                         "C_equivalent is 0 or unbounded).",
+                         *[f"{k}: no penalty: the fit is flat ({v['reason']})." for k, v in fits.items() if v["flat"]],
                          f"Fit on no-filter runs spanning {max(span.values()):.1f}x in compute at a fixed step count "
                          "(not compute-optimal)." if span and not from_history else
                          "Fit on every training-time evaluation of the no-filter run(s) (--from-history): compute "

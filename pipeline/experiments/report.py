@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.experiments.common import fmt
+from pipeline.experiments.stats import CONFIDENCE, POWER_LAW_R2_FLOOR, exponent_interval_from_r2
 
 VERDICT = {None: "compare", True: "holds", False: "does not hold"}
 ORDER = ["tradeoff", "harness", "undiscovered", "seeds", "leakage", "compute_penalty", "joint_policy",
@@ -152,6 +153,32 @@ def _table(rows: list[dict], limit: int = 40) -> str:
     return "\n".join(lines)
 
 
+def fit_text(name: str, fit: dict) -> str:
+    """One power-law fit for the report: a, b with its interval, R^2, points, and "no penalty: the
+    fit is flat" when it is. Summaries written before fits carried an interval (no ``b_lo`` key)
+    get one rebuilt from b, R^2 and the point count, marked as such, so old and new summaries
+    render alike."""
+    text = f"{name}: a={fmt(fit['a'])}, b={fmt(fit['b'], 4)}"
+    derived = "b_lo" not in fit
+    if derived:
+        iv = exponent_interval_from_r2(fit["b"], fit.get("r2"), fit.get("points", 0))
+    else:
+        iv = None if fit["b_lo"] is None else (fit["b_lo"], fit["b_hi"])
+    conf = f"{100 * fit.get('confidence', CONFIDENCE):g}%"
+    if iv is not None:
+        text += f" [{fmt(iv[0], 4)}, {fmt(iv[1], 4)}] ({conf}{', from R^2 and n' if derived else ''})"
+    text += f", R^2={fmt(fit.get('r2'))} ({fit['points']} runs)"
+    if derived:
+        floor = POWER_LAW_R2_FLOOR
+        r2 = fit.get("r2")
+        flat = iv is None or iv[0] <= 0.0 <= iv[1] or r2 is None or r2 < floor
+        reason = "no interval or R^2" if iv is None or r2 is None else (
+            f"the exponent's {conf} interval contains 0" if iv[0] <= 0.0 <= iv[1] else f"R^2 below the floor {floor:g}")
+    else:
+        flat, reason = fit.get("flat", False), fit.get("reason")
+    return text + (f": no penalty: the fit is flat ({reason})" if flat else "")
+
+
 def _claim_row(c: dict, analysis: str = "") -> str:
     raw = c.get("holds_uncalibrated", "")
     raw = verdict_text(raw) if raw != "" else ""
@@ -208,9 +235,7 @@ def build_report(runs: list[str | Path], out: str | Path, title: str = "SGTM res
             shutil.copyfile(Path(s["_dir"]) / s["png"], target)
             sec += [f"![{heading}](figures/{target.name})", ""]
         if s.get("fits"):
-            sec += ["Fits (loss = a * C^-b): " + "; ".join(
-                f"{k}: a={fmt(v['a'])}, b={fmt(v['b'], 4)}, R^2={fmt(v['r2'])} ({v['points']} runs)"
-                for k, v in s["fits"].items()), ""]
+            sec += ["Fits (loss = a * C^-b): " + "; ".join(fit_text(k, v) for k, v in s["fits"].items()), ""]
         if s.get("table"):
             sec += [_table(s["table"]), ""]
         for note in s.get("notes", []):

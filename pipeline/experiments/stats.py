@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import numpy as np
+
+CONFIDENCE = 0.95  # two-sided level of every interval (seeds, fits)
 
 
 def nonincreasing(y: Sequence[float], w: Sequence[float] | None = None) -> np.ndarray:
@@ -51,28 +54,109 @@ def dose_equivalent(doses: Sequence[float], losses: Sequence[float], target: flo
     return {"n": float(math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0)))), "bound": None}
 
 
-def fit_power_law(compute: Sequence[float], loss: Sequence[float]) -> dict:
-    """Least squares of log L = log a - b log C. Returns a, b and R^2 (in log space)."""
-    x = np.log(np.asarray(compute, dtype=float))
-    y = np.log(np.asarray(loss, dtype=float))
-    if len(x) < 2 or np.ptp(x) == 0:
+# Below this R^2 (log space) a power-law fit explains too little of the loss to convert a loss
+# into compute: the penalty is reported as "no penalty: the fit is flat", not as a number.
+POWER_LAW_R2_FLOOR = 0.5
+# A loss span (log space) this small relative to the losses is rounding, not a trend.
+_FLAT_LOSS_RTOL = 1e-12
+_LOG_FLOAT_MAX = math.log(sys.float_info.max)
+
+
+def fit_power_law(compute: Sequence[float], loss: Sequence[float], confidence: float = CONFIDENCE,
+                  r2_floor: float = POWER_LAW_R2_FLOOR) -> dict:
+    """Least squares of log L = log a - b log C: a, b, R^2 (log space) and the exponent's two-sided
+    t-interval from the slope's standard error (``b_lo``/``b_hi``; None with two points, which
+    leave no degree of freedom).
+
+    ``flat`` is True, with ``reason``, when the fit cannot turn a loss into a compute: the interval
+    contains 0 (or there is none), R^2 is below ``r2_floor``, or the loss does not change at all.
+    A flat fit's b is rounding noise whose sign decides whether C = (L/a)^(-1/b) is 0 or overflows,
+    so callers report "no penalty: the fit is flat" instead of a number. Raises ValueError only
+    when there is nothing to fit (fewer than two distinct compute values, non-positive inputs)."""
+    x = np.asarray(compute, dtype=float)
+    y = np.asarray(loss, dtype=float)
+    if x.shape != y.shape or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))
+                                  and np.all(x > 0) and np.all(y > 0)):
+        raise ValueError("power-law fit: compute and loss must be paired, finite and positive")
+    x, y = np.log(x), np.log(y)
+    n = int(x.size)
+    if n < 2 or np.ptp(x) == 0:
         raise ValueError("power-law fit: need at least two distinct compute values")
-    slope, intercept = np.polyfit(x, y, 1)
-    pred = intercept + slope * x
-    ss = float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - float(((y - pred) ** 2).sum()) / ss if ss > 0 else 1.0
-    return {"a": float(math.exp(intercept)), "b": float(-slope), "r2": r2, "points": len(x)}
+    xc, yc = x - x.mean(), y - y.mean()
+    sxx = float((xc ** 2).sum())
+    slope = float((xc * yc).sum()) / sxx
+    intercept = float(y.mean()) - slope * float(x.mean())
+    sse = float(((y - intercept - slope * x) ** 2).sum())
+    sst = float((yc ** 2).sum())
+    b = 0.0 - slope  # not -0.0 for a perfectly flat line
+    constant = float(np.ptp(y)) <= _FLAT_LOSS_RTOL * max(1.0, float(np.abs(y).max()))
+    r2 = None if constant or sst == 0 else 1.0 - sse / sst
+    out = {"a": float(math.exp(intercept)), "b": b, "b_lo": None, "b_hi": None, "b_se": None,
+           "confidence": confidence, "r2": r2, "points": n, "r2_floor": r2_floor, "flat": False, "reason": None}
+    if n > 2:
+        se = math.sqrt(sse / (n - 2) / sxx)
+        half = _t_quantile(n - 2, confidence) * se
+        out.update(b_se=se, b_lo=b - half, b_hi=b + half)
+    pct = f"{100 * confidence:g}%"
+    if constant:
+        reason = "the loss is the same at every compute"
+    elif n == 2:
+        reason = "2 points leave no interval on the exponent (3 needed)"
+    elif out["b_lo"] <= 0.0 <= out["b_hi"]:
+        reason = f"the exponent's {pct} interval [{out['b_lo']:.3g}, {out['b_hi']:.3g}] contains 0"
+    elif r2 < r2_floor:
+        reason = f"R^2 {r2:.3f} is below the floor {r2_floor:g}"
+    else:
+        reason = None
+    out.update(flat=reason is not None, reason=reason)
+    return out
 
 
-def compute_for_loss(a: float, b: float, loss: float) -> float:
-    """C with a * C^-b = loss."""
-    return (loss / a) ** (-1.0 / b)
+def exponent_interval_from_r2(b: float, r2: float | None, points: int,
+                              confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """The exponent's t-interval rebuilt from b, R^2 and the point count (for a straight-line least
+    squares fit |t| = sqrt(R^2 (n - 2) / (1 - R^2))): summaries written before fits recorded their
+    interval still show one. None with fewer than 3 points or no R^2."""
+    if r2 is None or points < 3 or not 0.0 <= r2 <= 1.0:
+        return None
+    if r2 == 1.0:
+        return b, b
+    if r2 == 0.0:
+        return -math.inf, math.inf
+    se = abs(b) * math.sqrt((1.0 - r2) / (r2 * (points - 2)))
+    half = _t_quantile(points - 2, confidence) * se
+    return b - half, b + half
 
 
-def compute_penalty(a: float, b: float, loss: float, compute: float) -> float:
+def log_compute_for_loss(a: float, b: float, loss: float) -> float | None:
+    """log C with a * C^-b = loss, as (log a - log loss) / b: finite or +-inf, never an overflow
+    (the direct (loss / a)^(-1/b) overflows for small b). None when b == 0: a flat law reaches
+    ``loss`` at every compute or at none."""
+    if b == 0:
+        return None
+    return (math.log(a) - math.log(loss)) / b
+
+
+def compute_for_loss(a: float, b: float, loss: float) -> float | None:
+    """C with a * C^-b = loss (``math.inf`` past the float range); None when b == 0."""
+    log_c = log_compute_for_loss(a, b, loss)
+    if log_c is None:
+        return None
+    return math.inf if log_c > _LOG_FLOAT_MAX else math.exp(log_c)
+
+
+def compute_penalty(a: float, b: float, loss: float, compute: float) -> float | None:
     """1 - C_equivalent / C: the share of its compute a run gave up to reach ``loss`` (negative: it
-    did better than a plain run of the same compute; 0.99: it looks like a run with 1% of it)."""
-    return 1.0 - compute_for_loss(a, b, loss) / compute
+    did better than a plain run of the same compute; 0.99: it looks like a run with 1% of it).
+
+    Computed from the log ratio, so it cannot overflow: ``-inf`` when C_equivalent / C is beyond
+    the float range, None when b == 0 (no compute answer; callers check ``fit_power_law``'s
+    ``flat`` first and report why)."""
+    log_c = log_compute_for_loss(a, b, loss)
+    if log_c is None:
+        return None
+    d = log_c - math.log(compute)
+    return -math.inf if d > _LOG_FLOAT_MAX else -math.expm1(d)
 
 
 def steps_to_threshold(steps: Sequence[int], losses: Sequence[float], threshold: float) -> dict:
@@ -90,7 +174,6 @@ def steps_to_threshold(steps: Sequence[int], losses: Sequence[float], threshold:
 
 # ------------------------------------------------------------------------- intervals and verdicts
 
-CONFIDENCE = 0.95
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 
 
