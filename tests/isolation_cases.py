@@ -2,8 +2,10 @@
 
 One generator, two drivers: hypothesis draws the choices in-process (so failures shrink), and the
 multi-process TP=2 worker draws them from a seeded ``random.Random`` (every rank the same case).
-A case is a config plus two batches that differ only in the content (inputs and targets) of
-forget-mode tokens; :func:`isolation_leaks` says which retain / joint(non_forget) gradient slices
+A case is a config plus two batches that agree on every non-forget position (input, target,
+mode, document) and differ at the forget positions: their content (inputs and targets), which of
+their labels are ignored (so the number of labelled forget positions differs) and, with several
+domains, their domain; :func:`isolation_leaks` says which retain / joint(non_forget) gradient slices
 differ between them, and which forget slices do.
 """
 
@@ -59,7 +61,8 @@ def make_case(pick: Pick, tp: int = 1, batch: int = 3) -> IsolationCase:
         units = _subset(pick, free_units, pick(1, 6))
         free_units = [u for u in free_units if u not in units]
         layers = None if pick(0, 2) else _subset(pick, list(range(N_LAYERS)), pick(1, N_LAYERS))
-        domains.append({"name": f"d{d}", "heads": heads, "units": units, "layers": layers})
+        domains.append({"name": f"d{d}", "heads": heads if scope != "mlp" else [],  # scope drops them: 0
+                        "units": units if scope != "attention" else [], "layers": layers})
     sgtm = {
         "domains": domains, "scope": scope,
         "joint_update": ("non_forget", "all")[pick(0, 1)],
@@ -88,18 +91,28 @@ def make_case(pick: Pick, tp: int = 1, batch: int = 3) -> IsolationCase:
         window_modes[0, pick(0, SEQ)] = Mode.FORGET + pick(0, n_domains - 1)
     tokens = torch.tensor([[pick(0, VOCAB - 1) for _ in range(SEQ + 1)] for _ in range(batch)])
     other = torch.tensor([[pick(0, VOCAB - 1) for _ in range(SEQ + 1)] for _ in range(batch)])
+    # Ignored labels: the same at non-forget positions; drawn again for the second batch at forget
+    # positions (a position whose input is forget is forget whatever its label), so the number of
+    # labelled forget positions differs between the two batches at the same non-forget positions.
+    forget_in = window_modes[:, :-1] >= Mode.FORGET
     ignore = torch.tensor([[pick(0, 7) == 0 for _ in range(SEQ)] for _ in range(batch)])
-
-    def batch_of(window: torch.Tensor) -> dict[str, torch.Tensor]:
-        labels = window[:, 1:].clone()
-        labels[ignore] = -100
-        return {"input_ids": window[:, :-1].clone(), "labels": labels, "modes": window_modes[:, :-1].clone(),
-                "target_modes": window_modes[:, 1:].clone(), "doc_ids": doc_ids.clone()}
-
+    ignore_other = torch.tensor([[pick(0, 2) == 0 for _ in range(SEQ)] for _ in range(batch)])
+    ignore_changed = torch.where(forget_in, ignore_other, ignore)
+    # With several domains, which domain a forget position belongs to may differ too.
+    shift = pick(0, n_domains - 1)
     forget = window_modes >= Mode.FORGET
+    modes_changed = torch.where(forget, Mode.FORGET + (window_modes - Mode.FORGET + shift) % n_domains, window_modes)
+
+    def batch_of(window: torch.Tensor, modes: torch.Tensor, ignored: torch.Tensor) -> dict[str, torch.Tensor]:
+        labels = window[:, 1:].clone()
+        labels[ignored] = -100
+        return {"input_ids": window[:, :-1].clone(), "labels": labels, "modes": modes[:, :-1].clone(),
+                "target_modes": modes[:, 1:].clone(), "doc_ids": doc_ids.clone()}
+
     changed = torch.where(forget, (tokens + 1 + other % (VOCAB - 1)) % VOCAB, tokens)
-    return IsolationCase({"arch": arch, "sgtm": sgtm, "model": {"n_kv_heads": n_kv}}, tp, batch_of(tokens),
-                         batch_of(changed), n_domains)
+    return IsolationCase({"arch": arch, "sgtm": sgtm, "model": {"n_kv_heads": n_kv}}, tp,
+                         batch_of(tokens, window_modes, ignore), batch_of(changed, modes_changed, ignore_changed),
+                         n_domains)
 
 
 def gradients(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

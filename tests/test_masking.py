@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 
 from pipeline.engine.engine import build_model
 from pipeline.model.tp_state import gather_full_state_dict
-from pipeline.sgtm import codes
+from pipeline.sgtm import codes, masking
 from pipeline.sgtm.codes import Mode, ParamClass
 from tests import reference_model
 from tests.fixtures import mixed_batch, tiny_config
 from tests.isolation_cases import forget_reaches_its_parameters, isolation_leaks, make_case
+from tests.isolation_cases import gradients as isolation_gradients
 
 TOL = dict(rtol=1e-4, atol=1e-6)
 
@@ -32,14 +33,14 @@ def _ours(cfg, dist, batch):
 
 
 def _ref_grads(cfg, part, state, batch, token_weight, **flags):
-    """Gradients of sum_t token_weight[t] * loss_t / N on the reference model."""
+    """Gradients of sum_t token_weight[t] * loss_t / (B x S) on the reference model."""
     params = {k: v.clone().requires_grad_(True) for k, v in state.items()}
     heads = [part.head_class(layer) for layer in range(cfg.model.n_layers)]
     units = [part.unit_class(layer) for layer in range(cfg.model.n_layers)]
     per_tok = reference_model.per_token_loss(params, cfg.model, heads, units, batch["input_ids"], batch["labels"],
                                              batch["modes"], batch["doc_ids"], target_modes=batch.get("target_modes"),
                                              **flags)
-    n = (batch["labels"] != -100).sum()
+    n = batch["labels"].numel()  # the objective divides by B x S (pipeline.model.transformer.training_loss)
     loss = (per_tok * token_weight).sum() / n
     loss.backward()
     return (per_tok.sum() / n).detach(), {k: p.grad for k, p in params.items()}
@@ -209,6 +210,87 @@ def test_the_isolation_check_reports_a_leak_without_target_modes(single_process_
     _, model = build_model(case.config(), single_process_world)
     leaked, _ = check(model, case)
     assert leaked
+
+
+def test_the_isolation_check_reports_the_count_channel(single_process_world, monkeypatch):
+    """The count channel: dividing the loss by the number of labelled positions (forget ones
+    included) scales every retain gradient by a count the forget labels decide; the cases vary
+    which forget labels are ignored, so the property reports it."""
+    from pipeline.model import transformer
+
+    monkeypatch.setattr(transformer, "training_loss", lambda t: t.sum() / (t != 0).sum().clamp(min=1))
+    found = 0
+    for seed in range(20):
+        case = make_case(random.Random(seed).randint)
+        pos = [masking.position_modes(b["modes"], b["labels"], b["target_modes"]) for b in (case.batch, case.changed)]
+        counts = [int((b["labels"] != -100).sum()) for b in (case.batch, case.changed)]
+        if counts[0] != counts[1] and torch.equal(pos[0] < Mode.FORGET, pos[1] < Mode.FORGET):
+            found += bool(_check_case(single_process_world, case)[0])
+    assert found >= 3, f"the old denominator leaked in only {found} of 20 cases"
+
+
+def _forget_positions(batch: dict) -> torch.Tensor:
+    return masking.position_modes(batch["modes"], batch["labels"], batch["target_modes"]) >= Mode.FORGET
+
+
+def _poisoned_gradients(model, batch: dict) -> dict[str, torch.Tensor]:
+    """Gradients with every forget position's embedding output set to +inf (a bf16 overflow, a
+    bad shard): what each non-finite value at a forget position can reach."""
+    hot = _forget_positions(batch)[..., None]
+    handle = model.embedding.register_forward_hook(lambda m, i, out: out.masked_fill(hot, float("inf")))
+    try:
+        return isolation_gradients(model, batch)
+    finally:
+        handle.remove()
+
+
+def _nonfinite_leaks(model, batch: dict) -> list[str]:
+    """Retain / joint(non_forget) slices whose gradient is not finite or not bit-identical once
+    the forget positions are poisoned."""
+    clean, poisoned = isolation_gradients(model, batch), _poisoned_gradients(model, batch)
+    out = []
+    for name, p in model.named_parameters():
+        for cls in (ParamClass.RETAIN, ParamClass.JOINT_NON_FORGET):
+            sel = p.sgtm_role.slice_mask(p, {int(cls)}).expand_as(p)
+            if not bool(sel.any()) or name not in clean:
+                continue
+            a, b = clean[name][sel], poisoned[name][sel]
+            if not (bool(torch.isfinite(b).all()) and torch.equal(a, b)):
+                out.append(f"{name}[class {int(cls)}]")
+    return out
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(case=isolation_cases())
+def test_an_inf_at_forget_positions_leaves_retain_gradients_finite_and_identical(single_process_world, case):
+    """0 x inf: masks select (torch.where), and attention's inputs and output gradient keep
+    non-finite entries out of the kernel, so +inf in every forget position's residual stream
+    leaves every retain and joint(non_forget) gradient finite and bit-identical."""
+    _, model = build_model(case.config(), single_process_world)
+    if bool(_forget_positions(case.batch).any()):
+        leaked = _nonfinite_leaks(model, case.batch)
+        assert not leaked, f"non-finite forget values reached {leaked[:5]} with {case.overrides}"
+
+
+@pytest.mark.parametrize("mutation", ["multiply", "no_finite_attention"])
+def test_the_inf_check_fails_when_masks_multiply(single_process_world, monkeypatch, mutation):
+    """The check above can fail: masks that multiply by 0/1 (0 x inf = NaN), or attention that
+    takes non-finite keys/values into the kernel, let the poison through."""
+    from pipeline.model import transformer
+
+    if mutation == "multiply":
+        monkeypatch.setattr(masking, "select", lambda t, keep: t * keep)
+    else:
+        monkeypatch.setattr(transformer, "finite_only", lambda t: t)
+    for seed in range(10):
+        case = make_case(random.Random(seed).randint)
+        if bool(_forget_positions(case.batch).any()):
+            _, model = build_model(case.config(), single_process_world)
+            assert _nonfinite_leaks(model, case.batch), f"{mutation}: no leak in case {seed}"
+            return
+    raise AssertionError("no case with forget positions")
 
 
 # ------------------------------------------------------------------------------ retain-mode forward

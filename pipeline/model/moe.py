@@ -46,7 +46,7 @@ from torch import nn
 
 from pipeline.model.transformer import MLP, SplitFeatures
 from pipeline.sgtm.codes import ParamClass
-from pipeline.sgtm.masking import FeatureSplit, TokenMasks, selective_linear
+from pipeline.sgtm.masking import FeatureSplit, TokenMasks, select, selective_linear
 from pipeline.sgtm.partition import ForgetPartition, ParamRole
 
 # ---- process groups -------------------------------------------------------------------------
@@ -201,7 +201,7 @@ class MoE(SplitFeatures):
         experts for everyone."""
         blocked = None
         if masks is not None and masks.retain_keep is not None and self.has_forget:
-            blocked = (masks.retain_keep == 0) & self.forget_expert[None]
+            blocked = ~masks.retain_keep & self.forget_expert[None]
         if self.ablated is not None:
             off = self.ablated[None].expand(T, -1)
             blocked = off if blocked is None else blocked | off
@@ -215,11 +215,11 @@ class MoE(SplitFeatures):
         tokens only (every forget token when there is one domain)."""
         if not (self.own_first and self.has_forget and masks is not None and nonforget is not None):
             return probs.topk(self.top_k, dim=-1)
-        forget_tok = nonforget == 0  # [T, 1]
+        forget_tok = ~nonforget  # [T, 1]
         cols = []
         for c in self.feature_class.tolist():
             a = masks.allow.get(int(c)) if c >= 0 else None
-            cols.append(torch.zeros_like(forget_tok) if c < 0 else forget_tok if a is None else forget_tok & (a != 0))
+            cols.append(torch.zeros_like(forget_tok) if c < 0 else forget_tok if a is None else forget_tok & a)
         own = torch.cat(cols, dim=1)  # [T, E]
         if blocked is not None:
             own &= ~blocked
@@ -240,7 +240,7 @@ class MoE(SplitFeatures):
         else:
             order = torch.arange(n, device=top_e.device)
         if nonforget is not None:
-            late = (nonforget.reshape(-1) == 0).repeat_interleave(k)[order]
+            late = (~nonforget.reshape(-1)).repeat_interleave(k)[order]
             order = order[torch.sort(late.to(torch.uint8), stable=True).indices]
         onehot = F.one_hot(top_e.reshape(-1)[order], self.n_experts)
         slot = (onehot.cumsum(0) * onehot).sum(1) - 1
@@ -252,11 +252,13 @@ class MoE(SplitFeatures):
         """Switch-style load balancing, E * sum_e f_e * P_e, over non-forget tokens only: neither
         its value nor its gradient depends on forget tokens."""
         T = probs.shape[0]
-        w = torch.ones(T, 1, dtype=probs.dtype, device=probs.device) if nonforget is None else nonforget.to(probs.dtype)
-        n = w.sum().clamp(min=1)
+        n = torch.tensor(T, dtype=probs.dtype, device=probs.device) if nonforget is None \
+            else nonforget.sum().to(probs.dtype).clamp(min=1)
         routed = torch.zeros_like(probs).scatter(1, top_e, 1.0)
-        f = (routed * w).sum(0) / (n * self.top_k)
-        P = (probs * w).sum(0) / n
+        if nonforget is not None:  # selected, so a non-finite forget router output stays out
+            routed, probs = select(routed, nonforget), select(probs, nonforget)
+        f = routed.sum(0) / (n * self.top_k)
+        P = probs.sum(0) / n
         return self.aux_coef * self.n_experts * (f.detach() * P).sum()
 
     def _kind(self, masks: TokenMasks | None, nonforget: torch.Tensor | None, T: int) -> torch.Tensor | None:
@@ -270,7 +272,7 @@ class MoE(SplitFeatures):
             return None
         one = torch.ones(T, 1, device=self.router.device)
         allow = torch.cat([one if c is None else c.float() for c in cols], dim=1)  # [T, E]
-        forget = torch.zeros(T, 1, device=self.router.device) if nonforget is None else (nonforget == 0).float()
+        forget = torch.zeros(T, 1, device=self.router.device) if nonforget is None else (~nonforget).float()
         return (forget * (1 + (allow == 0).float())).long()
 
     # ---- experts -----------------------------------------------------------------------------
@@ -307,7 +309,7 @@ class MoE(SplitFeatures):
             if counts[3 * j + 1]:
                 outs.append(self._expert(j, xs[3 * j + 1], None))
             if counts[3 * j + 2]:
-                outs.append(self._expert(j, xs[3 * j + 2], rows.new_zeros(counts[3 * j + 2], 1)))
+                outs.append(self._expert(j, xs[3 * j + 2], rows.new_zeros(counts[3 * j + 2], 1, dtype=torch.bool)))
         out = torch.cat(outs)
         inv = torch.empty_like(order)
         inv[order] = torch.arange(order.numel(), device=order.device)

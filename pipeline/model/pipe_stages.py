@@ -21,7 +21,7 @@ from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from torch import nn
 
 from pipeline.engine.pipe import canonical_name
-from pipeline.model.transformer import IGNORE_INDEX, Block, SplitFeatures, Transformer, _allow, token_losses
+from pipeline.model.transformer import Block, SplitFeatures, Transformer, _allow, token_losses, training_loss
 from pipeline.sgtm.masking import TokenMasks, grad_gate
 
 ABSENT = -1  # fill value of an optional [B, S] tensor that is not there (modes in evaluation)
@@ -59,14 +59,14 @@ class StageMasks:
         self._masks: TokenMasks | None = None
 
     def __call__(self, modes: torch.Tensor, doc_ids: torch.Tensor, labels: torch.Tensor,
-                 target_modes: torch.Tensor, dtype: torch.dtype) -> TokenMasks:
-        """``dtype``: the model's compute dtype (DeepSpeed may have cast it after construction)."""
+                 target_modes: torch.Tensor) -> TokenMasks:
         if self._key is not modes:
             m, d = optional(modes), optional(doc_ids)
             if m is not None and d is None and self.document_masking:
                 raise ValueError("batch: 'modes' given without 'doc_ids' while model.document_masking is true "
                                  "(attention would cross documents); send doc_ids or set model.document_masking=false")
-            self._masks = TokenMasks.build(m, self.strategy, self.n_domains, dtype, labels=optional(labels),
+            d = d if self.document_masking else None  # as Transformer.token_masks: attention crosses documents
+            self._masks = TokenMasks.build(m, self.strategy, self.n_domains, labels=optional(labels),
                                            target_modes=optional(target_modes), doc_ids=d,
                                            cross_mode=self.cross_mode, sequence_shard=self.shard)
             self._key = modes
@@ -91,7 +91,7 @@ class EmbedStage(nn.Module):
         if sp and S % self.tp_size:
             raise ValueError(f"engine.sequence_parallel: sequence length {S} is not divisible by "
                              f"engine.tensor_parallel={self.tp_size}")
-        masks = self.masks(modes, doc_ids, labels, target_modes, self.embedding.weight.dtype)
+        masks = self.masks(modes, doc_ids, labels, target_modes)
         x = grad_gate(self.embedding(input_ids.t() if sp else input_ids), _allow(masks, self.embedding_role))
         if self.position_embedding is not None:
             pos = self.position_embedding(torch.arange(S, device=input_ids.device))
@@ -118,7 +118,7 @@ class BlockStage(nn.Module):
         x, modes, doc_ids, labels, target_modes = inputs
         S = modes.shape[1]
         rope = (self.rope_cos[:S], self.rope_sin[:S]) if self.rope else None
-        x = self.block(x, self.masks(modes, doc_ids, labels, target_modes, x.dtype), rope)
+        x = self.block(x, self.masks(modes, doc_ids, labels, target_modes), rope)
         return x, modes, doc_ids, labels, target_modes
 
 
@@ -133,12 +133,12 @@ class HeadStage(nn.Module):
 
     def forward(self, inputs: Carry) -> torch.Tensor:
         x, modes, doc_ids, labels, target_modes = inputs
-        masks = self.masks(modes, doc_ids, labels, target_modes, x.dtype)
+        masks = self.masks(modes, doc_ids, labels, target_modes)
         return self.lm_head(self.final_norm(x, masks), masks, None)
 
 
 class PipeLoss:
-    """``loss_fn(logits, labels)``: the mean loss over labelled positions (as PP=1). With
+    """``loss_fn(logits, labels)``: the training loss of :func:`training_loss` (as PP=1). With
     :attr:`per_token` (evaluation) each micro-batch's per-token losses [B, S] are appended to
     :attr:`collected` (DeepSpeed sums what the loss function returns, so it gets a scalar)."""
 
@@ -154,7 +154,7 @@ class PipeLoss:
         per_token = token_losses(logits, labels.t().contiguous() if sp else labels)
         if self.per_token:
             self.collected.append((per_token.t() if sp else per_token).detach())
-        loss = per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        loss = training_loss(per_token)
         return loss * float("nan") if self.poison else loss
 
 

@@ -46,10 +46,12 @@ from torch import nn
 from pipeline.config import ModelConfig
 from pipeline.sgtm.masking import (
     FeatureSplit,
+    FiniteGradFn,
     InputFeatures,
     TokenMasks,
     ablate_features,
     elementwise_affine,
+    finite_only,
     grad_gate,
     selective_linear,
 )
@@ -279,6 +281,9 @@ class Attention(SplitFeatures):
     def forward(self, x, masks: TokenMasks, rope):
         r = self.per_group
         qkv = self.qkv(x, masks)  # the whole sequence (SP: gathered), [B, S, .] or [S, B, .]
+        isolating = masks is not None and masks.isolating
+        if isolating:  # the kernel multiplies masked entries by 0: keep non-finite ones out of it
+            qkv = finite_only(qkv)
         L0, L1 = qkv.shape[:2]
         qkv = qkv.view(L0, L1, self.local_groups, r + 2, self.head_dim)
         q = self._heads_first(qkv[..., :r, :].reshape(L0, L1, self.local_heads, self.head_dim))  # [B, H, S, hd]
@@ -292,6 +297,8 @@ class Attention(SplitFeatures):
             k, v = torch.cat([k, k.detach()], dim=2), torch.cat([v, v.detach()], dim=2)
             mask = torch.cat([masks.attn_live, masks.attn_detached], dim=-1)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=r > 1)
+        if isolating:
+            o = FiniteGradFn.apply(o)
         # [B, H, S, hd] -> [B, S, H*hd] (SP: [S, B, H*hd]): a fresh copy (SDPA keeps its own
         # output for backward), which the out projection masks per head in place.
         o = o.permute(2, 0, 1, 3) if self.seq_first else o.transpose(1, 2)
@@ -362,7 +369,16 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     Consumes ``logits``: megatron's vocab-parallel cross-entropy works in place on fp32 input."""
     per_token = vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0))
-    return per_token * (labels != IGNORE_INDEX)
+    return torch.where(labels != IGNORE_INDEX, per_token, 0.0)
+
+
+def training_loss(per_token: torch.Tensor) -> torch.Tensor:
+    """The training objective: the sum of the per-token losses over the micro-batch's B x S
+    positions (ignored ones count 0). The denominator is fixed by the shape, not by how many
+    positions are labelled: a count of labelled positions would include the forget ones, and so
+    scale every retain gradient by a number the forget data decides (docs/architecture.md,
+    "The invariant"). Evaluation reports the mean over labelled positions instead."""
+    return per_token.sum() / per_token.numel()
 
 
 class Transformer(nn.Module):
@@ -423,8 +439,10 @@ class Transformer(nn.Module):
         if modes is not None and doc_ids is None and self.cfg.document_masking:
             raise ValueError("batch: 'modes' given without 'doc_ids' while model.document_masking is true "
                              "(attention would cross documents); send doc_ids or set model.document_masking=false")
-        return TokenMasks.build(modes, self.strategy, len(self.partition.domains), self.embedding.weight.dtype,
-                                labels=labels, target_modes=target_modes, doc_ids=doc_ids,
+        if not self.cfg.document_masking:  # attention crosses documents (still mode-masked: docs/architecture.md)
+            doc_ids = None
+        return TokenMasks.build(modes, self.strategy, len(self.partition.domains), labels=labels,
+                                target_modes=target_modes, doc_ids=doc_ids,
                                 cross_mode=self.partition.sgtm.cross_mode_attention,
                                 sequence_shard=(self.tp_rank, self.tp_size) if self.sequence_parallel else None)
 
@@ -432,7 +450,7 @@ class Transformer(nn.Module):
                 modes: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                 target_modes: torch.Tensor | None = None,
                 return_per_token: bool = False, return_hidden: bool = False):
-        """Returns the mean loss over labelled positions (labels != -100), or per-token losses
+        """Returns the training loss (:func:`training_loss`), or per-token losses
         [B, S] with ``return_per_token``, or vocab-parallel logits when ``labels`` is None, or
         the final normed hidden states with ``return_hidden`` (see :meth:`logits`).
 
@@ -470,7 +488,7 @@ class Transformer(nn.Module):
         per_token = token_losses(logits, labels.t().contiguous() if sp else labels)
         if return_per_token:
             return per_token.t() if sp else per_token
-        loss = per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        loss = training_loss(per_token)
         if self.cfg.n_experts and self.training:  # + the MoE load-balancing loss (non-forget tokens only)
             from pipeline.model.moe import aux_loss
 

@@ -52,6 +52,34 @@ def _spans(classes: list[int], width: int = 1) -> list[tuple[int, int, int]]:
     return runs
 
 
+def select(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``t`` [T, k] where ``keep`` [T, 1] (bool) holds, else 0: a selection, not a product, so a
+    non-finite value at a dropped token (a forget position's bf16 overflow, a bad shard) stays out
+    (0 x inf would be NaN). Every per-token mask in the pipeline goes through here."""
+    return torch.where(keep, t, 0.0)
+
+
+def finite_only(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with non-finite entries replaced by 0 (their gradient dropped). Attention mixes
+    positions inside a fused kernel that multiplies masked probabilities by values, so a
+    non-finite key/value at a forget position would reach every query; its inputs pass here."""
+    return torch.where(torch.isfinite(t), t, 0.0)
+
+
+class FiniteGradFn(torch.autograd.Function):
+    """Identity forward; the backward replaces non-finite gradient entries by 0: an attention
+    output's gradient at a forget query, multiplied by that query's zero probabilities in the
+    kernel's backward, must not turn the other positions' key/value gradients into NaN."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return finite_only(g)
+
+
 def check_modes(modes: torch.Tensor, n_domains: int, what: str = "modes") -> None:
     """A mode outside [0, FORGET + n_domains) would train nobody's parameters: refuse it."""
     lo, hi = (int(v) for v in torch.aminmax(modes))
@@ -112,11 +140,12 @@ def attention_masks(pos_modes: torch.Tensor | None, doc_ids: torch.Tensor | None
 class TokenMasks:
     """Everything the layers need to know about one batch's modes, built once per batch.
 
-    ``allow[cls]`` is a [T, 1] 0/1 tensor of which tokens may update parameters of slice class
+    ``allow[cls]`` is a [T, 1] bool tensor of which tokens may update parameters of slice class
     ``cls`` (None: every token may), read from :data:`pipeline.sgtm.codes.MAY_UPDATE`.
-    ``retain_keep`` [T, 1] is 0 on retain-mode tokens (their forget features are switched off in
-    the forward); ``route_keep[cls]`` [T, 1] (gradient routing) is 0 on the tokens whose gradient
-    may not flow through features of class ``cls`` (a missing class: every token's may).
+    ``retain_keep`` [T, 1] is False on retain-mode tokens (their forget features are switched off
+    in the forward); ``route_keep[cls]`` [T, 1] (gradient routing) is False on the tokens whose
+    gradient may not flow through features of class ``cls`` (a missing class: every token's may).
+    All are applied by :func:`select` (never multiplied).
     ``attn_live``/``attn_detached`` are the attention masks of :func:`attention_masks`.
 
     Token order: T is the flattened [B, S] of the batch, or [S, B] under sequence parallelism
@@ -131,13 +160,17 @@ class TokenMasks:
     attn_detached: torch.Tensor | None = None
     local: TokenMasks | None = None
 
+    @property
+    def isolating(self) -> bool:
+        """Modes were given under a masking strategy: positions must not reach one another."""
+        return self.retain_keep is not None or self.route_keep is not None
+
     @staticmethod
-    def build(modes: torch.Tensor | None, strategy: str, n_domains: int,
-              dtype: torch.dtype = torch.float32, *, labels: torch.Tensor | None = None,
+    def build(modes: torch.Tensor | None, strategy: str, n_domains: int, *, labels: torch.Tensor | None = None,
               target_modes: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
               cross_mode: str = "segment", sequence_shard: tuple[int, int] | None = None) -> TokenMasks:
         """``sequence_shard``: (rank, world) of the sequence-parallel group, or None."""
-        masks = TokenMasks._build(modes, strategy, n_domains, dtype, labels, target_modes, doc_ids, cross_mode,
+        masks = TokenMasks._build(modes, strategy, n_domains, labels, target_modes, doc_ids, cross_mode,
                                   seq_first=sequence_shard is not None)
         if sequence_shard is not None:
             rank, world = sequence_shard
@@ -162,7 +195,7 @@ class TokenMasks:
         return TokenMasks({c: rows(t) for c, t in self.allow.items()}, rows(self.retain_keep), route)
 
     @staticmethod
-    def _build(modes, strategy, n_domains, dtype, labels, target_modes, doc_ids, cross_mode,
+    def _build(modes, strategy, n_domains, labels, target_modes, doc_ids, cross_mode,
                seq_first: bool) -> TokenMasks:
         if strategy not in STRATEGIES:
             raise ValueError(f"sgtm.strategy: expected one of {STRATEGIES}, got {strategy!r}")
@@ -198,16 +231,16 @@ class TokenMasks:
                         m |= (flat == Mode.FORGET + c) if c >= 0 else flat >= Mode.FORGET
                     if "other_forget" in kinds and c >= 0:
                         m |= (flat >= Mode.FORGET) & (flat != Mode.FORGET + c)
-                    cache[key] = m.to(dtype)
+                    cache[key] = m
             allow[int(c)] = cache[key]
         if strategy == "gradient_routing":
             # On a forget:d token, features outside forget[d] pass no gradient.
             non_forget = flat < Mode.FORGET
-            route = {int(ParamClass.RETAIN): non_forget.to(dtype)}
+            route = {int(ParamClass.RETAIN): non_forget}
             if n_domains > 1:
-                route.update({d: (non_forget | (flat == Mode.FORGET + d)).to(dtype) for d in range(n_domains)})
+                route.update({d: non_forget | (flat == Mode.FORGET + d) for d in range(n_domains)})
             return TokenMasks(allow, None, route, live, detached)
-        retain_keep = (flat != Mode.RETAIN).to(dtype)
+        retain_keep = flat != Mode.RETAIN
         return TokenMasks(allow, retain_keep, None, live, detached)
 
 
@@ -228,31 +261,29 @@ class FeatureSplit:
         """dW = sum over tokens of g_t x_t^T, each slice summed only over the tokens allowed to
         update its class (``g`` [T, out], ``xs`` [T, in]; the bias follows the output rows).
 
-        The base class's token mask goes on the narrower operand of one full-size matmul, so no
-        [T, wide] masked copy is made; the few other slices (forget rows or columns) are then
-        recomputed from their own tokens, one small matmul each."""
+        The base class's tokens are selected on both operands of one full-size matmul (selecting
+        one would leave 0 x inf = NaN where the other is non-finite at a dropped token); the few
+        other slices (forget rows or columns) are then recomputed from their own tokens."""
         a = allow[self.base]
         if a is None:
             gb, xb = g, xs
-        elif xs.shape[1] <= g.shape[1]:
-            gb, xb = g, xs * a
-        else:
-            gb, xb = g * a, xs
+        else:  # both operands: the other one may hold a non-finite value at a dropped token
+            gb, xb = select(g, a), select(xs, a)
         grad_w = gb.t().matmul(xb) if want_w else None
-        grad_b = (g.sum(0) if a is None else a.t().matmul(g).squeeze(0)) if want_b else None
+        grad_b = gb.sum(0) if want_b else None
         for cls, s, e in self.spans:
             c = allow[cls]
             if c is a:  # same token set as the base: already right
                 continue
             if split_dim == 0:
-                gs = g[:, s:e]
+                gs = g[:, s:e] if c is None else select(g[:, s:e], c)
                 if grad_w is not None:
-                    grad_w[s:e] = (gs if c is None else gs * c).t().matmul(xs)
+                    grad_w[s:e] = gs.t().matmul(xs if c is None else select(xs, c))
                 if grad_b is not None:
-                    grad_b[s:e] = gs.sum(0) if c is None else c.t().matmul(gs).squeeze(0)
+                    grad_b[s:e] = gs.sum(0)
             elif grad_w is not None:
-                xsl = xs[:, s:e]
-                grad_w[:, s:e] = g.t().matmul(xsl if c is None else xsl * c)
+                xsl = xs[:, s:e] if c is None else select(xs[:, s:e], c)
+                grad_w[:, s:e] = (g if c is None else select(g, c)).t().matmul(xsl)
         return grad_w, grad_b
 
 
@@ -272,15 +303,15 @@ def _gate_input_grad(gi: torch.Tensor, features: InputFeatures, masks: TokenMask
     tokens x forget columns) get no gradient; gradient routing's stops likewise."""
     if masks.retain_keep is not None:
         for _, s, e in features.forget_spans:
-            gi[:, s:e].mul_(masks.retain_keep)
+            gi[:, s:e] = select(gi[:, s:e], masks.retain_keep)
     route = masks.route_keep
     if route is not None:
         base = route.get(int(ParamClass.RETAIN))
         own = [(s, e, gi[:, s:e].clone(), route.get(c)) for c, s, e in features.forget_spans]
         if base is not None:
-            gi.mul_(base)
+            gi.copy_(select(gi, base))
         for s, e, sub, keep in own:
-            gi[:, s:e] = sub if keep is None else sub * keep
+            gi[:, s:e] = sub if keep is None else select(sub, keep)
 
 
 class SelectiveLinearFn(torch.autograd.Function):
@@ -309,7 +340,7 @@ class SelectiveLinearFn(torch.autograd.Function):
                 dirty = True
             x2 = x.view(-1, x.shape[-1])
             for _, s, e in features.forget_spans:
-                x2[:, s:e].mul_(masks.retain_keep)
+                x2[:, s:e] = select(x2[:, s:e], masks.retain_keep)
         ctx.save_for_backward(x, weight)
         ctx.split, ctx.split_dim, ctx.masks, ctx.has_bias = split, split_dim, masks, bias is not None
         ctx.features = features if (off or routed) else None
@@ -341,8 +372,7 @@ class SelectiveLinearFn(torch.autograd.Function):
 
 class ElementwiseAffineFn(torch.autograd.Function):
     """y = x * weight + bias (weight/bias over the last dim, either may be None), with the
-    parameter gradients summed only over tokens in ``allow`` [T, 1] (as a [1, T] x [T, d]
-    product: no masked copy of the gradient)."""
+    parameter gradients summed only over the tokens ``allow`` [T, 1] selects."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, allow):
@@ -359,9 +389,9 @@ class ElementwiseAffineFn(torch.autograd.Function):
         grad_w = grad_b = None
         if weight is not None and ctx.needs_input_grad[1]:
             gx = g * x.reshape(-1, x.shape[-1])
-            grad_w = gx.sum(0) if allow is None else allow.t().matmul(gx).squeeze(0)
+            grad_w = (gx if allow is None else select(gx, allow)).sum(0)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(0) if allow is None else allow.t().matmul(g).squeeze(0)
+            grad_b = (g if allow is None else select(g, allow)).sum(0)
         return grad_in, grad_w, grad_b, None
 
 
@@ -377,7 +407,7 @@ class GradGateFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         (allow,) = ctx.saved_tensors
         shape = grad_out.shape
-        return (grad_out.reshape(-1, shape[-1]) * allow).reshape(shape), None
+        return select(grad_out.reshape(-1, shape[-1]), allow).reshape(shape), None
 
 
 def selective_linear(x, weight, bias, split: FeatureSplit | None, split_dim: int,
