@@ -461,12 +461,19 @@ class EvalConfig:
     batches: int = 4  # held-out batches per set (forget / retain / adjacent)
     batch_size: int = 8
     calibrate: bool = True
+    # Which evaluations fit the calibration (eval.calibration.steps steps each time): 'every' one,
+    # or only the 'final' one (final.json, the demo's table); earlier ones then report full and
+    # ablated loss only, so intermediate curves cost no calibration.
+    calibrate_at: Literal["every", "final"] = "every"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def validate(self, key: str = "eval") -> None:
         for name in ("batches", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}: must be positive, got {getattr(self, name)}")
+        if not self.calibrate and self.calibrate_at != "every":
+            raise ConfigError(f"{key}.calibrate_at: {self.calibrate_at!r} has no effect with {key}.calibrate=false "
+                              f"(no evaluation calibrates); remove it or set {key}.calibrate=true")
         if self.every < 0:
             raise ConfigError(f"{key}.every: must be >= 0, got {self.every}")
         c = self.calibration

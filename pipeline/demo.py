@@ -41,10 +41,18 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
             ax.plot(steps, [r[f"{key}_full"] for r in hist], color=c, ls=":", label=f"{name} full")
             if name == "sgtm":
                 ax.plot(steps, [r[f"{key}_ablated"] for r in hist], color=c, ls="--", label=f"{name} ablated")
-                ax.plot(steps, [r[f"{key}_calibrated"] for r in hist], color=c, label=f"{name} calibrated")
-        deployed = "calibrated" if name == "sgtm" else "full"
+                cal = [r for r in hist if f"{key}_calibrated" in r]  # eval.calibrate_at: final -> the last one
+                ax.plot([r["step"] for r in cal], [r[f"{key}_calibrated"] for r in cal], "*-", color=c, ms=9,
+                        label=f"{name} calibrated")
+        # the trajectory of the deployed model without calibration (every evaluation has it); SGTM's
+        # calibrated point(s) on top
+        deployed = "ablated" if name == "sgtm" else "full"
         axes[2].plot([r[f"retain_{deployed}"] for r in hist], [r[f"forget_{deployed}"] for r in hist], "o-", color=c,
                      label=f"{name} ({deployed})")
+        cal = [r for r in hist if "retain_calibrated" in r and "forget_calibrated" in r]
+        if name == "sgtm" and cal:
+            axes[2].plot([r["retain_calibrated"] for r in cal], [r["forget_calibrated"] for r in cal], "*", color=c,
+                         ms=12, label=f"{name} (calibrated)")
     axes[0].set(title="held-out Spanish (forget) loss", xlabel="step", ylabel="nats/token")
     axes[1].set(title="held-out English (retain) loss", xlabel="step", ylabel="nats/token")
     axes[2].set(title="forget vs retain over training (deployed model)", xlabel="retain loss (lower is better)",

@@ -133,20 +133,28 @@ def eval_sets(cfg: ExperimentConfig) -> tuple[dict[str, list[dict]], dict[str, l
     return evals, calib
 
 
-def run_eval(state: TrainState, evals, calib, step: int, run_dir: Path, log: MetricsLogger) -> dict:
+def calibrates(cfg: ExperimentConfig, final: bool) -> bool:
+    """Whether this evaluation fits the logit calibration: ``eval.calibrate_at: final`` keeps the
+    (costly) fit for the end of training, the only evaluation final.json and the demo's table read."""
+    return cfg.eval.calibrate and (final or cfg.eval.calibrate_at == "every")
+
+
+def run_eval(state: TrainState, evals, calib, step: int, run_dir: Path, log: MetricsLogger,
+             final: bool = False) -> dict:
     cfg = state.cfg
     domains = list(range(len(state.partition.domains)))
     t0 = time.perf_counter()
+    calibrate = calibrates(cfg, final)
     log.note(f"eval step {step}: {', '.join(evals) or 'no held-out sets'}"
-             + (f"; calibrating on {', '.join(calib)}" if cfg.eval.calibrate and calib else ""))
+             + (f"; calibrating on {', '.join(calib)}" if calibrate and calib else ""))
     report = lambda text: log.note(f"eval step {step}: {text}")  # noqa: E731
     if state.dist.pp_size > 1:  # through the pipeline engine's stages (no calibration: refused by config)
         from pipeline.engine.pipe import evaluate as evaluate_pipeline
 
         results = evaluate_pipeline(state, evals, domains, report=report)
     else:
-        results = evaluate(state.model, evals, calib if cfg.eval.calibrate else None, domains,
-                           cfg.eval.calibration if cfg.eval.calibrate else None, state.dist.device, report=report)
+        results = evaluate(state.model, evals, calib if calibrate else None, domains,
+                           cfg.eval.calibration if calibrate else None, state.dist.device, report=report)
     log.note(f"eval step {step}: done in {time.perf_counter() - t0:.1f} s")
     record = {"kind": "eval", "step": step}
     for name, r in results.items():
@@ -285,7 +293,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, max_steps: int | None = N
                     print(f"SIGTERM: checkpoint written at step {step}; exiting", file=sys.stderr)
                 return {"preempted_at": step}
         if progress.step == cfg.train.steps:
-            last_eval = run_eval(state, evals, calib, progress.step, run_dir, log)
+            last_eval = run_eval(state, evals, calib, progress.step, run_dir, log, final=True)
             if d.rank == 0:
                 (run_dir / "final.json").write_text(json.dumps(last_eval, indent=2))
         save()
