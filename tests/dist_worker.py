@@ -23,17 +23,47 @@ from pipeline.sgtm.codes import Mode  # noqa: E402
 from tests.fixtures import isolation_batch, mixed_batch, tiny_config  # noqa: E402
 
 
-def scenario_tp_grads(out: Path, archs: list[str]) -> dict:
-    """TP=2 loss and gathered gradients for a mixed batch, per arch; then ablation per shard."""
+def scaled_query_grad(factor: float = 1.05):
+    """Test fault: the gradient flowing back into the query projection (dQ, taken at the attention
+    call, after RoPE) multiplied by ``factor``, as a wrong score scale or RoPE backward under TP/SP
+    would; the forward is untouched. Wraps ``F.scaled_dot_product_attention`` for this process."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    real = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, *args, **kwargs):
+        if q.requires_grad:
+            q.register_hook(lambda g: g * factor)
+        return real(q, k, v, *args, **kwargs)
+
+    stack = contextlib.ExitStack()
+    F.scaled_dot_product_attention = sdpa
+    stack.callback(setattr, F, "scaled_dot_product_attention", real)
+    return stack
+
+
+def scenario_tp_grads(out: Path, archs: list[str], dq_scaled: list[str] = ()) -> dict:
+    """TP=2 loss and gathered gradients for a mixed batch, per arch; then ablation per shard. For
+    the archs in ``dq_scaled`` also a run with dQ scaled by 1.05 (``tp2_{arch}_dq_scaled.pt``)."""
+    import contextlib
+
     result = {}
-    for arch in archs:
+    for arch, fault in [(a, None) for a in archs] + [(a, "dq_scaled") for a in dq_scaled]:
         cfg = tiny_config(arch, "sgtm", tp=2)
         d = init_distributed(cfg.engine)
         part, model = build_model(cfg, d)
         batch = mixed_batch()
-        loss = model(batch["input_ids"], labels=batch["labels"], modes=batch["modes"], doc_ids=batch["doc_ids"],
-                     target_modes=batch["target_modes"])
-        loss.backward()
+        with scaled_query_grad() if fault else contextlib.nullcontext():
+            loss = model(batch["input_ids"], labels=batch["labels"], modes=batch["modes"],
+                         doc_ids=batch["doc_ids"], target_modes=batch["target_modes"])
+            loss.backward()
+        if fault:
+            state, grads = gather_full_state_dict(model), gather_full_state_dict(model, grads=True)
+            if d.rank == 0:
+                torch.save({"state": state, "grads": grads, "loss": loss.detach()}, out / f"tp2_{arch}_{fault}.pt")
+            continue
         full = gather_full_state_dict(model)
         full_grads = gather_full_state_dict(model, grads=True)
         # Ablation on this shard: forget[es] slices zero, everything else untouched.
@@ -267,15 +297,17 @@ def global_batch(step: int) -> dict:
 
 def _sp_mutation(name: str | None):
     """A deliberately broken sequence-parallel model, to show the SP checks can fail: norm and
-    row-bias gradients left as per-rank partial sums, or the token masks in [B, S] order while the
-    activations are [S, B]."""
+    row-bias gradients left as per-rank partial sums, the token masks in [B, S] order while the
+    activations are [S, B], or dQ scaled by 1.05 (``scaled_query_grad``)."""
     import contextlib
 
     from pipeline.model import transformer
     from pipeline.sgtm.masking import TokenMasks
 
     stack = contextlib.ExitStack()
-    if name == "norm_grads_not_reduced":
+    if name == "dq_scaled":
+        stack.enter_context(scaled_query_grad())
+    elif name == "norm_grads_not_reduced":
         orig = transformer._sp_param
         transformer._sp_param = lambda p, sp: p
         stack.callback(setattr, transformer, "_sp_param", orig)

@@ -8,6 +8,7 @@ import torch
 from pipeline.engine.engine import build_engine, build_model, train_step
 from pipeline.model.tp_state import load_full_state_dict
 from pipeline.sgtm.ablate import ablate
+from tests.compare import assert_all_equivalent, assert_equivalent, mismatches
 from tests.conftest import run_workers
 from tests.fixtures import mixed_batch, tiny_config
 from tests.isolation_cases import slice_changes
@@ -18,29 +19,51 @@ ARCHS = ["gpt-neo", "llama"]
 @pytest.fixture(scope="module")
 def tp2(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp2")
-    return out, run_workers(2, "tp_grads", out, archs=ARCHS)
+    return out, run_workers(2, "tp_grads", out, archs=ARCHS, dq_scaled=ARCHS)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_tp2_loss_and_gradients_equal_tp1(single_process_world, tp2, arch):
-    out, result = tp2
-    saved = torch.load(out / f"tp2_{arch}.pt", weights_only=True)
-    cfg = tiny_config(arch, "sgtm", tp=1)
-    _, model = build_model(cfg, single_process_world)
+def _tp1(world, arch: str, saved: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and gradients of the TP=1 model with the TP=2 run's weights, on the same batch."""
+    _, model = build_model(tiny_config(arch, "sgtm", tp=1), world)
     load_full_state_dict(model, saved["state"])
     batch = mixed_batch()
     loss = model(batch["input_ids"], labels=batch["labels"], modes=batch["modes"], doc_ids=batch["doc_ids"],
                  target_modes=batch["target_modes"])
     loss.backward()
-    torch.testing.assert_close(saved["loss"], loss.detach(), rtol=0, atol=1e-5)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(saved["grads"][name], p.grad, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tp2_loss_and_gradients_equal_tp1(single_process_world, tp2, arch):
+    """Loss and every gathered gradient equal TP=1's, per tensor relative to its scale
+    (tests/compare.py)."""
+    out, result = tp2
+    saved = torch.load(out / f"tp2_{arch}.pt", weights_only=True)
+    loss, grads = _tp1(single_process_world, arch, saved)
+    assert_equivalent(saved["loss"], loss, "loss")
+    assert set(saved["grads"]) == set(grads)
+    assert_all_equivalent(saved["grads"], grads)
     # The partition really is uneven across ranks: forget[es] heads on rank 0 only, forget[fr]
     # heads on rank 1 only, forget[es] units on both.
     owned = result[arch]["owned"]
     assert owned[0]["es"]["0"]["heads"] == [1] and owned[1]["es"]["0"]["heads"] == []
     assert owned[0]["fr"]["0"]["heads"] == [] and owned[1]["fr"]["0"]["heads"] == [2]
     assert owned[0]["es"]["0"]["units"] == [3, 10, 31] and owned[1]["es"]["0"]["units"] == [32, 40]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tp2_gradient_comparison_fails_with_dq_scaled_by_1_05(single_process_world, tp2, arch):
+    """Mutation: the gradient into the query projection scaled by 1.05 on both TP ranks (what a
+    wrong score scale or RoPE backward under TP would do). The loss is untouched; the gradient
+    comparison of the test above fails, on every block's QKV weight."""
+    out, _ = tp2
+    saved = torch.load(out / f"tp2_{arch}_dq_scaled.pt", weights_only=True)
+    loss, grads = _tp1(single_process_world, arch, saved)
+    assert_equivalent(saved["loss"], loss, "loss")
+    with pytest.raises(AssertionError, match=r"blocks\.0\.attn\.qkv\.weight: \d+/\d+ elements differ"):
+        assert_all_equivalent(saved["grads"], grads)
+    bad = {line.split(":")[0] for line in mismatches(saved["grads"], grads)}
+    assert {"blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight"} <= bad, bad
 
 
 @pytest.mark.parametrize("arch", ARCHS)

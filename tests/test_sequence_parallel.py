@@ -9,6 +9,7 @@ import torch
 from pipeline.config import ConfigError, load_config
 from pipeline.engine.engine import build_model
 from pipeline.model.tp_state import load_full_state_dict
+from tests.compare import assert_all_equivalent, assert_equivalent, mismatches
 from tests.conftest import run_workers
 from tests.fixtures import mixed_batch, tiny_config
 
@@ -25,6 +26,8 @@ CASES = {
     # Mutations: the comparison below must see them.
     "mut_norm_grads_not_reduced": {"arch": "gpt-neo", "mutation": "norm_grads_not_reduced"},
     "mut_masks_batch_major": {"arch": "llama", "mutation": "masks_batch_major"},
+    "mut_dq_scaled": {"arch": "llama", "mutation": "dq_scaled"},
+    "mut_dq_scaled_gqa": {**GQA, "mutation": "dq_scaled"},
 }
 EXACT = [n for n in CASES if not n.startswith("mut_")]
 TOL = dict(rtol=0, atol=1e-5)
@@ -57,34 +60,35 @@ def _tp1(world, name: str, saved: dict):
 
 @pytest.mark.parametrize("name", EXACT)
 def test_tp2_sp_loss_and_gradients_equal_tp1(single_process_world, sp2, name):
-    """Mixed modes (changes inside documents, target_modes): loss and every gathered gradient to
-    1e-5, and per-token losses, logits and the gathered final hidden states; SP-marked
-    parameters (norms, row-parallel output biases) hold the same gradient on both ranks."""
+    """Mixed modes (changes inside documents, target_modes): loss and every gathered gradient,
+    per-token losses, logits and the gathered final hidden states equal TP=1's, per tensor
+    relative to its scale (tests/compare.py); SP-marked parameters (norms, row-parallel output
+    biases) hold the same gradient on both ranks."""
     out, result = sp2
     saved = torch.load(out / f"sp_{name}.pt", weights_only=True)
     model, loss, extra = _tp1(single_process_world, name, saved)
-    torch.testing.assert_close(saved["loss"], loss, **TOL)
-    for pname, p in model.named_parameters():
-        torch.testing.assert_close(saved["grads"][pname], p.grad, **TOL, msg=lambda m, n=pname: f"{n}: {m}")
-    for key in ("per_token", "logits", "hidden"):
-        torch.testing.assert_close(saved[key], extra[key], **TOL, msg=lambda m, k=key: f"{k}: {m}")
+    assert_equivalent(saved["loss"], loss, "loss")
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert set(saved["grads"]) == set(grads)
+    assert_all_equivalent(saved["grads"], grads)
+    assert_all_equivalent(saved, extra, names=("per_token", "logits", "hidden"))
     assert result[name]["sp_grads_equal_on_ranks"] == [True, True]
     n_norms = sum(1 for n, _ in model.named_parameters() if "norm" in n)
     assert result[name]["sp_marked"] >= n_norms > 0
 
 
 def _grad_mismatches(single_process_world, sp2, name: str) -> list[str]:
+    """The tensors whose gradient fails the comparison above (tests/compare.py's lines)."""
     out, _ = sp2
     saved = torch.load(out / f"sp_{name}.pt", weights_only=True)
     model, _, _ = _tp1(single_process_world, name, saved)
-    return [n for n, p in model.named_parameters()
-            if not torch.allclose(saved["grads"][n], p.grad, rtol=0, atol=1e-5)]
+    return mismatches(saved["grads"], {n: p.grad for n, p in model.named_parameters()})
 
 
 def test_mutation_unreduced_norm_gradients_is_caught(single_process_world, sp2):
     """Without the all-reduce, norm gains/biases keep per-rank partial gradients: the TP=1
     comparison and the same-on-every-rank check both fail, and only on SP-marked parameters."""
-    bad = _grad_mismatches(single_process_world, sp2, "mut_norm_grads_not_reduced")
+    bad = [line.split(":")[0] for line in _grad_mismatches(single_process_world, sp2, "mut_norm_grads_not_reduced")]
     assert bad and all("norm" in n or n.endswith("out.bias") or n.endswith("fc2.bias") for n in bad), bad
     assert any("norm" in n for n in bad)
     assert sp2[1]["mut_norm_grads_not_reduced"]["sp_grads_equal_on_ranks"] != [True, True]
@@ -93,6 +97,23 @@ def test_mutation_unreduced_norm_gradients_is_caught(single_process_world, sp2):
 def test_mutation_masks_in_batch_major_order_is_caught(single_process_world, sp2):
     """Per-token masks flattened [B, S] while the activations are [S, B]: gradients differ."""
     assert _grad_mismatches(single_process_world, sp2, "mut_masks_batch_major")
+
+
+@pytest.mark.parametrize("name", ["mut_dq_scaled", "mut_dq_scaled_gqa"])
+def test_sp_gradient_comparison_fails_with_dq_scaled_by_1_05(single_process_world, sp2, name):
+    """Mutation: the gradient into the query projection scaled by 1.05 on both ranks at TP=2 + SP
+    (llama with RoPE; GQA). The loss, logits and hidden states are untouched; the gradient
+    comparison of test_tp2_sp_loss_and_gradients_equal_tp1 fails, on every block's QKV weight."""
+    out, _ = sp2
+    saved = torch.load(out / f"sp_{name}.pt", weights_only=True)
+    model, loss, extra = _tp1(single_process_world, name, saved)
+    assert_equivalent(saved["loss"], loss, "loss")
+    assert_all_equivalent(saved, extra, names=("per_token", "logits", "hidden"))
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    with pytest.raises(AssertionError, match=r"blocks\.0\.attn\.qkv\.weight: \d+/\d+ elements differ"):
+        assert_all_equivalent(saved["grads"], grads)
+    bad = {line.split(":")[0] for line in mismatches(saved["grads"], grads)}
+    assert {"blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight"} <= bad, bad
 
 
 def test_isolation_property_at_tp2_with_sp(tmp_path):
