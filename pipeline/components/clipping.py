@@ -26,6 +26,11 @@ Where the gradients are differs by engine setup:
   (``gradient_clipping: 0``).
 
 :attr:`PartitionClipper.runs` counts the clips, so the train step can check that the clip ran.
+
+The same groups decide what a non-finite gradient does (:meth:`PartitionClipper.nonfinite_groups`,
+docs/architecture.md "Non-finite gradients"): a forget group's non-finite gradient is dropped
+(selected to zero) and the other groups' update goes on, so forget data can neither poison nor
+stop the retain update; a non-finite retain or joint(all) group skips the whole step.
 """
 
 from __future__ import annotations
@@ -148,6 +153,38 @@ class PartitionClipper:
             return
         dist.all_reduce(sq, group=ps.get_tensor_and_data_parallel_group())
         reduce_over_pipeline(sq)
+
+    def _gradient_pieces(self, optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(flat gradient view, group index of each element) of this rank's gradients: the ZeRO-1/2
+        partition's fragments, else ``param.grad`` (valid between the boundary backward and the step)."""
+        if dsi.holds_gradient_partition(optimizer):
+            out = []
+            for p, frag, start in dsi.gradient_fragments(optimizer):
+                key = (id(p), start, frag.numel())
+                if key not in self._fragment_groups:
+                    self._fragment_groups[key] = self._element_groups(p)[start:start + frag.numel()].clone()
+                out.append((frag, self._fragment_groups[key]))
+            return out
+        return [(p.grad.view(-1), self._element_groups(p)) for p in self.params if p.grad is not None]
+
+    @torch.no_grad()
+    def nonfinite_groups(self, optimizer) -> list[int]:
+        """The groups (:class:`ClipGroup` ids) whose gradient holds a non-finite value on any rank
+        (one MAX all-reduce over the world, one host read). Call it before the update."""
+        bad = torch.zeros(self.n_groups, device=self.device, dtype=torch.float32)
+        for g, groups in self._gradient_pieces(optimizer):
+            bad.index_add_(0, groups, (~torch.isfinite(g)).float())
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return [g for g, b in zip(self.groups, bad.tolist(), strict=True) if b > 0]
+
+    @torch.no_grad()
+    def drop_groups(self, optimizer, groups: list[int]) -> None:
+        """Select the gradients of ``groups`` to zero, in place (a selection: their non-finite values
+        do not survive as 0 x inf)."""
+        drop = torch.zeros(self.n_groups, dtype=torch.bool, device=self.device)
+        drop[[self.groups.index(g) for g in groups]] = True
+        for g, idx in self._gradient_pieces(optimizer):
+            g.copy_(torch.where(drop[idx], 0.0, g))
 
     def named_norms(self) -> dict[str, float]:
         """The last step's group norms as metrics fields (``grad_norm_retain``, ``grad_norm_forget0``, ...)."""

@@ -8,7 +8,7 @@ it happens inside autograd (see :mod:`pipeline.sgtm.masking`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,8 +27,12 @@ class TrainState:
     partition: ForgetPartition
     model: Transformer
     engine: object  # deepspeed.DeepSpeedEngine
-    clipper: PartitionClipper | None = None
+    clipper: PartitionClipper | None = None  # clips per partition (engine.grad_clip > 0)
     last_step_finite: bool = True  # False: the last train_step saw a non-finite loss/gradient and skipped
+    # The per-partition groups (engine.clip_mode per_partition, clipping or not): they decide what
+    # a non-finite gradient does (:func:`decide_update`).
+    grad_groups: PartitionClipper | None = None
+    dropped_groups: list[int] = field(default_factory=list)  # forget groups dropped in the last step
 
 
 def build_model(cfg: ExperimentConfig, dist: DistInfo,
@@ -106,11 +110,22 @@ def build_engine(cfg: ExperimentConfig) -> TrainState:
         model=model, model_parameters=param_groups(model, cfg.optimizer.weight_decay),
         config=ds_config, mpu=MegatronMPU(),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg)))
-    clipper = None
-    if per_partition:
-        clipper = PartitionClipper(model, len(partition.domains), e.grad_clip, dist.device)
-        clipper.attach(engine)
-    return TrainState(cfg, dist, partition, model, engine, clipper)
+    clipper, groups = partition_groups(cfg, model, partition, engine, dist)
+    return TrainState(cfg, dist, partition, model, engine, clipper, grad_groups=groups)
+
+
+def partition_groups(cfg: ExperimentConfig, model, partition: ForgetPartition, engine,
+                     dist: DistInfo) -> tuple[PartitionClipper | None, PartitionClipper | None]:
+    """(clipper, groups): the per-partition groups whenever ``engine.clip_mode`` is per_partition
+    (they decide the non-finite policy), attached as the clipper when ``engine.grad_clip`` > 0."""
+    e = cfg.engine
+    if e.clip_mode != "per_partition":
+        return None, None
+    groups = PartitionClipper(model, len(partition.domains), e.grad_clip, dist.device)
+    if e.grad_clip <= 0:
+        return None, groups
+    groups.attach(engine)
+    return groups, groups
 
 
 class ClipperNotRunError(RuntimeError):
@@ -129,6 +144,31 @@ def _local_grads_finite(engine) -> torch.Tensor:
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
+def decide_update(state: TrainState, loss_finite: torch.Tensor) -> bool:
+    """Whether to apply this step's update, agreed by every rank (docs/architecture.md,
+    "Non-finite gradients"). With the per-partition groups: a non-finite forget group is dropped
+    (its gradient selected to zero, listed in ``state.dropped_groups``) and the step goes on; a
+    non-finite retain or joint(all) group skips it. The loss is not consulted there: a forget
+    position's non-finite loss must not stop the retain update. Without the groups (global
+    clipping, which mixes partitions anyway): any non-finite loss or gradient skips the step."""
+    from pipeline.sgtm.codes import ClipGroup
+
+    state.dropped_groups = []
+    groups = state.grad_groups
+    if groups is None:
+        state.last_step_finite = _all_true(loss_finite & _local_grads_finite(state.engine).to(loss_finite.device))
+        return state.last_step_finite
+    bad = groups.nonfinite_groups(state.engine.optimizer)
+    if any(g < ClipGroup.FORGET for g in bad):
+        state.last_step_finite = False
+        return False
+    if bad:
+        groups.drop_groups(state.engine.optimizer, bad)
+        state.dropped_groups = bad
+    state.last_step_finite = True
+    return True
+
+
 def _all_true(flag: torch.Tensor) -> bool:
     """One scalar all-reduce (the only host sync this check adds to a step)."""
     bad = (~flag).float().reshape(1)
@@ -140,9 +180,10 @@ def train_step(state: TrainState, micro_batches: list[dict], step: int | None = 
     """One optimizer step over ``grad_accum_steps`` micro-batches (modes may mix freely).
 
     Returns the step's mean loss averaged over micro-batches and data-parallel ranks (a tensor:
-    the caller decides when to sync it to the host). If any rank's loss or gradients are not
-    finite, no rank applies the update (``state.last_step_finite`` is then False); the caller
-    decides whether to continue (``train.nonfinite``). ``step`` (1-based) only arms test faults."""
+    the caller decides when to sync it to the host). A non-finite loss or gradient is handled by
+    :func:`decide_update` (a forget group's is dropped; otherwise no rank applies the update and
+    ``state.last_step_finite`` is False); the caller decides whether to continue
+    (``train.nonfinite``). ``step`` (1-based) only arms test faults."""
     from pipeline.components import faults
 
     if state.dist.pp_size > 1:
@@ -168,8 +209,7 @@ def train_step(state: TrainState, micro_batches: list[dict], step: int | None = 
         finite = finite & torch.isfinite(loss.detach()).all()
         engine.backward(loss)
         if last:
-            state.last_step_finite = _all_true(finite & _local_grads_finite(engine).to(finite.device))
-            if not state.last_step_finite:
+            if not decide_update(state, finite):
                 dsi.skip_step(engine)
                 total += loss.detach().float()
                 break

@@ -70,8 +70,7 @@ def build_pipeline_engine(cfg, dist_info, partition, model):
     import deepspeed
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    from pipeline.components.clipping import PartitionClipper
-    from pipeline.engine.engine import TrainState, deepspeed_config, lr_factor, param_groups
+    from pipeline.engine.engine import TrainState, deepspeed_config, lr_factor, param_groups, partition_groups
     from pipeline.model.pipe_stages import PipeLoss, SGTMPipelineModule
 
     e = cfg.engine
@@ -97,11 +96,8 @@ def build_pipeline_engine(cfg, dist_info, partition, model):
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=param_groups(module, cfg.optimizer.weight_decay), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg)))
-    clipper = None
-    if per_partition:
-        clipper = PartitionClipper(module, len(partition.domains), e.grad_clip, dist_info.device)
-        clipper.attach(engine)
-    state = TrainState(cfg, dist_info, partition, module, engine, clipper)
+    clipper, groups = partition_groups(cfg, module, partition, engine, dist_info)
+    state = TrainState(cfg, dist_info, partition, module, engine, clipper, grad_groups=groups)
     dsi.wrap_pipe_optimizer_step(engine, lambda eng: _before_update(state, eng))
     return state
 
@@ -110,10 +106,9 @@ def _before_update(state, engine) -> bool:
     """Inside the pipeline engine's step, after the gradient reduction: agree with every rank of
     every stage whether the step is finite (the update is skipped on all or none); ZeRO-0 clips
     ``param.grad`` here. Returns whether to apply the update."""
-    from pipeline.engine.engine import _all_true, _local_grads_finite
+    from pipeline.engine.engine import decide_update
 
-    finite = dsi.pipe_losses_finite(engine) & _local_grads_finite(engine).cpu()
-    state.last_step_finite = _all_true(finite.to(state.dist.device))
+    decide_update(state, dsi.pipe_losses_finite(engine).to(state.dist.device))
     if state.last_step_finite and state.clipper is not None and not state.clipper.uses_zero_partition:
         state.clipper.clip_param_grads()
     return state.last_step_finite
