@@ -83,7 +83,9 @@ class ModelConfig:
     tie_embeddings: bool | None = None  # default: preset
     bias: bool | None = None  # default: preset
     # Attention stays inside each document: every training batch (one with modes) must carry
-    # doc_ids. false: plain causal attention across a packed row (benchmarks of the kernel only).
+    # doc_ids. false: the model ignores doc_ids, so attention crosses the documents of a packed row
+    # (still causal and still masked by modes, so isolation holds; docs/architecture.md,
+    # "Document masking"); a document's first token is still never a target of the one before.
     document_masking: bool = True
     # Mixture of experts (pipeline/model/moe.py; docs/architecture.md, "Mixture of experts"): with
     # n_experts > 0 each block's MLP is n_experts routed experts of width d_ff (top moe_top_k per
@@ -150,8 +152,22 @@ class ModelConfig:
         for name in ("norm_eps", "init_std", "rope_theta"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}: must be positive, got {getattr(self, name)}")
+        preset_theta = PRESETS.get(self.arch, PRESETS["gpt-neo"])["rope_theta"]
+        if self.positions == "learned" and self.rope_theta != preset_theta:
+            raise ConfigError(f"{key}.rope_theta: only RoPE uses it and {key}.positions is 'learned'; "
+                              f"got {self.rope_theta:g}, expected the preset's {preset_theta:g}")
         if self.n_experts:
             self._validate_moe(key)
+        else:
+            self._refuse_moe_keys(key)
+
+    def _refuse_moe_keys(self, key: str) -> None:
+        """A dense model would silently ignore the MoE keys: refuse any set away from its default."""
+        defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+        for name in ("moe_top_k", "moe_shared_experts", "moe_capacity_factor", "moe_drop_policy", "moe_aux_loss_coef"):
+            if getattr(self, name) != defaults[name]:
+                raise ConfigError(f"{key}.{name}: only an MoE model uses it and {key}.n_experts is 0 (dense); "
+                                  f"got {getattr(self, name)!r}, expected the default {defaults[name]!r}")
 
     def _validate_moe(self, key: str) -> None:
         if self.n_experts < 2:
@@ -212,6 +228,8 @@ class SGTMConfig:
     embedding_update: Literal["all", "non_forget"] | None = None
     # 'joint' makes W_O, W_2 and their biases joint (a paper variant) instead of split.
     output_projections: Literal["split", "joint"] = "split"
+    # Where forget parameters live. 'mlp' has no forget heads and 'attention' no forget units: a
+    # domain's dropped key (heads, units) must then be 0, [] or left at its default.
     scope: Literal["attention_mlp", "attention", "mlp"] = "attention_mlp"
     # How attention treats a context that crosses a forget/non-forget boundary inside a document
     # (docs/architecture.md, "Isolation across mode boundaries"). 'segment': attention breaks at
@@ -313,6 +331,21 @@ def _take_experts(spec: int | list[int], model: ModelConfig, sgtm: SGTMConfig, t
     return experts
 
 
+_DOMAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DomainConfig)}
+
+
+def _refuse_dropped(dom: DomainConfig, scope: str, key: str) -> None:
+    """``scope: mlp`` has no forget heads and ``scope: attention`` no forget units: a domain that
+    asks for some (anything but 0, [] or the default) would lose them without a word."""
+    dropped = {"mlp": "heads", "attention": "units"}.get(scope)
+    if dropped is None:
+        return
+    value = getattr(dom, dropped)
+    if value not in (0, [], _DOMAIN_DEFAULTS[dropped]):
+        raise ConfigError(f"{key}.{dropped}: sgtm.scope is {scope!r} (no forget {dropped}), got {value!r}; "
+                          f"expected 0 or sgtm.scope 'attention_mlp'")
+
+
 def assign_domains(model: ModelConfig, sgtm: SGTMConfig) -> list[DomainAssignment]:
     """What ``sgtm.domains`` means for this model: a count takes the next free global indices
     (domains in list order), explicit indices are checked for range and overlap, and at least one
@@ -331,6 +364,7 @@ def assign_domains(model: ModelConfig, sgtm: SGTMConfig) -> list[DomainAssignmen
     out = []
     for d, dom in enumerate(sgtm.domains):
         key = f"sgtm.domains[{d}]"
+        _refuse_dropped(dom, sgtm.scope, key)
         layers = list(range(model.n_layers)) if dom.layers is None else list(dom.layers)
         for layer in layers:
             if not 0 <= layer < model.n_layers:
@@ -593,6 +627,9 @@ def check_moe(model: ModelConfig, sgtm: SGTMConfig, engine: EngineConfig) -> Non
         raise ConfigError(f"engine.expert_parallel: {ep} and engine.tensor_parallel={tp} must nest "
                           f"(one divides the other: the EP group lies inside the TP group or contains it)")
     if not model.n_experts:
+        if sgtm.moe_forget_routing != "free":
+            raise ConfigError(f"sgtm.moe_forget_routing: only an MoE model routes tokens and model.n_experts is 0 "
+                              f"(dense); got {sgtm.moe_forget_routing!r}, expected 'free'")
         return
     if engine.sequence_parallel:
         raise ConfigError("engine.sequence_parallel: not supported with an MoE model (model.n_experts > 0) yet")
@@ -647,7 +684,9 @@ class TaggingConfig:
     undiscovered_rate: float = 0.0  # simulated: share of true forget docs left UNLABELLED (1 - recall)
     false_positive_rate: float = 0.0  # simulated: share of true non-forget docs tagged forget
     precision: float | None = None  # simulated: alternative to false_positive_rate (converted with counts)
-    granularity: Literal["document", "paragraph"] = "document"  # paragraph: classifier spans set modes
+    # paragraph: each paragraph (split at blank lines) gets its own mode: the classifier's spans, or
+    # the simulator's per-paragraph draws at the same rates; the filters then drop tagged spans.
+    granularity: Literal["document", "paragraph"] = "document"
     seed: int = 0  # seeds every per-document draw (independent of the loader's shuffling seed)
 
     def validate(self, key: str) -> None:
@@ -659,6 +698,11 @@ class TaggingConfig:
             raise ConfigError(f"{key}.seed: expected an integer >= 0, got {self.seed}")
         if self.precision is not None and self.false_positive_rate:
             raise ConfigError(f"{key}.precision: give either precision or false_positive_rate, not both")
+        if self.source == "classifier":  # the simulator's noise keys would be ignored
+            for name, default in (("undiscovered_rate", 0.0), ("false_positive_rate", 0.0), ("precision", None)):
+                if getattr(self, name) != default:
+                    raise ConfigError(f"{key}.{name}: only the simulated source draws label noise and {key}.source "
+                                      f"is 'classifier'; got {getattr(self, name)!r}, expected {default!r}")
 
 
 @dataclass
@@ -666,7 +710,8 @@ class DataConfig:
     sources: list[SourceConfig]
     domains: list[str]  # forget domains, in the order of sgtm.domains (mode FORGET+d); filled from sgtm
     tokenizer: str = "gpt2"  # 'gpt2' or a tokenizer .json; must match every manifest's hash
-    filter: Literal["none", "weak", "strict"] = "none"  # weak: drop forget-tagged; strict: also adjacent
+    # weak: drop forget-tagged documents (paragraph granularity: forget-tagged spans); strict: also adjacent
+    filter: Literal["none", "weak", "strict"] = "none"
     tagging: TaggingConfig = field(default_factory=TaggingConfig)
     heldout_fraction: float = 0.05  # documents held out of training (by key hash) for evaluation
     shuffle_buffer: int = 2048  # documents in each worker's shuffle buffer

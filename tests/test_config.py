@@ -274,3 +274,72 @@ def test_config_placement_of_domains_matches_the_forget_partition(case):
             on = layer in a.layers
             assert part.heads(layer, d) == (a.heads if on else []) and part.units(layer, d) == (a.units if on else [])
 
+
+
+# --------------------------------------------------------------------------------------------
+# No silent no-ops: a key that a combination would ignore is refused (one line naming it), or
+# the combination does what it says.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["sgtm.scope=mlp", "sgtm.domains.0.heads=2"], "sgtm.domains[0].heads", "sgtm.scope is 'mlp'"),
+    (["sgtm.scope=mlp", "sgtm.domains.0.heads=[3]"], "sgtm.domains[0].heads", "no forget heads"),
+    (["sgtm.scope=attention", "sgtm.domains.0.units=8"], "sgtm.domains[0].units", "sgtm.scope is 'attention'"),
+    (["sgtm.scope=attention", "sgtm.domains.0.units=[1, 2]"], "sgtm.domains[0].units", "no forget units"),
+    (["model.moe_top_k=4"], "model.moe_top_k", "n_experts is 0 (dense)"),
+    (["model.moe_capacity_factor=1.0"], "model.moe_capacity_factor", "n_experts is 0 (dense)"),
+    (["model.moe_shared_experts=1"], "model.moe_shared_experts", "n_experts is 0 (dense)"),
+    (["model.moe_drop_policy=position"], "model.moe_drop_policy", "n_experts is 0 (dense)"),
+    (["model.moe_aux_loss_coef=0.1"], "model.moe_aux_loss_coef", "n_experts is 0 (dense)"),
+    (["sgtm.moe_forget_routing=own_first"], "sgtm.moe_forget_routing", "n_experts is 0 (dense)"),
+    (["model.rope_theta=500000.0"], "model.rope_theta", "positions is 'learned'"),
+    (["data.tagging.source=classifier", "data.sources.0.tags=t", "data.sources.1.tags=t"],
+     "data.tagging.undiscovered_rate", "only the simulated source draws label noise"),
+])
+def test_keys_a_combination_would_ignore_are_refused_naming_the_key(overrides, key, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "experiments/bilingual_tiny.yaml", overrides)
+    msg = str(info.value)
+    assert msg.startswith(key + ":") and words in msg and "\n" not in msg, msg
+
+
+def test_scope_accepts_a_dropped_key_left_at_zero_or_its_default():
+    exp = CONFIGS / "experiments/bilingual_tiny.yaml"
+    assert load_config(exp, ["sgtm.scope=mlp"]).sgtm.domains[0].heads == 1  # the default: nothing was asked
+    for scope, key, value in (("mlp", "heads", 0), ("mlp", "heads", "[]"), ("attention", "units", 0)):
+        cfg = load_config(exp, [f"sgtm.scope={scope}", f"sgtm.domains.0.{key}={value}"])
+        (placed,) = assign_domains(cfg.model, cfg.sgtm)
+        assert getattr(placed, key) == []
+    model = load_config(exp, ["model.arch=llama", "model.positions=rope", "model.rope_theta=500000.0"]).model
+    assert model.rope_theta == 500000.0
+
+
+def test_document_masking_false_lets_attention_cross_documents_and_modes_still_mask(single_process_world):
+    """model.document_masking=false is honoured: a position reads the previous document of its
+    packed row (true: it does not); forget positions stay unreadable to non-forget ones either way."""
+    import torch
+
+    from pipeline.engine.engine import build_model
+    from pipeline.sgtm.codes import Mode
+    from tests.fixtures import SEQ, VOCAB, tiny_config
+
+    half = SEQ // 2
+    ids = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(0))
+    other = ids.clone()
+    other[0, 1:half] = (other[0, 1:half] + 1) % VOCAB  # the first document's content changes
+    doc_ids = torch.zeros(1, SEQ, dtype=torch.long)
+    doc_ids[:, half:] = 1
+
+    def second_doc_moves(document_masking: bool, first_mode: int) -> bool:
+        cfg = tiny_config("gpt-neo", "sgtm", model={"document_masking": document_masking})
+        _, model = build_model(cfg, single_process_world)
+        modes = torch.full((1, SEQ), Mode.RETAIN, dtype=torch.long)
+        modes[:, :half] = first_mode
+        with torch.no_grad():
+            a, b = (model(x, modes=modes, doc_ids=doc_ids, target_modes=modes) for x in (ids, other))
+        return not torch.equal(a[0, half:], b[0, half:])
+
+    assert second_doc_moves(False, Mode.RETAIN)  # the key does something: attention crosses documents
+    assert not second_doc_moves(True, Mode.RETAIN)
+    assert not second_doc_moves(False, Mode.FORGET)  # still mode-masked: retain never reads forget
