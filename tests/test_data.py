@@ -9,7 +9,7 @@ import json
 import lzma
 import shutil
 import tarfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from pipeline.config import ConfigError
 from pipeline.data.config import DataConfig
 from pipeline.data.errors import DataError
 from pipeline.data.labels import LabelRules, is_heldout
-from pipeline.data.loader import build_eval_batches, build_loader, tagging_report
+from pipeline.data.loader import _to_torch, build_eval_batches, build_loader, tagging_report
 from pipeline.data.shards import iter_shard_documents, iter_shard_samples, load_manifest, write_shards
 from pipeline.data.tagging import tag_shards
 from pipeline.data.tokenizer import load_gpt2, load_tokenizer, train_bpe
@@ -670,3 +670,192 @@ def test_exact_resume_in_a_finite_run_after_one_worker_finished(tmp_path, gpt2):
     tail = list(resumed)
     assert len(tail) == len(full) - k
     assert all(torch.equal(a[key], b[key]) for a, b in zip(full[k:], tail, strict=True) for key in a)
+
+
+# ------------------------------------------------------------------ paragraph granularity (issue 20)
+
+
+def test_simulated_paragraph_tags_mix_modes_inside_documents_at_the_document_rates():
+    """granularity: paragraph with the simulated source gives every paragraph its own noise draw at
+    the document rates (it used to be ignored: one mode per document); one paragraph = its document."""
+    from pipeline.config import TaggingConfig
+    from pipeline.data.tagging import ModeAssigner
+
+    tagging = TaggingConfig(granularity="paragraph", undiscovered_rate=0.3, false_positive_rate=0.2,
+                            retain_fraction=0.5)
+    assigner = ModeAssigner(tagging, ["bio"])
+    paragraphs = [(0, 3), (3, 7), (7, 8), (8, 12)]
+    forget = [assigner.assign(f"s:{i}", "forget:bio", None, paragraphs) for i in range(1500)]
+    other = [assigner.assign(f"s:{i}", "retain", None, paragraphs) for i in range(1500)]
+    found = np.array([m >= Mode.FORGET for d in forget for _, _, m, _ in d.spans])
+    false_pos = np.array([m >= Mode.FORGET for d in other for _, _, m, _ in d.spans])
+    assert abs(found.mean() - 0.7) < 0.03 and abs(false_pos.mean() - 0.2) < 0.03
+    mixed = sum(len({m for _, _, m, _ in d.spans}) > 1 for d in forget + other)
+    assert mixed > 1500  # most documents hold paragraphs of different modes
+    assert all(sorted({m for _, _, m, _ in d.spans} - {Mode.FORGET}) in ([], [Mode.UNLABELLED]) for d in forget)
+    single = assigner.assign("s:0", "forget:bio", None, [(0, 12)])
+    assert single.spans is None and single == assigner.assign("s:0", "forget:bio", None)
+    document = ModeAssigner(TaggingConfig(undiscovered_rate=0.3), ["bio"]).assign("s:0", "forget:bio", None, paragraphs)
+    assert document.spans is None
+
+
+def _pairs(batches: list[dict]) -> Counter:
+    """(source, document, input token, target token) of every training target in the batches."""
+    out: Counter = Counter()
+    for b in batches:
+        keep = b["labels"] != -100
+        out.update(zip(b["source_ids"][keep].tolist(), b["doc_index"][keep].tolist(),
+                       b["input_ids"][keep].tolist(), b["labels"][keep].tolist(), strict=True))
+    return out
+
+
+def _kept_pairs(source: int, doc: int, tokens: np.ndarray, kept: np.ndarray) -> Counter:
+    """The targets a document gives when only `kept` tokens train: pairs of neighbours both kept."""
+    both = np.flatnonzero(kept[:-1] & kept[1:])
+    return Counter((source, doc, int(tokens[i]), int(tokens[i + 1])) for i in both)
+
+
+def test_simulated_paragraph_tags_reach_the_loader_and_the_weak_filter_drops_exactly_those_spans(small, gpt2):
+    """On real shards (multi-paragraph TinyStories): paragraph-granularity simulated tags give
+    mixed modes inside documents, and the weak filter trains on exactly each document's
+    non-forget-tagged tokens: forget paragraphs inside retain documents go, retain paragraphs of
+    forget documents stay, and no pair across a dropped span becomes a target."""
+    from pipeline.data.loader import build_plan
+    from pipeline.data.tagging import ModeAssigner, newline_tables, paragraph_spans
+
+    tagging = {"granularity": "paragraph", "undiscovered_rate": 0.3, "false_positive_rate": 0.2,
+               "retain_fraction": 0.5}
+    cfg = bilingual_cfg(small, tagging=tagging, heldout_fraction=0.0, epochs=1, shuffle_buffer=16)
+    unfiltered = list(build_loader(cfg, micro_batch_size=8, seq_len=SEQ))
+    mixed = sum(len(b["modes"][r][b["doc_ids"][r] == seg].unique()) > 1
+                for b in unfiltered for r in range(len(b["modes"])) for seg in b["doc_ids"][r].unique())
+    assert mixed > 50
+    by_document = list(build_loader({**cfg, "tagging": {**tagging, "granularity": "document"}},
+                                    micro_batch_size=8, seq_len=SEQ))
+    assert all(len(b["modes"][r][b["doc_ids"][r] == seg].unique()) == 1
+               for b in by_document for r in range(len(b["modes"])) for seg in b["doc_ids"][r].unique())
+
+    weak = list(build_loader({**cfg, "filter": "weak"}, micro_batch_size=8, seq_len=SEQ))
+    plan = build_plan(DataConfig.from_dict({**cfg, "filter": "weak"}))
+    assigner = ModeAssigner(plan.cfg.tagging, plan.cfg.domains, plan.false_positive_rate)
+    newlines = newline_tables(gpt2)
+    expected: Counter = Counter()
+    partial_retain = 0
+    for source, (name, role) in enumerate((("en", "retain"), ("es", "forget:spanish"))):
+        for index, tokens in all_documents(small / name).items():
+            modes = assigner.assign(f"{name}:{index}", role, None, paragraph_spans(tokens, newlines))
+            kept = np.ones(len(tokens), bool)
+            if modes.spans:
+                for s, e, mode, _ in modes.spans:
+                    kept[s:e] = mode < Mode.FORGET
+            elif modes.mode >= Mode.FORGET:
+                kept[:] = False
+            partial_retain += role == "retain" and 0 < kept.sum() < len(kept)
+            expected += _kept_pairs(source, index, tokens, kept)
+    assert partial_retain > 20  # forget paragraphs inside retain documents were there to drop
+    assert _pairs(weak) == expected
+    assert all((b["modes"][b["source_ids"] >= 0] < Mode.FORGET).all() for b in weak)
+
+
+@st.composite
+def tagged_documents(draw) -> list[tuple[list[int], dict]]:
+    """Documents of 1-5 paragraphs, each with a classifier label and confidence; multi-paragraph
+    documents also get a document-level prediction of their own (forget paragraphs in retain or
+    unsure documents, retain paragraphs in forget documents). Token ids are unique."""
+    labels = st.sampled_from(["retain", "forget:bio", "adjacent"])
+    docs, next_token = [], 0
+    for _ in range(draw(st.integers(1, 6))):
+        paras = draw(st.lists(st.tuples(st.integers(1, 7), labels, st.sampled_from([0.3, 0.9])), min_size=1,
+                              max_size=5))
+        spans, start = [], 0
+        for length, label, conf in paras:
+            spans.append([start, start + length, label, conf])
+            start += length
+        if len(spans) == 1:
+            probs = {spans[0][2]: spans[0][3]}
+        else:
+            probs = {draw(labels): draw(st.sampled_from([0.3, 0.9]))}
+        tag = {"true": "retain", "probs": probs, "spans": spans if len(spans) > 1 else []}
+        docs.append((list(range(next_token, next_token + start)), tag))
+        next_token += start
+    return docs
+
+
+def _tagged_spans_kept(tokens: list[int], tag: dict, policy: str) -> np.ndarray:
+    """What SGTM trains non-forget parameters on, per token: not forget-tagged (strict: nor adjacent)."""
+    spans = tag["spans"] or [[0, len(tokens), *next(iter(tag["probs"].items()))]]
+    kept = np.ones(len(tokens), bool)
+    for s, e, label, conf in spans:
+        if conf >= 0.5 and (label == "forget:bio" or (policy == "strict" and label == "adjacent")):
+            kept[s:e] = False
+    return kept
+
+
+def _check_filter(policy: str, docs: list[tuple[list[int], dict]], seq_len: int, batch_size: int) -> None:
+    """Run the loader's own document path (`_make_doc`: tags -> modes -> filter) and packer on the
+    documents and compare the training targets with the spans SGTM masks."""
+    from pipeline.data.loader import _Plan, _SlotStream, _SourcePlan
+    from pipeline.data.shards import ShardDocument
+
+    cfg = DataConfig.from_dict({"sources": [{"path": "unused", "tags": "unused"}], "domains": ["bio"],
+                                "filter": policy, "heldout_fraction": 0.0,
+                                "tagging": {"source": "classifier", "granularity": "paragraph"}})
+    src = _SourcePlan("s", "unused", [], 1.0, 1.0, "unused", None)
+    stream = _SlotStream(_Plan(cfg, [src], 10**9, 0.0), 0, 1, 0, seq_len, batch_size)
+    tags = {i: tag for i, (_, tag) in enumerate(docs)}
+    made = [stream._make_doc(0, src, ShardDocument(i, f"k{i}", {}, np.array(tokens)), tags)
+            for i, (tokens, _) in enumerate(docs)]
+    batches = [_to_torch(b) for b in stream.batches(iter([d for d in made if d is not None]))]
+    expected: Counter = Counter()
+    dropped: set[int] = set()
+    for i, (tokens, tag) in enumerate(docs):
+        kept = _tagged_spans_kept(tokens, tag, policy)
+        expected += _kept_pairs(0, i, np.array(tokens), kept)
+        dropped |= {t for t, k in zip(tokens, kept, strict=True) if not k}
+    for b in batches:
+        seen = set(b["input_ids"][b["source_ids"] >= 0].tolist()) | set(b["labels"][b["labels"] != -100].tolist())
+        assert not seen & dropped, f"{policy} filter trained on tagged tokens {sorted(seen & dropped)}"
+    assert _pairs(batches) == expected
+
+
+def _filter_property(policy: str):
+    @settings(max_examples=80, deadline=None, database=None, report_multiple_bugs=False)
+    @given(docs=tagged_documents(), seq_len=st.integers(2, 12), batch_size=st.integers(1, 3))
+    def prop(docs, seq_len, batch_size):
+        _check_filter(policy, docs, seq_len, batch_size)
+
+    return prop
+
+
+@pytest.mark.parametrize("policy", ["weak", "strict"])
+def test_paragraph_filters_drop_exactly_the_spans_sgtm_masks(policy):
+    """Hypothesis over random documents with random paragraph tags: a weak filter at paragraph
+    granularity never puts a forget-tagged token into a batch (strict: nor an adjacent-tagged one),
+    and every other in-document pair is a target exactly once."""
+    _filter_property(policy)()
+
+
+def test_document_level_dropping_makes_the_filter_property_fail(monkeypatch):
+    """The mutation: the filter drops whole documents by their document mode (the old behaviour);
+    the property must catch the forget paragraphs it lets through."""
+    from pipeline.data import loader
+
+    def by_document(tokens, modes, policy):
+        if policy != "none" and (modes.mode >= Mode.FORGET or (policy == "strict" and modes.adjacent)):
+            return None
+        if not modes.spans:
+            return tokens, modes.mode, None
+        token_modes = np.full(len(tokens), modes.mode, dtype=np.int64)
+        for start, end, mode, _ in modes.spans:
+            token_modes[start:end] = mode
+        return tokens, token_modes, None
+
+    monkeypatch.setattr(loader, "apply_filter", by_document)
+    with pytest.raises(AssertionError):
+        _filter_property("weak")()
+    spans = [[0, 3, "retain", 0.9], [3, 6, "forget:bio", 0.9]]
+    retain_doc = [(list(range(6)), {"true": "retain", "probs": {"retain": 0.9}, "spans": spans})]
+    with pytest.raises(AssertionError, match=r"weak filter trained on tagged tokens \[3, 4, 5\]"):
+        _check_filter("weak", retain_doc, 4, 2)
+    monkeypatch.undo()
+    _check_filter("weak", retain_doc, 4, 2)

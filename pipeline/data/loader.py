@@ -1,9 +1,10 @@
 """Streaming loader: shards -> documents -> tags/filter -> weighted mix -> shuffle -> re-pack -> batches.
 
-Why re-pack: the filter policy drops whole documents and tags are per document, so packing must
-come after filtering. Shards keep their packed seq_len+1 samples on disk; the loader re-assembles
-documents from them, decides each document's mode (tags + thresholds or the noise simulator),
-drops what the policy drops, and packs the survivors into sequences of `seq_len + 1` tokens.
+Why re-pack: the filter policy drops whole documents (or, at paragraph granularity, the tagged
+spans inside them) and tags are per document, so packing must come after filtering. Shards keep
+their packed seq_len+1 samples on disk; the loader re-assembles documents from them, decides each
+document's (or paragraph's) mode (tags + thresholds or the noise simulator), drops what the policy
+drops (:func:`apply_filter`), and packs the survivors into sequences of `seq_len + 1` tokens.
 
 Determinism: the stream of one (dp rank, worker) *slot* is a pure function of (seed, slot, number
 of slots, config). Each epoch of a source has one shard order, a permutation seeded by (seed,
@@ -49,9 +50,12 @@ from pipeline.data.shards import ShardDocument, check_tokenizer, iter_shard_docu
 from pipeline.data.tagging import (
     SUMMARY,
     Confusion,
+    DocModes,
     ModeAssigner,
     false_positive_rate_for_precision,
     load_sidecar,
+    newline_tables,
+    paragraph_spans,
 )
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.sgtm.codes import Mode, TrueLabel, mode_name
@@ -69,6 +73,9 @@ class _Doc:
     doc_index: int
     shard: int = -1  # manifest index of the shard it was read from
     start: int = 0  # first token to pack (> 0: the rest of a document cut at a row end)
+    # True where a filter dropped the span before this token: the token is never the target of
+    # the one packed before it (that pair is not in the document).
+    cuts: np.ndarray | None = None
 
     def ref(self) -> list[int]:
         """What a loader state stores for this document (it is read again on restore)."""
@@ -94,6 +101,9 @@ class _Plan:
     sources: list[_SourcePlan]
     pad_id: int
     false_positive_rate: float
+    # [vocab, 3] newline table (tagging.newline_tables): the simulated source's paragraphs at
+    # paragraph granularity are found in token space, as `sgtm data tag` finds the classifier's.
+    newlines: np.ndarray | None = None
 
 
 def build_plan(cfg: DataConfig) -> _Plan:
@@ -140,7 +150,10 @@ def build_plan(cfg: DataConfig) -> _Plan:
         fpr = false_positive_rate_for_precision(
             cfg.tagging.precision, 1 - cfg.tagging.undiscovered_rate, n_forget, n_other
         )
-    return _Plan(cfg, sources, tokenizer.eot_id, fpr)
+    newlines = None
+    if cfg.tagging.source == "simulated" and cfg.tagging.granularity == "paragraph":
+        newlines = newline_tables(tokenizer)
+    return _Plan(cfg, sources, tokenizer.eot_id, fpr, newlines)
 
 
 def _count_true_roles(cfg: DataConfig, sources: list[_SourcePlan]) -> tuple[int, int]:
@@ -325,6 +338,37 @@ def read_documents(path: Path, entry: dict, doc_indices: Iterable[int]) -> list[
         raise DataError(f"{path}: corrupt or truncated shard ({detail})") from None
 
 
+def apply_filter(
+    tokens: np.ndarray, modes: DocModes, policy: str
+) -> tuple[np.ndarray, np.ndarray | int, np.ndarray | None] | None:
+    """What one training document gives the packer under the filter policy: (tokens, modes, cuts),
+    or None when nothing of it is left.
+
+    Without paragraph spans the document is kept or dropped whole (`weak`: forget-tagged; `strict`:
+    also adjacent). With spans (paragraph granularity) the filters drop exactly the tokens SGTM
+    masks: every forget-tagged span (and under `strict` every adjacent-tagged one) wherever it sits,
+    while the other paragraphs of its document stay, so a filter baseline trains on what SGTM's
+    retain parameters learn from. `cuts` marks each token that follows a dropped span: the pair
+    across the gap is not in the document, so it is never a target."""
+    if not modes.spans:
+        if policy != "none" and (modes.mode >= Mode.FORGET or (policy == "strict" and modes.adjacent)):
+            return None
+        return tokens, modes.mode, None
+    token_modes = np.full(len(tokens), modes.mode, dtype=np.int64)
+    drop = np.zeros(len(tokens), dtype=bool)
+    for start, end, mode, adjacent in modes.spans:
+        token_modes[start:end] = mode
+        drop[start:end] = policy != "none" and (mode >= Mode.FORGET or (policy == "strict" and adjacent))
+    if not drop.any():
+        return tokens, token_modes, None
+    keep = np.flatnonzero(~drop)
+    if not len(keep):
+        return None
+    cuts = np.zeros(len(keep), dtype=bool)
+    cuts[1:] = np.diff(keep) > 1
+    return tokens[keep], token_modes[keep], cuts
+
+
 class _SlotStream:
     """The deterministic batch stream of one (dp rank, worker) slot, and its state at a batch boundary.
 
@@ -423,25 +467,17 @@ class _SlotStream:
         if self.cfg.keep_true is not None and true_role not in self.cfg.keep_true:
             return None
         uid = f"{src.name}:{doc.doc_index}"
-        if self.split == "heldout":
-            modes = None
-        else:
-            modes = self.assigner.assign(uid, true_role, tag)
-            policy = self.cfg.filter
-            if policy != "none" and modes.mode >= Mode.FORGET:
-                return None
-            if policy == "strict" and modes.adjacent:
-                return None
         code = true_code(true_role, self.cfg.domains) if true_role is not None else TrueLabel.PAD
-        if modes is None:
-            token_modes: np.ndarray | int = Mode.UNLABELLED
-        elif modes.spans:
-            token_modes = np.full(len(doc.tokens), modes.mode, dtype=np.int64)
-            for start, end, mode in modes.spans:
-                token_modes[start:end] = mode
-        else:
-            token_modes = modes.mode
-        return _Doc(doc.tokens, token_modes, code, source_id, doc.doc_index)
+        if self.split == "heldout":
+            return _Doc(doc.tokens, Mode.UNLABELLED, code, source_id, doc.doc_index)
+        paragraphs = None
+        if self.plan.newlines is not None:
+            paragraphs = paragraph_spans(doc.tokens, self.plan.newlines)
+        kept = apply_filter(doc.tokens, self.assigner.assign(uid, true_role, tag, paragraphs), self.cfg.filter)
+        if kept is None:
+            return None
+        tokens, token_modes, cuts = kept
+        return _Doc(tokens, token_modes, code, source_id, doc.doc_index, cuts=cuts)
 
     def _mixed_doc(self) -> _Doc:
         """Pick the source per document with p ~ weight / mean doc length (so weights are token shares);
@@ -567,6 +603,7 @@ def _pack(docs: Iterator[_Doc], seq_len: int, pad_id: int, carry: list[_Doc]) ->
             "true": np.full(rows, TrueLabel.PAD, np.int64),
             "source": np.full(rows, -1, np.int64),
             "doc": np.full(rows, -1, np.int64),
+            "cut": np.zeros(rows, bool),
         }
 
     row, fill, segment = empty(), 0, 0
@@ -587,6 +624,8 @@ def _pack(docs: Iterator[_Doc], seq_len: int, pad_id: int, carry: list[_Doc]) ->
             row["true"][sl] = doc.true_code
             row["source"][sl] = doc.source_id
             row["doc"][sl] = doc.doc_index
+            if doc.cuts is not None:
+                row["cut"][sl] = doc.cuts[offset : offset + take]
             fill += take
             offset += take
             segment += 1
@@ -607,7 +646,8 @@ def _collate(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     segment = np.stack([r["segment"] for r in rows])
     source = np.stack([r["source"] for r in rows])
     labels = tokens[:, 1:].copy()
-    labels[(segment[:, 1:] != segment[:, :-1]) | (source[:, 1:] < 0)] = IGNORE_INDEX
+    cut = np.stack([r["cut"] for r in rows])
+    labels[(segment[:, 1:] != segment[:, :-1]) | (source[:, 1:] < 0) | cut[:, 1:]] = IGNORE_INDEX
     modes = np.stack([r["mode"] for r in rows])
     return {
         "input_ids": tokens[:, :-1],

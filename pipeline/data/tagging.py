@@ -44,13 +44,16 @@ def sidecar_path(tags_dir: str | os.PathLike, shard_name: str) -> Path:
 
 @dataclass
 class DocModes:
-    mode: int  # document-level applied mode (what the filter looks at)
+    mode: int  # document-level applied mode (what the filter looks at when there are no spans)
     adjacent: bool  # counted as adjacent by the strict filter
-    spans: list[tuple[int, int, int]] | None = None  # paragraph-level (start, end, mode) overrides
+    # Paragraph granularity: (start, end, mode, adjacent) per paragraph, covering the document; they
+    # override `mode` token by token, and the filters drop exactly the spans they tag (loader).
+    spans: list[tuple[int, int, int, bool]] | None = None
 
 
 class ModeAssigner:
-    """Tags + thresholds (+ simulated noise) -> a mode per document; every draw is keyed by the document."""
+    """Tags + thresholds (+ simulated noise) -> a mode per document or paragraph; every draw is keyed
+    by the document (a paragraph's noise draws by the document and the paragraph's index)."""
 
     def __init__(
         self, cfg: TaggingConfig, domains: list[str], false_positive_rate: float | None = None
@@ -61,27 +64,43 @@ class ModeAssigner:
     def _retain_or_unlabelled(self, uid: str) -> int:
         return Mode.RETAIN if unit_hash(self.cfg.seed, "retain", uid) < self.cfg.retain_fraction else Mode.UNLABELLED
 
-    def assign(self, uid: str, true_role: str | None, tag: dict | None) -> DocModes:
+    def assign(
+        self, uid: str, true_role: str | None, tag: dict | None, paragraphs: list[tuple[int, int]] | None = None
+    ) -> DocModes:
+        """`paragraphs`: the document's paragraph token ranges (`paragraph_spans`), which the
+        simulated source needs at paragraph granularity (the classifier's spans are in its tag)."""
         cfg = self.cfg
         if cfg.source == "simulated":
             if true_role is None:
                 raise DataError(f"document {uid}: no true label for the noise simulator")
-            if true_role.startswith("forget:"):
-                if unit_hash(cfg.seed, "undiscovered", uid) < cfg.undiscovered_rate:
-                    return DocModes(Mode.UNLABELLED, False)
-                return DocModes(Mode.FORGET + self.domains.index(true_role[7:]), False)
-            adjacent = true_role == "adjacent"
-            if unit_hash(cfg.seed, "false_positive", uid) < self.fpr:
-                domain = int(unit_hash(cfg.seed, "fp_domain", uid) * len(self.domains))
-                return DocModes(Mode.FORGET + domain, adjacent)
-            return DocModes(self._retain_or_unlabelled(uid), adjacent)
+            doc = DocModes(*self._simulated(uid, true_role, uid))
+            if cfg.granularity == "paragraph" and paragraphs is not None and len(paragraphs) > 1:
+                # Each paragraph draws its own noise at the document rates (undiscovered, false
+                # positive); the retain/unlabelled choice stays the document's, as for classifier spans.
+                doc.spans = [(s, e, *self._simulated(f"{uid}#{j}", true_role, uid))
+                             for j, (s, e) in enumerate(paragraphs)]
+            return doc
         assert tag is not None
         mode = self._mode_from_probs(uid, tag["probs"])
         adjacent = tag["probs"].get("adjacent", 0.0) >= cfg.adjacent_threshold
         spans = None
         if cfg.granularity == "paragraph" and tag.get("spans"):
-            spans = [(s, e, self._mode_from_probs(uid, {label: conf})) for s, e, label, conf in tag["spans"]]
+            spans = [(s, e, self._mode_from_probs(uid, {label: conf}),
+                      label == "adjacent" and conf >= cfg.adjacent_threshold) for s, e, label, conf in tag["spans"]]
         return DocModes(mode, adjacent, spans)
+
+    def _simulated(self, unit: str, true_role: str, uid: str) -> tuple[int, bool]:
+        """(mode, adjacent) of one document or paragraph (`unit` keys its noise draws, `uid` its
+        retain draw): the paper's controlled noise on top of the true label."""
+        cfg = self.cfg
+        if true_role.startswith("forget:"):
+            if unit_hash(cfg.seed, "undiscovered", unit) < cfg.undiscovered_rate:
+                return Mode.UNLABELLED, False
+            return Mode.FORGET + self.domains.index(true_role[7:]), False
+        adjacent = true_role == "adjacent"
+        if unit_hash(cfg.seed, "false_positive", unit) < self.fpr:
+            return Mode.FORGET + int(unit_hash(cfg.seed, "fp_domain", unit) * len(self.domains)), adjacent
+        return self._retain_or_unlabelled(uid), adjacent
 
     def _mode_from_probs(self, uid: str, probs: dict[str, float]) -> int:
         best_domain, best_p = None, -1.0
@@ -170,13 +189,13 @@ def load_sidecar(tags_dir: str | os.PathLike, shard_entry: dict) -> dict[int, di
     return {r["doc"]: r for r in records}
 
 
-def _newline_tables(tokenizer: TextTokenizer) -> np.ndarray:
+def newline_tables(tokenizer: TextTokenizer) -> np.ndarray:
     """[vocab, 3] booleans: token text contains a blank line / ends with newline / starts with newline."""
     strings = tokenizer.token_strings()
     return np.array([("\n\n" in s, s.endswith("\n"), s.startswith("\n")) for s in strings])
 
 
-def _paragraphs(tokens: np.ndarray, newlines: np.ndarray) -> list[tuple[int, int]]:
+def paragraph_spans(tokens: np.ndarray, newlines: np.ndarray) -> list[tuple[int, int]]:
     """Token ranges split after each blank line (one token holding it, or a newline token followed by
     one starting with a newline: GPT-2's regex splits "\n\nWord" as "\n", "\n", "Word")."""
     body = tokens[:-1]  # never split off the final eot alone
@@ -211,7 +230,7 @@ def tag_shards(
     entries = manifest["shards"]
     if split is not None:
         entries = [entries[i] for i in shard_range(len(entries), split)]
-    newlines = _newline_tables(tokenizer)
+    newlines = newline_tables(tokenizer)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     confusion = Confusion()
@@ -370,7 +389,7 @@ def _tag_one_shard(
     for i, doc in enumerate(documents):
         texts.append(tokenizer.decode(doc.tokens[:-1]))
         owners.append((i, None))
-        spans = _paragraphs(doc.tokens, newlines)
+        spans = paragraph_spans(doc.tokens, newlines)
         paragraphs.append(spans)
         if len(spans) > 1:
             for s, e in spans:
