@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+SWEEPS_HELP = ("sweep result dirs (OUT/<name>) or results.json, cell store dirs (docs/results/cells/<name>), or "
+               "bare sweep names (read from the store); stale stored cells are skipped with a warning")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("sweep", help="run a grid of experiments (locally, one cell after another) or emit "
@@ -15,6 +18,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--only", nargs="*", help="run only cells whose labels match, e.g. method=sgtm,size=d64")
     p.add_argument("--cell", metavar="LABELS", help="print the run directory of the one cell matching LABELS "
                                                     "(e.g. method=sgtm,data.tagging.undiscovered_rate=0.2) and exit")
+    p.add_argument("--store", default=None, metavar="DIR",
+                   help="cell store root: every finished cell's summary goes to DIR/<name>/<cell>.json and a cell "
+                        "whose stored summary is current is skipped (default: docs/results/cells, committed)")
+    p.add_argument("--no-store", action="store_true", help="neither read nor write the cell store")
+    p.add_argument("--store-only", action="store_true",
+                   help="train nothing: (re)write the summaries of cells whose run dirs finished under today's "
+                        "NUMERICS_VERSION (after a SLURM array, or for runs from before the store)")
+    p.add_argument("--pending", action="store_true",
+                   help="print the label selector of every cell that still needs training, one a line, and exit")
     p.set_defaults(func=cmd_sweep)
 
     a = subparsers.add_parser("analyze", help="an analysis of sweep results or a run: JSON + PNG")
@@ -32,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       ("moe", "forget-expert SGTM vs dense SGTM vs the weak filter at matched active parameters "
                               "(deployed losses, ablation gap, parameter counts)")):
         q = asub.add_parser(name, help=hlp)
-        q.add_argument("--sweeps", nargs="+", required=True, help="sweep result dirs (OUT/<name>) or results.json")
+        q.add_argument("--sweeps", nargs="+", required=True, help=SWEEPS_HELP)
         q.add_argument("--out", required=True, help="directory for <analysis>.analysis.json and .png")
         if name == "compute-penalty":
             q.add_argument("--from-history", action="store_true",
@@ -103,7 +115,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     q = asub.add_parser("harness", help="eval-harness on every finished cell; mean and 95%% interval per method, "
                                         "task and domain, next to the deployed loss")
-    q.add_argument("--sweeps", nargs="+", required=True, help="sweep result dirs (OUT/<name>) or results.json")
+    q.add_argument("--sweeps", nargs="+", required=True, help="sweep result dirs (OUT/<name>) or results.json "
+                                                              "(the harness needs the cells' checkpoints)")
     q.add_argument("--out", required=True, help="directory for harness.analysis.json")
     q.add_argument("--tasks", nargs="+", default=None, metavar="KIND")
     q.add_argument("--seed", type=int, default=0)
@@ -131,15 +144,23 @@ def _cmd() -> str:
 
 
 def cmd_sweep(args) -> int:
-    from pipeline.experiments.sweep import find_cell, run_sweep
+    from pipeline.experiments.cells import STORE_ROOT
+    from pipeline.experiments.sweep import find_cell, pending_selectors, run_sweep
 
     if args.cell:
         print(find_cell(args.config, args.cell, args.out))
         return 0
-    res = run_sweep(args.config, args.out, slurm=args.slurm, dry_run=args.dry_run, only=args.only)
+    store = None if args.no_store else (args.store or STORE_ROOT)
+    if args.store_only and store is None:
+        raise ValueError("--store-only needs the store (drop --no-store)")
+    if args.pending:
+        print("\n".join(pending_selectors(args.config, args.out, only=args.only, store=store)))
+        return 0
+    res = run_sweep(args.config, args.out, slurm=args.slurm, dry_run=args.dry_run, only=args.only, store=store,
+                    store_only=args.store_only)
     done = sum(c["done"] for c in res["cells"])
-    print(f"[sweep] {res['sweep']}: {done}/{len(res['cells'])} cells finished; results in "
-          f"{args.out}/{res['sweep']}/results.json")
+    print(f"[sweep] {res['sweep']}: {done}/{len(res['cells'])} run dirs finished here; results in "
+          f"{args.out}/{res['sweep']}/results.json" + (f"; summaries in {res['store']}" if res.get("store") else ""))
     if res.get("failed"):
         print(f"[sweep] failed cells (see <cell>/train.log): {', '.join(res['failed'])}")
     return 1 if res.get("failed") else 0

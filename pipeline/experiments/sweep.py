@@ -24,6 +24,12 @@ run dir), so the same cell in two sweeps is trained once. A cell is finished whe
 ``final.json`` exists; a cell with a checkpoint but no ``final.json`` resumes. Each cell runs
 ``python -m pipeline train --config <out>/<name>/base.yaml OVERRIDES run_dir=...`` in its own
 process (log in ``<cell>/train.log``); ``--slurm`` writes the same command lines as an array job.
+
+Every finished cell also writes its summary to the committed cell store
+(``docs/results/cells/<name>/<cell>.json``, :mod:`pipeline.experiments.cells`): a cell whose stored
+summary is current is skipped even when its run dir is gone (another machine, an earlier sitting),
+a stale one (other ``NUMERICS_VERSION``, evaluation version or config) is re-run, and a run dir
+trained under other numerics is set aside (``<cell>/superseded/``) instead of being resumed.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from pipeline.config import (
     merge,
     to_dict,
 )
+from pipeline.experiments import cells as store_mod
 
 SWEEP_ROOT = CONFIG_ROOT / "sweeps"
 
@@ -63,6 +70,8 @@ class Cell:
     key: str = ""
     run_dir: str = ""
     config: dict = field(default_factory=dict)
+    config_hash: str = ""  # machine-independent (the store's staleness key), see pipeline.experiments.cells
+    raw: dict = field(default_factory=dict)  # the composed experiment as written (what the hashes read)
 
     def done(self) -> bool:
         return (Path(self.run_dir) / "final.json").is_file()
@@ -204,22 +213,31 @@ def write_base(spec: dict, out: Path) -> Path:
 def cell_key(base: Path, overrides: list[str]) -> str:
     """Hash of what the user wrote (the base experiment with these overrides applied, without name
     and run_dir), not of the typed config: new config fields with defaults keep old keys valid."""
-    raw = compose(base, overrides)
-    raw.pop("name", None)
-    raw.pop("run_dir", None)
+    return _key_of(compose(base, overrides))
+
+
+def _key_of(raw: dict) -> str:
+    raw = {k: v for k, v in raw.items() if k not in ("name", "run_dir")}
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def resolve(cells: list[Cell], base: Path, out: Path) -> list[Cell]:
     """Validate every cell's config up front and give it its content-addressed run dir."""
+    names: dict[str, dict] = {}
     for cell in cells:
         cfg = load_config(base, cell.overrides)
         d = to_dict(cfg)
         d.pop("run_dir", None)
         d.pop("name", None)
-        cell.key = cell_key(base, cell.overrides)
+        cell.raw = compose(base, cell.overrides)
+        cell.key = _key_of(cell.raw)
+        cell.config_hash = store_mod.config_hash(cell.raw)
         cell.run_dir = str((out / "cells" / cell.key).resolve())
         cell.config = d
+        name = store_mod.cell_name(cell.labels)
+        if name in names:
+            raise ConfigError(f"cells {names[name]} and {cell.labels} share the store name {name!r}: rename a label")
+        names[name] = cell.labels
     return cells
 
 
@@ -251,6 +269,7 @@ def run_cell(base: Path, cell: Cell, log=print) -> bool | None:
         log(f"[sweep] skip {cell.key} {cell.labels}: another sweep process is training it")
         return None
     try:
+        set_aside_if_stale(run_dir, log)
         if cell.done():  # finished by that other process while we waited for our turn
             return True
         return _run_locked(base, cell, run_dir, log)
@@ -263,12 +282,46 @@ _RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_AD
               "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
 
 
+def write_cell_json(run_dir: Path, cell: Cell, command: str) -> None:
+    """``<cell>/cell.json``: what the cell is and which code trains it (``numerics_version`` decides
+    whether a finished or half-trained run dir is still valid; ``code`` is provenance)."""
+    from pipeline.components.checkpoint import atomic_write_text
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "cell.json", json.dumps(
+        {"labels": cell.labels, "overrides": cell.overrides, "key": cell.key, "config_hash": cell.config_hash,
+         "command": command, "numerics_version": store_mod.NUMERICS_VERSION, "code": store_mod.code_identity()},
+        indent=2))
+
+
+def run_state(run_dir: Path) -> tuple[bool, int | None, bool]:
+    """(finished, the NUMERICS_VERSION it was trained at or None if unrecorded, started at all)."""
+    info = store_mod.read_json(run_dir / "cell.json") or {}
+    done = (run_dir / "final.json").is_file()
+    started = done or _has_checkpoint(run_dir) or (run_dir / "metrics.jsonl").is_file()
+    return done, info.get("numerics_version"), started
+
+
+def set_aside_if_stale(run_dir: Path, log=print) -> bool:
+    """Move a run trained under other numerics (finished or not) into ``<cell>/superseded/`` so the
+    cell trains afresh instead of resuming or reusing it; the lock file stays."""
+    done, numerics, started = run_state(run_dir)
+    if not started or numerics == store_mod.NUMERICS_VERSION:
+        return False
+    dest = run_dir / "superseded" / f"numerics{numerics}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in run_dir.iterdir():
+        if p.name not in (".sweep.lock", "superseded"):
+            os.replace(p, dest / p.name)
+    log(f"[sweep] set aside {run_dir.name}: trained at NUMERICS_VERSION {numerics}, now "
+        f"{store_mod.NUMERICS_VERSION} (-> {dest})")
+    return True
+
+
 def _run_locked(base: Path, cell: Cell, run_dir: Path, log) -> bool:
     resume = _has_checkpoint(run_dir)
     cmd = cell_command(base, cell, resume)
-    (run_dir / "cell.json").write_text(json.dumps(
-        {"labels": cell.labels, "overrides": cell.overrides, "key": cell.key,
-         "command": " ".join(shlex.quote(c) for c in cmd)}, indent=2))
+    write_cell_json(run_dir, cell, " ".join(shlex.quote(c) for c in cmd))
     # A cell is a one-process job with its own world: a rank/port inherited from the caller (a
     # torchrun or SLURM step, or a process that already hosts a gloo store) would join or collide.
     env = {k: v for k, v in os.environ.items() if k not in _RANK_VARS}
@@ -305,28 +358,33 @@ def eval_history(run_dir: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def cell_facts(cell: Cell) -> dict:
+    """The size/compute/method facts the analyses group and fit by (results.json and the store)."""
+    from pipeline.config import ModelConfig
+
+    m = cell.config["model"]
+    n_params = ModelConfig(**{k: v for k, v in m.items()}).num_params()
+    e, t = cell.config["engine"], cell.config["train"]
+    tokens_per_step = e["micro_batch_size"] * e["grad_accum_steps"] * m["max_seq_len"]
+    return {"strategy": cell.config["sgtm"]["strategy"], "filter": cell.config["data"]["filter"],
+            "undiscovered_rate": cell.config["data"]["tagging"]["undiscovered_rate"],
+            "d_model": m["d_model"], "n_layers": m["n_layers"], "n_params": n_params,
+            "steps": t["steps"], "seed": t["seed"], "tokens_per_step": tokens_per_step,
+            "vocab_size": m["vocab_size"], "seq_len": m["max_seq_len"], "lr": cell.config["optimizer"]["lr"],
+            "retain_fraction": cell.config["data"]["tagging"]["retain_fraction"],
+            "tokens": tokens_per_step * t["steps"]}
+
+
 def collect(spec: dict, cells: list[Cell], base: Path, out: Path) -> dict:
     """results.json: every cell's labels, overrides, config summary, final and per-eval metrics."""
     rows = []
     for cell in cells:
         run_dir = Path(cell.run_dir)
         final = json.loads((run_dir / "final.json").read_text()) if cell.done() else None
-        m = cell.config["model"]
-        from pipeline.config import ModelConfig
-
-        n_params = ModelConfig(**{k: v for k, v in m.items()}).num_params()
-        e, t = cell.config["engine"], cell.config["train"]
-        tokens_per_step = e["micro_batch_size"] * e["grad_accum_steps"] * m["max_seq_len"]
         rows.append({
-            "key": cell.key, "labels": cell.labels, "overrides": cell.overrides, "run_dir": cell.run_dir,
-            "done": final is not None, "final": final, "history": eval_history(run_dir),
-            "strategy": cell.config["sgtm"]["strategy"], "filter": cell.config["data"]["filter"],
-            "undiscovered_rate": cell.config["data"]["tagging"]["undiscovered_rate"],
-            "d_model": m["d_model"], "n_layers": m["n_layers"], "n_params": n_params,
-            "steps": t["steps"], "seed": t["seed"], "tokens_per_step": tokens_per_step,
-            "vocab_size": m["vocab_size"], "seq_len": m["max_seq_len"], "lr": cell.config["optimizer"]["lr"],
-            "retain_fraction": cell.config["data"]["tagging"]["retain_fraction"],
-            "tokens": tokens_per_step * t["steps"],
+            "key": cell.key, "config_hash": cell.config_hash, "labels": cell.labels, "overrides": cell.overrides,
+            "run_dir": cell.run_dir, "done": final is not None, "final": final, "history": eval_history(run_dir),
+            **cell_facts(cell),
             "command": " ".join(shlex.quote(c) for c in cell_command(base, cell)),
         })
     result = {"sweep": spec["name"], "sweep_file": spec["_path"], "base": str(base), "cells": rows,
@@ -358,13 +416,19 @@ exec {python} -m pipeline train --config {base} "$@" "${{RESUME[@]}}"
 """
 
 
-def emit_slurm(spec: dict, cells: list[Cell], base: Path, out: Path) -> tuple[Path, Path, int]:
+def emit_slurm(spec: dict, cells: list[Cell], base: Path, out: Path,
+               pending: list[Cell] | None = None) -> tuple[Path, Path, int]:
     """cells.txt (one line of shell-quoted key=value overrides per pending cell, run_dir included)
-    and an sbatch array script that trains line $SLURM_ARRAY_TASK_ID of it."""
+    and an sbatch array script that trains line $SLURM_ARRAY_TASK_ID of it. Each pending cell's run
+    dir gets its ``cell.json`` now (the numerics its array task trains under) and a run of other
+    numerics is set aside, so `sgtm sweep --store-only` can store the cells when the array is done."""
     d = out / spec["name"]
-    pending = [c for c in cells if not c.done()]
+    pending = [c for c in cells if not c.done()] if pending is None else pending
     # shell words, quoted where needed: launch/slurm/sweep.sbatch splits lines with shlex
     lines = [" ".join(shlex.quote(o) for o in c.overrides + [f"run_dir={c.run_dir}"]) for c in pending]
+    for c, line in zip(pending, lines):
+        set_aside_if_stale(Path(c.run_dir), log=lambda m: None)
+        write_cell_json(Path(c.run_dir), c, f"sbatch array line: {line}")
     cells_path = d / "cells.txt"
     cells_path.write_text("".join(f"{line}\n" for line in lines))
     script = d / "sweep.sbatch"
@@ -377,8 +441,86 @@ def emit_slurm(spec: dict, cells: list[Cell], base: Path, out: Path) -> tuple[Pa
     return cells_path, script, len(lines)
 
 
+# ------------------------------------------------------------------------------ the cell store
+
+
+def store_cell(spec: dict, cell: Cell, store: Path, log=print) -> Path | None:
+    """Write a finished cell's summary to ``store`` (the sweep's store directory) from its run dir:
+    final and thinned eval history, the whole-split deployed evaluation (computed if missing), the
+    replayed token counts and the parameter counts. None (logged) when the run cannot give them."""
+    from pipeline.experiments.analyses import _param_counts, count_tokens
+    from pipeline.experiments.deployed import ensure
+
+    run_dir = Path(cell.run_dir)
+    try:
+        final = json.loads((run_dir / "final.json").read_text())
+        dep = ensure(run_dir, final.get("step"), log=log)
+        tokens = count_tokens(run_dir)
+        facts = cell_facts(cell)
+        params = _param_counts({"run_dir": str(run_dir), "n_params": facts["n_params"]})
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        log(f"[sweep] cannot store {cell.key} {cell.labels}: {e}")
+        return None
+    info = store_mod.read_json(run_dir / "cell.json") or {}
+    summary = store_mod.build_summary(
+        sweep=spec["name"], labels=cell.labels, overrides=cell.overrides, raw_config=cell.raw, facts=facts,
+        final=final, history=eval_history(run_dir), deployed_eval=dep, token_counts=tokens, param_counts=params,
+        numerics_version=info.get("numerics_version"), code=info.get("code"), run_key=cell.key)
+    path = store_mod.atomic_write_json(store_mod.summary_path(store, cell.labels), summary)
+    log(f"[sweep] stored {cell.key} {cell.labels} -> {path}")
+    return path
+
+
+def _copy_summary(spec: dict, cell: Cell, src: Path, store: Path, log=print) -> Path:
+    """The same cell (same config hash) stored by another sweep, under this sweep's name and labels."""
+    s = json.loads(src.read_text())
+    s.update(sweep=spec["name"], cell=store_mod.cell_name(cell.labels), labels=cell.labels,
+             overrides=cell.overrides, copied_from=f"{src.parent.name}/{src.stem}")
+    path = store_mod.atomic_write_json(store_mod.summary_path(store, cell.labels), s)
+    log(f"[sweep] skip finished {cell.key} {cell.labels}: copied the identical cell {src.parent.name}/{src.stem}")
+    return path
+
+
+@dataclass
+class Step:
+    """What ``sgtm sweep`` does with one cell (see :func:`pipeline.experiments.cells.decide`)."""
+    cell: Cell
+    action: str  # skip | copy | store | train | retrain
+    why: str
+    source: Path | None = None  # copy: the identical cell's summary in another sweep
+
+
+def plan(cells: list[Cell], store: Path | None, root: Path | None = None) -> list[Step]:
+    """:func:`pipeline.experiments.cells.decide` on every cell's stored summary and run dir, plus
+    ``copy`` when another sweep under ``root`` stored the identical cell. Without a store a finished
+    run of today's numerics is ``skip``."""
+    index: dict[str, Path] | None = None
+    out = []
+    for cell in cells:
+        summary = store_mod.read_json(store_mod.summary_path(store, cell.labels)) if store else None
+        done, numerics, started = run_state(Path(cell.run_dir))
+        action, why = store_mod.decide(summary, cell.config_hash, done, numerics, started)
+        src = None
+        if store is None and action == "store":
+            action, why = "skip", "finished"
+        if store is not None and action in ("train", "retrain"):
+            if index is None:
+                index = store_mod.current_index(root if root is not None else Path(store).parent)
+            src = index.get(cell.config_hash)
+            if src is not None and src.parent.resolve() != Path(store).resolve():
+                action, why = "copy", f"{why}; {src.parent.name}/{src.stem} is the identical cell"
+            else:
+                src = None
+        out.append(Step(cell, action, why, src))
+    return out
+
+
 def run_sweep(config: str | Path, out: str | Path = "runs/sweeps", slurm: bool = False, dry_run: bool = False,
-              only: list[str] | None = None, log=print) -> dict:
+              only: list[str] | None = None, log=print, store: str | Path | None = store_mod.STORE_ROOT,
+              store_only: bool = False) -> dict:
+    """Run (or emit, or store) the sweep's cells. ``store``: the cell store root (the sweep's
+    summaries go to ``store/<name>/``; None: no store). ``store_only``: train nothing, (re)write
+    the summaries of cells whose run dirs finished under today's numerics."""
     spec = load_sweep(config)
     out = Path(out)
     base = write_base(spec, out)
@@ -386,27 +528,64 @@ def run_sweep(config: str | Path, out: str | Path = "runs/sweeps", slurm: bool =
     cells = every
     if only:
         cells = [c for c in every if any(_selects(c.labels, sel) for sel in only)]
-    log(f"[sweep] {spec['name']}: {len(cells)} cells, {sum(c.done() for c in cells)} finished; base {base}")
+    sdir = Path(store) / spec["name"] if store is not None else None
+    if sdir is not None and not dry_run:
+        store_mod.write_grid(sdir, spec["name"], spec["_path"], [(c.labels, c.config_hash) for c in every])
+    steps = plan(cells, sdir, Path(store) if store is not None else None)
+    todo = sum(st.action in ("train", "retrain") for st in steps)
+    log(f"[sweep] {spec['name']}: {len(cells)} cells, {len(cells) - todo} finished or stored, {todo} to train; "
+        f"base {base}" + (f"; store {sdir}" if sdir is not None else ""))
     if slurm:
-        cells_path, script, n = emit_slurm(spec, cells, base, out)
-        collect(spec, every, base, out)
+        for st in steps:
+            if st.action == "copy" and sdir is not None and st.source is not None:
+                _copy_summary(spec, st.cell, st.source, sdir, log)
+        pending = [st.cell for st in steps if st.action in ("train", "retrain")]
+        cells_path, script, n = emit_slurm(spec, cells, base, out, pending)
         log(f"[sweep] wrote {cells_path} ({n} pending cells) and {script}; submit either\n"
             f"  sbatch --array=1-{n} {script}\n"
             f"  sbatch --array=0-{n - 1} --export=ALL,CELLS={cells_path} launch/slurm/sweep.sbatch {base}"
-            "   (the launchers' script: same cells file, preemption + requeue)")
+            "   (the launchers' script: same cells file, preemption + requeue)\n"
+            f"  then: sgtm sweep --config {spec['_path']} --store-only   (writes the finished cells' summaries)")
         return collect(spec, every, base, out)
     failed: list[str] = []
-    for cell in cells:
-        if cell.done():
-            log(f"[sweep] skip finished {cell.key} {cell.labels}")
-            continue
-        if dry_run:
-            log("[sweep] would run: " + " ".join(shlex.quote(c) for c in cell_command(base, cell)))
-            continue
-        if run_cell(base, cell, log) is False:
-            failed.append(cell.key)
-        collect(spec, every, base, out)  # results.json grows as cells finish
-    return {**collect(spec, every, base, out), "failed": failed}
+    untrained: list[str] = []
+    for st in steps:
+        cell, sel = st.cell, store_mod.selector(st.cell.labels)
+        if st.action == "skip":
+            log(f"[sweep] skip finished {cell.key} {cell.labels} ({st.why})")
+        elif dry_run:
+            what = " ".join(shlex.quote(c) for c in cell_command(base, cell))
+            log(f"[sweep] would {st.action} {sel} ({st.why})" + (f": {what}" if st.action.endswith("train") else ""))
+        elif st.action == "copy" and sdir is not None and st.source is not None:
+            _copy_summary(spec, cell, st.source, sdir, log)
+        elif st.action == "store" and sdir is not None:
+            if store_cell(spec, cell, sdir, log) is None:
+                failed.append(cell.key)
+            else:
+                log(f"[sweep] skip finished {cell.key} {cell.labels} (its run dir finished: summary written)")
+        elif store_only:
+            log(f"[sweep] not stored {sel}: needs training ({st.why})")
+            untrained.append(sel)
+        else:
+            ok = run_cell(base, cell, log)
+            if ok is False or (ok and sdir is not None and store_cell(spec, cell, sdir, log) is None):
+                failed.append(cell.key)
+            collect(spec, every, base, out)  # results.json grows as cells finish
+    return {**collect(spec, every, base, out), "failed": failed, "untrained": untrained,
+            "store": str(sdir) if sdir is not None else None}
+
+
+def pending_selectors(config: str | Path, out: str | Path = "runs/sweeps", only: list[str] | None = None,
+                      store: str | Path | None = store_mod.STORE_ROOT) -> list[str]:
+    """``k=v,...`` of every cell that still needs training (not skipped, copied or storable): what
+    tools/sweep_in_background.sh runs one at a time."""
+    spec = load_sweep(config)
+    out = Path(out)
+    every = resolve(expand(spec), write_base(spec, out), out)
+    cells = [c for c in every if not only or any(_selects(c.labels, sel) for sel in only)]
+    sdir = Path(store) / spec["name"] if store is not None else None
+    return [store_mod.selector(st.cell.labels) for st in plan(cells, sdir, Path(store) if store else None)
+            if st.action in ("train", "retrain")]
 
 
 def find_cell(config: str | Path, selector: str, out: str | Path = "runs/sweeps") -> Path:
