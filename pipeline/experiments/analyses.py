@@ -23,6 +23,7 @@ from pipeline.experiments.common import (
     method_of,
     per_seed,
     size_label,
+    sweep_status,
     value,
     write_analysis,
 )
@@ -297,7 +298,7 @@ MATCHED = "weak_filter_equal_retain_tokens"
 
 
 def _retain_tokens(cell: dict) -> int:
-    t = count_tokens(cell["run_dir"])
+    t = count_tokens(cell)
     return int(t["total"] - t["forget_total"])
 
 
@@ -636,8 +637,10 @@ def _param_counts(cell: dict) -> dict:
     from pipeline.config import ModelConfig, SGTMConfig, assign_domains, from_dict
     from pipeline.model.moe import active_params, expert_params
 
-    f = Path(cell["run_dir"]) / "config.yaml"
-    if not f.is_file():
+    if cell.get("param_counts"):  # a stored cell (pipeline/experiments/cells.py) carries them
+        return cell["param_counts"]
+    f = Path(cell.get("run_dir") or ".") / "config.yaml"
+    if not cell.get("run_dir") or not f.is_file():
         return {"params_total": cell.get("n_params"), "params_active": None, "forget_mlp_params": None}
     raw = yaml.safe_load(f.read_text())
     m = from_dict(ModelConfig, raw["model"], f"{f}: model")
@@ -649,14 +652,10 @@ def _param_counts(cell: dict) -> dict:
 
 
 def _pending_cells(sweeps: list[str]) -> list[str]:
-    """``label=value,...`` of every cell of the sweeps without a final.json."""
-    out = []
-    for p in sweeps:
-        f = Path(p) / "results.json" if Path(p).is_dir() else Path(p)
-        for c in json.loads(f.read_text())["cells"]:
-            if not (Path(c["run_dir"]) / "final.json").is_file():
-                out.append(",".join(f"{k}={v}" for k, v in c["labels"].items()))
-    return out
+    """``label=value,...`` of every cell of the sweeps not finished (run output: no final.json;
+    cell store: no current summary)."""
+    return [",".join(f"{k}={v}" for k, v in c["labels"].items())
+            for p in sweeps for c in sweep_status(p)["cells"] if not c["done"]]
 
 
 def moe(sweeps: list[str], out: str, command: str) -> dict:
@@ -771,8 +770,7 @@ def moe(sweeps: list[str], out: str, command: str) -> dict:
                 claims.append(claim(f"{what}: {arm} minus dense SGTM", paper_moe,
                                     measured(arm, "dense_sgtm", s, GAP), None, diff=iv))
     pending = _pending_cells(sweeps)
-    name = json.loads((Path(sweeps[0]) / "results.json" if Path(sweeps[0]).is_dir()
-                       else Path(sweeps[0])).read_text())["sweep"]
+    name = sweep_status(sweeps[0])["sweep"]
     notes = [coverage_note(sweeps),
              "Seeds per method: " + "; ".join(f"{r['method']} {r['seeds']} ({r['seed_list']})" for r in rows)
              + ". A method with one seed has no interval and every verdict involving it is inconclusive; claims "
@@ -800,16 +798,23 @@ def moe(sweeps: list[str], out: str, command: str) -> dict:
 # -------------------------------------------------------------------------------------- leakage
 
 
-def count_tokens(run_dir: str | Path) -> dict:
+def count_tokens(run: str | Path | dict) -> dict:
     """Replay a run's training batches (the loader is a pure function of config and seed) and count
-    target tokens by true label x mode; cached in ``<run>/tokens.json``."""
+    target tokens by true label x mode; cached in ``<run>/tokens.json``. ``run``: a run dir or an
+    analysis cell (a stored cell carries its counts: no run dir needed)."""
     import yaml
 
     from pipeline.config import load_config
     from pipeline.data.loader import build_loader
     from pipeline.sgtm.codes import Mode
 
-    run_dir = Path(run_dir)
+    if isinstance(run, dict):
+        if run.get("token_counts") is not None:
+            return run["token_counts"]
+        if not run.get("run_dir"):
+            raise FileNotFoundError(f"cell {run.get('labels')}: no token counts stored and no run dir")
+        run = run["run_dir"]
+    run_dir = Path(run)
     cache = run_dir / "tokens.json"
     if cache.is_file():
         return json.loads(cache.read_text())
@@ -851,7 +856,7 @@ def leakage(sweeps: list[str], out: str, command: str) -> dict:
             continue
         agg = defaultdict(list)
         for c in doses:
-            agg[count_tokens(c["run_dir"])["forget_unlabelled"]].append(value(c, "forget", "full"))
+            agg[count_tokens(c)["forget_unlabelled"]].append(value(c, "forget", "full"))
         xs = sorted(agg)
         ys = [float(np.mean(agg[x])) for x in xs]
         size = size_label(cs[0])
@@ -866,7 +871,7 @@ def leakage(sweeps: list[str], out: str, command: str) -> dict:
                 yy = mono[i - 1] + (mono[i] - mono[i - 1]) * np.log(grid / xs[i - 1]) / np.log(xs[i] / xs[i - 1])
             ax1.plot(grid, yy, "-", color=line.get_color())
         for c in sgtm:
-            tok = count_tokens(c["run_dir"])
+            tok = count_tokens(c)
             target = value(c, "forget", "deployed")  # ablated, no bias: the dose runs have no bias either
             eq = dose_equivalent(xs, ys, target)
             leak = eq["n"] / tok["forget_unlabelled"] if tok["forget_unlabelled"] else None

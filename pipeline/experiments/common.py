@@ -17,31 +17,62 @@ def command_line(argv: list[str] | None = None) -> str:
     return "sgtm " + " ".join(shlex.quote(a) for a in args)
 
 
-def load_cells(paths: list[str | Path]) -> list[dict]:
-    """Cells of one or more sweeps (a sweep dir with results.json, or the file itself), refreshed from
-    their run dirs (a cell that finished after results.json was written counts), deduplicated."""
-    from pipeline.experiments.sweep import eval_history
+def load_cells(paths: list[str | Path], log=None) -> list[dict]:
+    """Cells of one or more sweeps, each source either a sweep's run output (a dir with
+    results.json, or the file; refreshed from the run dirs, so a cell that finished after
+    results.json was written counts) or a cell store directory (``docs/results/cells/<name>``, or
+    the bare name; its current summaries, stale ones skipped with one warning line), deduplicated
+    by config: the one loader every analysis reads through."""
+    from pipeline.experiments import cells as store
 
     seen, cells = set(), []
     for p in paths:
-        p = Path(p)
-        f = p / "results.json" if p.is_dir() else p
-        if not f.is_file():
-            raise FileNotFoundError(f"{p}: no results.json (run `sgtm sweep` first)")
-        data = json.loads(f.read_text())
-        for c in data["cells"]:
-            run_dir = Path(c["run_dir"])
-            final = run_dir / "final.json"
-            c = dict(c, sweep=data["sweep"])
-            c["final"] = json.loads(final.read_text()) if final.is_file() else None
-            c["done"] = c["final"] is not None
-            c["history"] = eval_history(run_dir)
-            c["deployed_eval"] = deployed_record(run_dir)
-            if c["key"] in seen:
+        kind, where = store.resolve_source(p)
+        if kind == "store":
+            rows = store.load_store(where, **({"log": log} if log else {}))
+        else:
+            rows = _load_results(where)
+        for c in rows:
+            key = c.get("config_hash") or c["key"]
+            if key in seen:
                 continue
-            seen.add(c["key"])
+            seen.add(key)
             cells.append(c)
     return cells
+
+
+def _load_results(f: Path) -> list[dict]:
+    from pipeline.experiments.sweep import eval_history
+
+    data = json.loads(f.read_text())
+    out = []
+    for c in data["cells"]:
+        run_dir = Path(c["run_dir"])
+        final = run_dir / "final.json"
+        c = dict(c, sweep=data["sweep"])
+        c["final"] = json.loads(final.read_text()) if final.is_file() else None
+        c["done"] = c["final"] is not None
+        c["history"] = eval_history(run_dir)
+        c["deployed_eval"] = deployed_record(run_dir)
+        out.append(c)
+    return out
+
+
+def sweep_status(path: str | Path) -> dict:
+    """A source's sweep name and every cell of its grid with ``done`` (run output: final.json
+    exists; store: a current summary stands for it), plus ``stale`` (store only): why stored cells
+    were skipped."""
+    from pipeline.experiments import cells as store
+
+    kind, where = store.resolve_source(path)
+    if kind == "store":
+        st = store.store_status(where)
+        return {"sweep": st["sweep"], "cells": st["cells"], "stale": store.stale_note(st), "store": True,
+                "grid": st["grid"]}
+    data = json.loads(where.read_text())
+    return {"sweep": data["sweep"], "stale": None, "store": False, "grid": True,
+            "cells": [{"labels": c["labels"], "done": (Path(c["run_dir"]) / "final.json").is_file()}
+                      for c in data["cells"]]}
 
 
 def deployed_record(run_dir: str | Path) -> dict | None:
@@ -56,7 +87,7 @@ def ensure_deployed(cells: list[dict], log=print) -> list[dict]:
     from pipeline.experiments.deployed import ensure
 
     for c in cells:
-        if c["done"]:
+        if c["done"] and c.get("run_dir"):  # a stored cell carries its record (no run dir here)
             c["deployed_eval"] = ensure(c["run_dir"], c["final"].get("step"), log=log)
     return cells
 
@@ -67,14 +98,18 @@ def finished(paths: list[str | Path], log=print) -> list[dict]:
 
 
 def coverage_note(paths: list[str | Path]) -> str:
-    """Which share of each sweep's cells the analysis saw (a partly run sweep says so)."""
+    """Which share of each sweep's cells the analysis saw (a partly run sweep says so), and how many
+    stored cells were skipped as stale."""
     parts = []
     for p in paths:
-        p = Path(p)
-        f = p / "results.json" if p.is_dir() else p
-        data = json.loads(f.read_text())
-        done = sum(1 for c in data["cells"] if (Path(c["run_dir"]) / "final.json").is_file())
-        parts.append(f"{data['sweep']}: {done} of {len(data['cells'])} cells finished")
+        st = sweep_status(p)
+        done = sum(c["done"] for c in st["cells"])
+        where = " (cell store)" if st["store"] else ""
+        text = (f"{st['sweep']}{where}: {done} of {len(st['cells'])} cells finished" if st["grid"]
+                else f"{st['sweep']}{where}: {done} cells stored (no grid file: the sweep's size is unknown)")
+        if st["stale"]:
+            text += f"; {st['stale'].split(': ', 1)[1]}"
+        parts.append(text)
     return "Cells: " + "; ".join(parts) + "."
 
 

@@ -208,6 +208,9 @@ def cell_result(cell: dict, task_dir: Path, kinds: list[str], seed: int, max_ite
                 command: str, log=print) -> dict:
     """A finished cell's harness result, cached in ``<run_dir>/harness.json`` (recomputed when the
     tasks, the settings or the checkpoint step changed)."""
+    if not cell.get("run_dir"):  # a cell from the committed store has numbers, not a checkpoint
+        raise FileNotFoundError(f"cell {cell['labels']}: the harness needs its checkpoint; give the sweep's run "
+                                "output (runs/sweeps/NAME), not the cell store")
     run_dir = Path(cell["run_dir"])
     cached = run_dir / RESULT_NAME
     from pipeline.train.offline import load_any
