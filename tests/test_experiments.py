@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
 import subprocess
@@ -170,7 +171,8 @@ def test_sweep_grid_expansion_exclusion_and_override_words():
 
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
-    """A 2-cell sweep (SGTM vs weak filter) of a tiny model, run through `sgtm sweep`."""
+    """A 2-cell sweep (SGTM vs weak filter) of a tiny model, run through `sgtm sweep` (its cell
+    store in the temp dir: `tmp/store`, never the committed docs/results/cells)."""
     tmp = tmp_path_factory.mktemp("sweep")
     spec = {
         "name": "tiny", "base": "experiments/bilingual_tiny.yaml",
@@ -189,7 +191,8 @@ def tiny_sweep(tmp_path_factory):
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(spec))
     out = tmp / "out"
-    cmd = [sys.executable, "-m", "pipeline", "sweep", "--config", str(path), "--out", str(out)]
+    cmd = [sys.executable, "-m", "pipeline", "sweep", "--config", str(path), "--out", str(out),
+           "--store", str(tmp / "store")]
     # a hang guard, not a speed check (400 s tripped once under load ~35)
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -205,9 +208,33 @@ def test_tiny_sweep_records_cells_skips_finished_and_emits_slurm(tiny_sweep):
         assert "pipeline train --config" in c["command"]
     assert {c["labels"]["method"] for c in res["cells"]} == {"sgtm", "weak_filter"}
     # second run: nothing to train
-    r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "--config", str(path), "--out", str(out)],
+    store = ["--store", str(out.parent / "store")]
+    r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "--config", str(path), "--out", str(out), *store],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.count("skip finished") == 2 and "rc=" not in r.stdout
+    # every finished cell wrote its summary to the store, which stands in for the run dirs: with
+    # them moved away nothing is pending, and the analysis loader reads the same cells from it
+    from pipeline.experiments.cells import NUMERICS_VERSION, thin
+    from pipeline.experiments.common import load_cells
+
+    stored = sorted((out.parent / "store" / "tiny").glob("[!_]*.json"))
+    assert [f.stem for f in stored] == ["data.tagging.undiscovered_rate=0.2__method=sgtm",
+                                        "data.tagging.undiscovered_rate=0.2__method=weak_filter"]
+    runs = {c["labels"]["method"]: c for c in load_cells([out / "tiny"])}
+    os.rename(out / "cells", out / "cells.away")
+    try:
+        r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "--config", str(path), "--out", str(out),
+                            *store, "--pending"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "", r.stdout + r.stderr[-2000:]
+        kept = {c["labels"]["method"]: c for c in load_cells([out.parent / "store" / "tiny"])}
+    finally:
+        os.rename(out / "cells.away", out / "cells")
+    assert kept.keys() == runs.keys()
+    for m, c in kept.items():
+        assert c["numerics_version"] == NUMERICS_VERSION and c["run_dir"] is None
+        assert c["final"] == runs[m]["final"] and c["history"] == thin(runs[m]["history"])
+        assert c["deployed_eval"]["sets"] == runs[m]["deployed_eval"]["sets"]
+        assert c["token_counts"]["total"] > 0 and c["n_params"] == runs[m]["n_params"]
     # scripts name a cell by its labels; an ambiguous selector is a one-line error
     for c in res["cells"]:
         r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "--config", str(path), "--out", str(out),
@@ -227,7 +254,10 @@ def test_tiny_sweep_records_cells_skips_finished_and_emits_slurm(tiny_sweep):
     saved = final.read_text()
     final.unlink()
     try:
-        run_sweep(path, out, slurm=True, log=lambda m: None)
+        # the store still holds the cell: nothing is pending there
+        run_sweep(path, out, slurm=True, log=lambda m: None, store=out.parent / "store")
+        assert (out / "tiny" / "cells.txt").read_text() == ""
+        run_sweep(path, out, slurm=True, log=lambda m: None, store=None)  # the run dirs alone
         lines = (out / "tiny" / "cells.txt").read_text().splitlines()
         assert len(lines) == 1 and lines[0].endswith(f"run_dir={victim}")
         # both our script (bash eval) and launch/slurm/sweep.sbatch (shlex) get the overrides back
@@ -245,7 +275,7 @@ def test_tiny_sweep_records_cells_skips_finished_and_emits_slurm(tiny_sweep):
         with open(Path(victim) / ".sweep.lock", "w") as held:
             fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
             logged: list[str] = []
-            res2 = run_sweep(path, out, log=logged.append)
+            res2 = run_sweep(path, out, log=logged.append, store=None)
         assert res2["failed"] == [] and not final.exists(), logged
         assert any("another sweep process is training it" in m for m in logged), logged
     finally:
