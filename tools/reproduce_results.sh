@@ -5,9 +5,18 @@
 # summary JSON per analysis to docs/results/ and renders docs/results.md from them. Finished cells,
 # deployed evaluations and attacks are not redone, so the script can be stopped and rerun.
 #
+# Cells live in the committed cell store (docs/results/cells/<sweep>/<cell>.json, one summary per
+# finished cell; docs/experiments.md "The cell store"): the sweeps stage skips every cell whose
+# committed summary is current (same config hash, today's NUMERICS_VERSION), even on a machine
+# that never trained it, and re-runs stale ones; the analyses read the store, not runs/. The
+# attacks, mechanisms, harness and classifier stages need checkpoints, so they read runs/.
+#
 #   tools/reproduce_results.sh                 # all stages
 #   tools/reproduce_results.sh sweeps          # one stage: sweeps | analyses | attacks | mechanisms | harness | report
 #   SWEEPS="tradeoff undiscovered" tools/reproduce_results.sh sweeps   # some sweeps only
+#   COMMIT_CELLS=1 tools/reproduce_results.sh sweeps   # one cell at a time (nice, one thread), each
+#                                              # finished cell's summary committed as it lands
+#                                              # (tools/sweep_in_background.sh)
 #
 # On a 2-core CPU a tiny-1m cell takes a few minutes with one thread; the headline sweeps come
 # first. An analysis whose sweep has no finished cell is skipped, and the report lists it as
@@ -21,21 +30,32 @@ STAGE=${1:-all}
 SEEDS=${SEEDS:-"0 1 2"}
 SWEEPS=${SWEEPS:-"tradeoff undiscovered tradeoff_wiki leakage capacity scaling matched_budget joint_policy retain_fraction moe"}
 
+CELLS=docs/results/cells
+FROM=store   # where `analyze` reads cells: store (docs/results/cells/<sweep>) or runs (runs/sweeps/<sweep>)
+
 cell() { $SGTM sweep --config "$1" --cell "$2"; }
 want() { [[ $STAGE == all || $STAGE == "$1" ]]; }
-has_cells() { [[ -f runs/sweeps/$1/results.json ]] && grep -q '"done": true' "runs/sweeps/$1/results.json"; }
+src() { if [[ $FROM == runs ]]; then echo "runs/sweeps/$1"; else echo "$CELLS/$1"; fi; }
+has_cells() {
+  if [[ $FROM == runs ]]; then
+    [[ -f runs/sweeps/$1/results.json ]] && grep -q '"done": true' "runs/sweeps/$1/results.json"
+  else compgen -G "$CELLS/$1/[!_]*.json" >/dev/null; fi
+}
 analyze() {  # analyze NAME SWEEP... -- ARGS : runs `sgtm analyze NAME --sweeps ... ARGS` if every sweep has cells
   local name=$1; shift; local sweeps=()   # a sweep written ?NAME is optional: used when it has finished cells
   while [[ $1 != -- ]]; do
-    if [[ $1 == \?* ]]; then has_cells "${1#?}" && sweeps+=("runs/sweeps/${1#?}"); shift; continue; fi
-    has_cells "$1" || { echo "[reproduce] skip $name: no finished cells in $1"; return 0; }
-    sweeps+=("runs/sweeps/$1"); shift; done; shift
+    if [[ $1 == \?* ]]; then has_cells "${1#?}" && sweeps+=("$(src "${1#?}")"); shift; continue; fi
+    has_cells "$1" || { echo "[reproduce] skip $name: no finished cells in $(src "$1")"; return 0; }
+    sweeps+=("$(src "$1")"); shift; done; shift
   $SGTM analyze "$name" --sweeps "${sweeps[@]}" "$@"
 }
 done_cell() { [[ -f "$1/final.json" ]]; }
 
 if want sweeps; then
-  for s in $SWEEPS; do $SGTM sweep --config "$s"; done
+  for s in $SWEEPS; do
+    if [[ -n ${COMMIT_CELLS:-} ]]; then tools/sweep_in_background.sh "$s" || true
+    else $SGTM sweep --config "$s"; fi
+  done
 fi
 
 if want analyses; then
@@ -50,7 +70,7 @@ if want analyses; then
   analyze moe moe -- --out $A   # forget experts vs dense SGTM vs the weak filter (issue #15)
   analyze capacity capacity -- --out $A
   analyze tradeoff tradeoff_wiki -- --out $W
-  analyze classifier tradeoff_wiki -- --out $W
+  FROM=runs analyze classifier tradeoff_wiki -- --out $W   # re-tags the prepared data: needs runs/
 fi
 
 if want attacks; then
@@ -104,8 +124,8 @@ fi
 if want harness; then
   # lm-evaluation-harness accuracy (offline) of every finished trade-off cell's deployed model on
   # multiple-choice tasks made from the held-out split; cached per cell (<run_dir>/harness.json).
-  analyze harness tradeoff -- --out $A --max-items 300
-  analyze harness tradeoff_wiki -- --out $W --max-items 300  # biology / other leads
+  FROM=runs analyze harness tradeoff -- --out $A --max-items 300   # exports checkpoints: needs runs/
+  FROM=runs analyze harness tradeoff_wiki -- --out $W --max-items 300  # biology / other leads
 fi
 
 if want report; then
