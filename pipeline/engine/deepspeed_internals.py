@@ -20,7 +20,9 @@ What is private, and why it is needed:
 * on CPU, DeepSpeed's shared-memory op build (unused by gloo) is skipped (:func:`skip_shm_build`);
 * crash-safe checkpoints: the checkpoint engine's ``save``/``makedirs``/``load`` and the
   engine's ``_copy_recovery_script`` (:func:`wrap_checkpoint_writes`, :func:`set_checkpoint_loader`),
-  and the classes DeepSpeed pickles into optimizer files (:func:`checkpoint_safe_globals`).
+  and the classes DeepSpeed pickles into optimizer files (:func:`checkpoint_safe_globals`);
+* ``sgtm check-isolation`` compares the fp32 masters and Adam moments, which bf16 at ZeRO-0 keeps
+  in the wrapper's ``fp32_groups`` (:func:`optimizer_held_state`).
 
 These names and call orders are DeepSpeed's and change between releases, so :func:`check_version`
 refuses any version outside :data:`SUPPORTED` before an engine is built. There is deliberately
@@ -497,3 +499,31 @@ def optimizer_step(optimizer) -> torch.Tensor:
     if len(steps) > 1:
         raise RuntimeError(f"ZeRO optimizer groups disagree on the step count: {sorted(steps)}")
     return torch.tensor(steps.pop() if steps else 0.0)
+
+
+def optimizer_held_state(engine, param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+    """What the optimizer holds for ``param`` on this TP rank: the fp32 master (``param``) and its
+    states (Adam: ``exp_avg``, ``exp_avg_sq``), on CPU. Collective over DP under ZeRO-1/2 and the
+    bf16 pipeline optimizer. :func:`full_param_state` covers ZeRO-1/2 and plain fp32; bf16 at ZeRO-0
+    keeps the master elsewhere: ``FP16_UnfusedOptimizer`` in ``fp32_groups`` (parallel to
+    ``fp16_groups``), ``BF16_Optimizer`` (pipeline) behind the ``_hp_mapping`` DeepSpeed's
+    ``safe_get_full_*`` reads. ``sgtm check-isolation`` compares these, not the bf16 weights."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    opt = engine.optimizer
+    if isinstance(opt, FP16_UnfusedOptimizer):
+        for lp_group, hp_group in zip(opt.fp16_groups, opt.fp32_groups):
+            for lp, hp in zip(lp_group, hp_group):
+                if lp is param:
+                    state = {k: v for k, v in opt.optimizer.state.get(hp, {}).items() if torch.is_tensor(v)}
+                    return {k: v.detach().float().cpu().clone() for k, v in {"param": hp, **state}.items()}
+        raise KeyError(f"parameter {tuple(param.shape)} is not in the bf16 optimizer's groups")
+    if isinstance(opt, BF16_Optimizer):
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        out = {"param": safe_get_full_fp32_param(param)}
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[key] = safe_get_full_optimizer_state(param, key)
+        return {k: v.detach().float().cpu().clone() for k, v in out.items() if v is not None}
+    return full_param_state(engine, param)
