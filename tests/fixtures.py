@@ -58,25 +58,14 @@ def mixed_batch(seed: int = 0, batch: int = 6, n_domains: int = 2) -> dict[str, 
             "target_modes": window[:, 1:]}
 
 
-def isolation_batch(step: int, forget_seed: int, forget_mode: int) -> dict[str, torch.Tensor]:
-    """Four one-document rows whose mode changes inside the document: retain-mode spans with fixed
-    content and ``forget_mode`` spans whose content depends only on ``forget_seed`` (at the start, in the
-    middle, at the end and as the last target; ``forget_mode`` unlabelled gives the control run)."""
-    g_keep = torch.Generator().manual_seed(10_000 + step)
-    g_forget = torch.Generator().manual_seed(forget_seed * 100_000 + step)
-    keep = torch.randint(0, VOCAB, (4, SEQ + 1), generator=g_keep)
-    forget = torch.randint(0, VOCAB, (4, SEQ + 1), generator=g_forget)
-    R, q = Mode.RETAIN, SEQ // 4
-    layouts = [[(R, q), (forget_mode, q), (R, SEQ + 1 - 2 * q)], [(forget_mode, q), (R, SEQ + 1 - q)],
-               [(R, SEQ), (forget_mode, 1)], [(R, 3), (forget_mode, 2), (R, 3), (forget_mode, SEQ + 1 - 8)]]
-    window = torch.zeros(4, SEQ + 1, dtype=torch.long)
-    is_forget = torch.zeros(4, SEQ + 1, dtype=torch.bool)  # the spans whose content varies
-    for b, runs in enumerate(layouts):
-        pos = 0
-        for mode, length in runs:
-            window[b, pos:pos + length] = mode
-            is_forget[b, pos:pos + length] = mode == forget_mode
-            pos += length
-    tokens = torch.where(is_forget, forget, keep)
-    return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "modes": window[:, :-1],
-            "target_modes": window[:, 1:], "doc_ids": torch.zeros(4, SEQ, dtype=torch.long)}
+def isolation_batch(step: int, forget_seed: int, forget_mode: int, n_domains: int = 1) -> dict[str, torch.Tensor]:
+    """Four rows of ``sgtm check-isolation``'s layouts (:func:`pipeline.sgtm.isolation_check.isolation_batch`,
+    the one generator): 2-4 documents a row, forget runs at the start, in the middle, short and as
+    the last target, ignored labels; two forget seeds differ only at forget positions (content,
+    domain, document cuts, which labels are ignored, so the forget count). Unlabelled runs in the
+    first step only: over several steps an unlabelled position reads forget parameters that
+    learnt from forget data (docs/architecture.md, "The invariant"). ``forget_mode`` unlabelled
+    gives the control run."""
+    from pipeline.sgtm.isolation_check import isolation_batch as layouts
+
+    return layouts(step, forget_seed, forget_mode, 4, SEQ, VOCAB, n_domains=n_domains, unlabelled=step == 0)
