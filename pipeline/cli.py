@@ -7,10 +7,7 @@ import os
 import sys
 
 from pipeline import __version__
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit code 2, no traceback."""
+from pipeline.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import ConfigError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -43,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (UserError, ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+    except (UserError, ValueError, FileNotFoundError, KeyError) as exc:
         # User-facing problems (bad config values, missing files, refused inputs) are one line;
         # SGTM_DEBUG=1 shows the traceback instead.
         if os.environ.get("SGTM_DEBUG"):

@@ -28,11 +28,9 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.errors import ConfigError
+
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message names the key and is one line."""
 
 
 # --------------------------------------------------------------------------------------------

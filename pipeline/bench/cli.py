@@ -9,6 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from pipeline.errors import UserError
+
 QUICK = {"sizes": ["tiny-1m"], "tp": [1], "rounds": 6, "warmup": 1, "mem_steps": 1}
 FULL = {"sizes": ["tiny-1m", "small-4m"], "tp": [1, 2], "rounds": 12, "warmup": 2, "mem_steps": 4}
 THROUGHPUT = "## Training throughput"
@@ -78,8 +80,6 @@ def run(args: argparse.Namespace, prog: str = "sgtm bench") -> int:
         return 0
     for strategy in args.strategies:
         if strategy not in train_bench.SHORT:
-            from pipeline.cli import UserError
-
             raise UserError(f"--strategies: unknown strategy {strategy!r}")
     if "none" not in args.strategies:
         args.strategies = ["none", *args.strategies]

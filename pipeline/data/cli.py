@@ -8,13 +8,10 @@ import sys
 from pathlib import Path
 
 from pipeline.data.errors import DataError
+from pipeline.errors import UserError
 
 
 def _user_error(exc: DataError) -> Exception:
-    try:
-        from pipeline.cli import UserError
-    except ImportError:  # pipeline.cli unavailable: keep the one-line message anyway
-        return exc
     return UserError(str(exc))
 
 
