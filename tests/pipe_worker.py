@@ -71,12 +71,12 @@ def mutation(name: str | None):
     elif name == "modes_dropped_on_stage1":
         orig_call = pipe_stages.StageMasks.__call__
 
-        def call(self, modes, doc_ids, labels, target_modes, dtype):
+        def call(self, modes, doc_ids, labels, target_modes):
             from megatron.core import parallel_state as ps
 
             if ps.get_pipeline_model_parallel_rank() == 1:
                 modes, target_modes = torch.zeros_like(modes), torch.zeros_like(target_modes)
-            return orig_call(self, modes, doc_ids, labels, target_modes, dtype)
+            return orig_call(self, modes, doc_ids, labels, target_modes)
 
         pipe_stages.StageMasks.__call__ = call
         undo.callback(setattr, pipe_stages.StageMasks, "__call__", orig_call)
@@ -107,8 +107,8 @@ def scenario_isolation(out: Path, steps: int, mutated_steps: int) -> dict:
     """PP=2 x TP=2, GQA, SP, binding per-partition clipping: runs A and B differ only in the
     content of forget spans (C: B's spans unlabelled), ``steps`` each; then A and B again with the
     modes dropped on stage 1 for ``mutated_steps``. Rank 0 saves the gathered final weights."""
+    from pipeline.codes import Mode
     from pipeline.engine.pipe import gather_pipeline_state_dict
-    from pipeline.sgtm.codes import Mode
 
     run = {"arch": "llama3", "pp": 2, "tp": 2, "sp": True, "clip": 0.05}
     finals = {}
