@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.codes import Mode
 from pipeline.config import load_config
-from pipeline.sgtm.codes import Mode
 
 VOCAB = 97  # padded to 128 by the model
 SEQ = 16

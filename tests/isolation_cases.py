@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.sgtm.codes import Mode, ParamClass
+from pipeline.codes import Mode, ParamClass
 from tests.fixtures import SEQ, VOCAB, tiny_config
 
 Pick = Callable[[int, int], int]  # an integer in [lo, hi], drawn by hypothesis or a seeded RNG

@@ -11,8 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pipeline.codes import Mode
 from pipeline.config import ModelConfig
-from pipeline.sgtm.codes import Mode
 
 FORGET, RETAIN, UNLABELLED = int(Mode.FORGET), int(Mode.RETAIN), int(Mode.UNLABELLED)
 

@@ -8,11 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.codes import Mode, ParamClass
 from pipeline.config import PRESETS, ConfigError, load_config
 from pipeline.engine.engine import build_model
 from pipeline.model.tp_state import gather_full_state_dict, load_full_state_dict
 from pipeline.sgtm.ablate import ablate
-from pipeline.sgtm.codes import Mode, ParamClass
 from tests import reference_model
 from tests.compare import assert_all_equivalent, assert_equivalent, mismatches
 from tests.conftest import run_workers

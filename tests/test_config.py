@@ -320,8 +320,8 @@ def test_document_masking_false_lets_attention_cross_documents_and_modes_still_m
     packed row (true: it does not); forget positions stay unreadable to non-forget ones either way."""
     import torch
 
+    from pipeline.codes import Mode
     from pipeline.engine.engine import build_model
-    from pipeline.sgtm.codes import Mode
     from tests.fixtures import SEQ, VOCAB, tiny_config
 
     half = SEQ // 2

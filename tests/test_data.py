@@ -18,6 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.codes import Mode, TrueLabel
 from pipeline.config import ConfigError
 from pipeline.data.config import DataConfig
 from pipeline.data.errors import DataError
@@ -26,7 +27,6 @@ from pipeline.data.loader import _to_torch, build_eval_batches, build_loader, ta
 from pipeline.data.shards import iter_shard_documents, iter_shard_samples, load_manifest, write_shards
 from pipeline.data.tagging import tag_shards
 from pipeline.data.tokenizer import load_gpt2, load_tokenizer, train_bpe
-from pipeline.sgtm.codes import Mode, TrueLabel
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"

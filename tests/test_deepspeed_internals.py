@@ -9,12 +9,12 @@ import pickle
 import pytest
 import torch
 
+from pipeline import codes
+from pipeline.codes import ClipGroup, Mode, ParamClass
 from pipeline.components import clipping
 from pipeline.engine import deepspeed_internals as dsi
 from pipeline.engine import engine as engine_mod
 from pipeline.engine.engine import ClipperNotRunError, build_engine, to_device, train_step
-from pipeline.sgtm import codes
-from pipeline.sgtm.codes import ClipGroup, Mode, ParamClass
 from tests.fixtures import SEQ, VOCAB, tiny_config
 
 ROW_MODES = [Mode.RETAIN, Mode.RETAIN, Mode.UNLABELLED, Mode.FORGET, Mode.FORGET + 1, Mode.FORGET]

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.sgtm.codes import Mode, ParamClass
+from pipeline.codes import Mode, ParamClass
 from pipeline.sgtm.isolation_check import check_isolation, isolation_batch
 from pipeline.sgtm.masking import IGNORE_INDEX, position_modes
 from tests.fixtures import tiny_config

@@ -10,10 +10,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline import codes
+from pipeline.codes import Mode, ParamClass
 from pipeline.engine.engine import build_model
 from pipeline.model.tp_state import gather_full_state_dict
-from pipeline.sgtm import codes, masking
-from pipeline.sgtm.codes import Mode, ParamClass
+from pipeline.sgtm import masking
 from tests import reference_model
 from tests.fixtures import mixed_batch, tiny_config
 from tests.isolation_cases import forget_reaches_its_parameters, isolation_leaks, make_case
@@ -162,7 +163,7 @@ def test_the_isolation_check_reports_a_leak_when_masking_is_disabled_for_retain(
     """The property test can fail: let every token update retain slices and it reports a leak."""
     case = _leaking_case(single_process_world)
     assert not _check_case(single_process_world, case)[0]
-    rules = dict(codes.MAY_UPDATE["sgtm"], retain=codes._ALL)
+    rules = dict(codes.MAY_UPDATE["sgtm"], retain=codes.ALL_TOKENS)
     monkeypatch.setitem(codes.MAY_UPDATE, "sgtm", rules)
     leaked, _ = _check_case(single_process_world, case)
     assert any("class -1" in n for n in leaked), leaked

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.codes import Mode, ParamClass
 from pipeline.config import ConfigError
 from pipeline.engine.engine import build_model
 from pipeline.model.moe import MoE, expert_ownership
 from pipeline.sgtm.ablate import ablate
-from pipeline.sgtm.codes import Mode, ParamClass
 from tests.compare import SCALE_AFTER_STEPS, assert_all_equivalent, assert_equivalent
 from tests.conftest import ROOT
 from tests.fixtures import tiny_config

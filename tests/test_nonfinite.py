@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.codes import ClipGroup, Mode
 from pipeline.engine.engine import build_engine, train_step
 from pipeline.sgtm import masking
-from pipeline.sgtm.codes import ClipGroup, Mode
 from tests.fixtures import mixed_batch, tiny_config
 from tests.isolation_cases import slice_changes
 

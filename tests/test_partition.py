@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.codes import ParamClass
 from pipeline.config import ConfigError, ModelConfig, SGTMConfig, load_config
 from pipeline.engine.engine import build_model
 from pipeline.sgtm.ablate import ablate
-from pipeline.sgtm.codes import ParamClass
 from pipeline.sgtm.partition import ForgetPartition
 from tests.fixtures import mixed_batch, tiny_config
 
@@ -127,7 +127,7 @@ def test_partition_summary_says_what_the_code_does(single_process_world, capsys,
     """`sgtm partition` prints each joint parameter's class as the model assigns it (a tied LM head
     is the embedding matrix, so it follows embedding_update) and the MAY_UPDATE table."""
     from pipeline.cli import main
-    from pipeline.sgtm.codes import class_name
+    from pipeline.codes import class_name
 
     overrides = [f"model.tie_embeddings={str(tie).lower()}", f"sgtm.embedding_update={embedding_update}",
                  f"sgtm.joint_update={joint_update}"]

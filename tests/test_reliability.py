@@ -590,10 +590,10 @@ def _isolation_worker(out: Path) -> None:
     trained on. Rank 0 saves both final full state dicts per stage."""
     import torch.distributed as dist
 
+    from pipeline.codes import Mode
     from pipeline.components import checkpoint
     from pipeline.engine.engine import build_engine, train_step
     from pipeline.model.tp_state import gather_full_state_dict
-    from pipeline.sgtm.codes import Mode
     from tests.fixtures import isolation_batch, tiny_config
 
     for zero in (0, 1, 2):

@@ -100,9 +100,9 @@ def measure_memory(overrides: list[str]) -> None:
     """Two SGTM steps of the config on this GPU; prints the peak allocated GiB as JSON."""
     import torch
 
+    from pipeline.codes import Mode
     from pipeline.config import load_config
     from pipeline.engine.engine import build_engine, train_step
-    from pipeline.sgtm.codes import Mode
     from pipeline.sgtm.isolation_check import isolation_batch
 
     cfg = load_config(str(ROOT / EIGHT_B), overrides)

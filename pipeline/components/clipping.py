@@ -10,7 +10,7 @@ breaking isolation. The groups (:func:`clip_group`, the one mapping from slice c
   these, forget tokens included, so they get their own group; sharing the retain group's norm
   would let the size of a forget gradient set the retain coefficient.
 
-The group ids are :class:`pipeline.sgtm.codes.ClipGroup` (:func:`pipeline.sgtm.codes.clip_group`
+The group ids are :class:`pipeline.codes.ClipGroup` (:func:`pipeline.codes.clip_group`
 maps a slice class to its group). A group no parameter belongs to (joint(all) under the
 ``non_forget`` policies) is left out of the norms.
 
@@ -39,10 +39,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from pipeline.codes import ClipGroup, clip_group
 from pipeline.engine import deepspeed_internals as dsi
 from pipeline.model.moe import counts_once, data_parallel_rank_size
 from pipeline.model.tp_state import replica_copy_rows
-from pipeline.sgtm.codes import ClipGroup, clip_group
 
 
 def group_name(group: int) -> str:

@@ -1,7 +1,7 @@
 """Ground-truth roles of documents, derived from their metadata by YAML rules, and their codes.
 
 A role is 'retain', 'adjacent' or 'forget:<domain>'. The batch's `true_labels` tensor carries the
-role as a :class:`pipeline.sgtm.codes.TrueLabel`.
+role as a :class:`pipeline.codes.TrueLabel`.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
+from pipeline.codes import TrueLabel
 from pipeline.config import ConfigError
 from pipeline.config import check_role as config_check_role
 from pipeline.data.errors import DataError, read_yaml
-from pipeline.sgtm.codes import TrueLabel
 
 
 def check_role(role: str, domains: list[str], where: str) -> str:

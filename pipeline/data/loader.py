@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.codes import Mode, TrueLabel, mode_name
 from pipeline.data.config import DataConfig
 from pipeline.data.errors import DataError
 from pipeline.data.labels import check_role, is_heldout, true_code
@@ -58,7 +59,6 @@ from pipeline.data.tagging import (
     paragraph_spans,
 )
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.sgtm.codes import Mode, TrueLabel, mode_name
 
 STATE_VERSION = 2
 IGNORE_INDEX = -100

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.codes import Mode, mode_name
 from pipeline.data.classifier import Classifier, load_classifier
 from pipeline.data.config import TaggingConfig
 from pipeline.data.distributed_prep import Split, check_same, collect_ranks, shard_range
@@ -27,7 +28,6 @@ from pipeline.data.io import atomic_write_bytes, atomic_write_json
 from pipeline.data.labels import LabelRules, unit_hash
 from pipeline.data.shards import iter_shard_documents, load_manifest
 from pipeline.data.tokenizer import TextTokenizer
-from pipeline.sgtm.codes import Mode, mode_name
 
 TAGS_FORMAT = "sgtm-tags/1"
 RANK_FORMAT = "sgtm-tags-rank/1"

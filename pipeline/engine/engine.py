@@ -151,7 +151,7 @@ def decide_update(state: TrainState, loss_finite: torch.Tensor) -> bool:
     non-finite retain or joint(all) group skips it. The loss is not consulted there: a forget
     position's non-finite loss must not stop the retain update. Without the groups (global
     clipping, which mixes partitions anyway): any non-finite loss or gradient skips the step."""
-    from pipeline.sgtm.codes import ClipGroup
+    from pipeline.codes import ClipGroup
 
     state.dropped_groups = []
     groups = state.grad_groups

@@ -804,9 +804,9 @@ def count_tokens(run: str | Path | dict) -> dict:
     analysis cell (a stored cell carries its counts: no run dir needed)."""
     import yaml
 
+    from pipeline.codes import Mode
     from pipeline.config import load_config
     from pipeline.data.loader import build_loader
-    from pipeline.sgtm.codes import Mode
 
     if isinstance(run, dict):
         if run.get("token_counts") is not None:

@@ -208,6 +208,22 @@ def write_analysis(out: str | Path, name: str, payload: dict[str, Any], fig=None
     return path
 
 
+# What a summary keeps of an analysis: the numbers the report shows, not curves or paths.
+SUMMARY_KEYS = ("analysis", "title", "command", "seeds", "setup", "claims", "table", "fits", "notes", "results_brief",
+                "param_norms", "headroom")
+SKIP_COLUMNS = {"run_dir", "confusion", "checkpoint"}
+
+
+def summarize(analysis: dict) -> dict:
+    """The small, committed part of an analysis (what `sgtm report` writes to docs/results/); here,
+    beside write_analysis, so an analysis can write its own summary without importing the report."""
+    out = {k: analysis[k] for k in SUMMARY_KEYS if k in analysis}
+    if "results" in analysis and isinstance(analysis["results"], dict):  # single-run analyses: scalars only
+        out["results_brief"] = {k: v for k, v in analysis["results"].items()
+                                if isinstance(v, (int, float, str)) and k not in SKIP_COLUMNS}
+    return out
+
+
 def _jsonable(v):
     if hasattr(v, "tolist"):
         return v.tolist()

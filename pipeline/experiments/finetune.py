@@ -287,7 +287,7 @@ def rmu(checkpoint: str, out: str, command: str, *, layer: int | None = None, co
 
 def _slices(model) -> list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]]:
     """(param, forget mask, retain mask) for every parameter with forget slices (split matrices)."""
-    from pipeline.sgtm.codes import ParamClass
+    from pipeline.codes import ParamClass
 
     out = []
     for p in model.parameters():

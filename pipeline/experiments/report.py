@@ -20,22 +20,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.experiments.common import fmt
+from pipeline.experiments.analyses import registry
+from pipeline.experiments.common import SKIP_COLUMNS, fmt, summarize
 from pipeline.experiments.stats import CONFIDENCE, POWER_LAW_R2_FLOOR, exponent_interval_from_r2
 
 VERDICT = {None: "compare", True: "holds", False: "does not hold"}
-ORDER = ["tradeoff", "harness", "undiscovered", "seeds", "leakage", "compute_penalty", "joint_policy",
-         "retain_fraction", "moe", "capacity", "classifier", "attacks",
-         "attack", "rmu", "gradnorm", "per_token"]
-SKIP_COLUMNS = {"run_dir", "confusion", "checkpoint"}
-# What a summary keeps of an analysis: the numbers the report shows, not curves or paths.
-SUMMARY_KEYS = ("analysis", "title", "command", "seeds", "setup", "claims", "table", "fits", "notes", "results_brief",
-                "param_norms", "headroom")
-# The analyses tools/reproduce_results.sh produces; any of them missing is listed as pending.
-EXPECTED = {"bilingual": ["tradeoff", "harness", "undiscovered", "seeds", "leakage", "compute_penalty",
-                          "compute_penalty_history", "capacity", "joint_policy", "retain_fraction", "moe", "attacks",
-                          "gradnorm", "per_token"],
-            "wiki": ["tradeoff", "classifier", "harness", "attacks"]}
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 FIELD = re.compile(r"\{\{([\w-]+)/([\w-]+):([^}|]+)(?:\|([^}]*))?\}\}")
 
@@ -45,20 +34,13 @@ def verdict_text(v: Any) -> str:
 
 
 def _order(summary: dict) -> tuple:
+    """A summary's place in the report: the registry's section order (analyses/registry.py)."""
     name = summary.get("analysis", "")
-    for i, prefix in enumerate(ORDER):
+    order = registry.report_order()
+    for i, prefix in enumerate(order):
         if name.startswith(prefix):
             return (i, name)
-    return (len(ORDER), name)
-
-
-def summarize(analysis: dict) -> dict:
-    """The small, committed part of an analysis."""
-    out = {k: analysis[k] for k in SUMMARY_KEYS if k in analysis}
-    if "results" in analysis and isinstance(analysis["results"], dict):  # single-run analyses: scalars only
-        out["results_brief"] = {k: v for k, v in analysis["results"].items()
-                                if isinstance(v, (int, float, str)) and k not in SKIP_COLUMNS}
-    return out
+    return (len(order), name)
 
 
 def write_summaries(runs: list[str | Path], summary_dir: Path) -> dict[str, dict]:
@@ -213,7 +195,9 @@ def build_report(runs: list[str | Path], out: str | Path, title: str = "SGTM res
                   "(one JSON per analysis, committed).", ""]
     if intro:
         parts += [render_template(Path(intro).read_text().rstrip(), summaries), ""]
-    pending = [f"{tag}/{a}" for tag, names in EXPECTED.items() for a in names if f"{tag}/{a}" not in summaries]
+    # the analyses tools/reproduce_results.sh produces (the registry's expected summaries); a missing one is pending
+    pending = [f"{tag}/{a}" for tag, names in registry.expected().items() for a in names
+               if f"{tag}/{a}" not in summaries]
     if pending:
         parts += ["## Pending", "",
                   "Not regenerated with the current code in the session that wrote this report (CPU time went to "

@@ -44,8 +44,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
 from torch import nn
 
+from pipeline.codes import ParamClass
 from pipeline.model.transformer import MLP, SplitFeatures
-from pipeline.sgtm.codes import ParamClass
 from pipeline.sgtm.masking import FeatureSplit, TokenMasks, select, selective_linear
 from pipeline.sgtm.partition import ForgetPartition, ParamRole
 

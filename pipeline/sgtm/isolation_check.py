@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from pipeline.sgtm.codes import Mode, ParamClass
+from pipeline.codes import Mode, ParamClass
 
 RUNS = (("A", 1, Mode.FORGET), ("A'", 1, Mode.FORGET), ("B", 2, Mode.FORGET), ("C", 2, Mode.UNLABELLED))
 STATES = ("master", "exp_avg", "exp_avg_sq", "module")  # what is compared, per parameter

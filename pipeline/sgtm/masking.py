@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.sgtm.codes import _ALL, MAY_UPDATE, STRATEGIES, Mode, ParamClass, param_kind
+from pipeline.codes import ALL_TOKENS, MAY_UPDATE, STRATEGIES, Mode, ParamClass, param_kind
 
 IGNORE_INDEX = -100
 CROSS_MODE_ATTENTION = ("segment", "detached_context")
@@ -141,7 +141,7 @@ class TokenMasks:
     """Everything the layers need to know about one batch's modes, built once per batch.
 
     ``allow[cls]`` is a [T, 1] bool tensor of which tokens may update parameters of slice class
-    ``cls`` (None: every token may), read from :data:`pipeline.sgtm.codes.MAY_UPDATE`.
+    ``cls`` (None: every token may), read from :data:`pipeline.codes.MAY_UPDATE`.
     ``retain_keep`` [T, 1] is False on retain-mode tokens (their forget features are switched off
     in the forward); ``route_keep[cls]`` [T, 1] (gradient routing) is False on the tokens whose
     gradient may not flow through features of class ``cls`` (a missing class: every token's may).
@@ -221,7 +221,7 @@ class TokenMasks:
                 kinds |= {"own_forget", "other_forget"}  # a non-forget class has no own domain
             key = (frozenset(kinds), int(c) if "own_forget" in kinds and c >= 0 else None)
             if key not in cache:
-                if frozenset(kinds) == _ALL:
+                if frozenset(kinds) == ALL_TOKENS:
                     cache[key] = None
                 else:
                     m = torch.zeros_like(flat, dtype=torch.bool)

@@ -6,10 +6,10 @@ a rank may own none). Every parameter tensor of the model gets a :class:`ParamRo
 :meth:`ForgetPartition.role`: a class per slice along one dimension, or one class for the whole
 tensor. The masking, the ablation, per-partition clipping and the tests all read these roles.
 
-Slice classes are :class:`pipeline.sgtm.codes.ParamClass` values (ints, so a per-feature class
+Slice classes are :class:`pipeline.codes.ParamClass` values (ints, so a per-feature class
 vector is a plain LongTensor): ``d >= 0`` forget parameters of domain d, ``RETAIN``,
 ``JOINT_NON_FORGET``, ``JOINT_ALL``; which tokens may update each is the table
-:data:`pipeline.sgtm.codes.MAY_UPDATE`.
+:data:`pipeline.codes.MAY_UPDATE`.
 
 Joint policy: embeddings (token and learned position) follow ``sgtm.embedding_update``; norms,
 the final norm and an untied LM head follow ``sgtm.joint_update``. A tied LM head *is* the token
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.codes import ParamClass, class_name, update_table
 from pipeline.config import ConfigError, ModelConfig, SGTMConfig, assign_domains, check_kv_heads
-from pipeline.sgtm.codes import ParamClass, class_name, update_table
 
 ROLE_KINDS = (
     "embedding", "position_embedding", "norm", "qkv", "attn_out", "attn_out_bias",
