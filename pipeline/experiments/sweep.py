@@ -51,11 +51,11 @@ import yaml
 from pipeline.config import (
     CONFIG_ROOT,
     ConfigError,
-    _find_fragment,
-    _read_yaml,
     compose,
+    find_fragment,
     load_config,
     merge,
+    read_yaml,
     to_dict,
 )
 from pipeline.experiments import cells as store_mod
@@ -114,7 +114,7 @@ def find_sweep(name_or_path: str) -> Path:
 
 def load_sweep(path: str | Path) -> dict:
     path = find_sweep(str(path))
-    spec = _read_yaml(path, str(path)) or {}
+    spec = read_yaml(path, str(path)) or {}
     for key in ("name", "base", "grid"):
         if key not in spec:
             raise ConfigError(f"{path}: sweep needs '{key}'")
@@ -194,7 +194,7 @@ def wiki_tokenizer(out_dir: Path, vocab_size: int):
 def write_base(spec: dict, out: Path) -> Path:
     """The sweep's base experiment with fragments resolved and the prepared data section in it."""
     sweep_dir = Path(spec["_path"]).resolve().parent
-    base_path = _find_fragment(spec["base"], sweep_dir, "base")
+    base_path = find_fragment(spec["base"], sweep_dir, "base")
     raw = compose(base_path)
     prepared = prepare_data(spec, out)
     if prepared is not None:  # the base's data settings over the prepared set, whose tag source wins
