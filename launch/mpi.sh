@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # mpirun launcher: every MPI rank runs `sgtm train`; ranks are discovered through mpi4py
-# (pipeline/engine/distributed.py), and MASTER_ADDR/MASTER_PORT here name the rendezvous for
+# (pipeline/backend/distributed.py), and MASTER_ADDR/MASTER_PORT here name the rendezvous for
 # torch.distributed (NCCL on GPUs, Gloo on CPUs).
 #
 #   launch/mpi.sh -n NP [-H HOSTFILE] CONFIG [--resume] [key=value ...]

@@ -109,3 +109,16 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, methods: list[
     print(text)
     print(f"[demo] {results['total_seconds']:.0f} s; wrote {out / 'results.json'} and {out / 'loss_curves.png'}")
     return results
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="the bilingual SGTM vs filtering demo (CPU, ~15 min)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--methods", nargs="*", choices=["sgtm", "weak_filter", "no_filter"])
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides for every run (e.g. train.steps=200)")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    run_demo(args.out, args.overrides, args.methods)
+    return 0

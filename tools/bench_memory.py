@@ -93,7 +93,7 @@ def static_bytes(engine, params: list) -> dict[str, int]:
     gradients as they are after the boundary backward, the optimizer after a step)."""
     import torch
 
-    from pipeline.engine import deepspeed_internals as dsi
+    from pipeline.backend import deepspeed_internals as dsi
 
     weights = _storage_bytes(params)
     param_ptrs = {p.untyped_storage().data_ptr() for p in params}
@@ -190,7 +190,7 @@ def measure(layouts: list[str], workdir: Path, **spec) -> list[dict]:
     (``spec``: see :func:`worker`)."""
     import memory_estimate as me
 
-    from pipeline.engine.distributed import spawn_local_ranks
+    from pipeline.backend.distributed import spawn_local_ranks
 
     rows = []
     for name in layouts:

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.engine.distributed import free_port
+from pipeline.backend.distributed import free_port
 
 
 def _profile(spec: dict) -> dict:

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.engine.distributed import spawn_local_ranks
+from pipeline.backend.distributed import spawn_local_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "tools" / "reference_sgtm.py"

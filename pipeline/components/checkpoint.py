@@ -18,7 +18,7 @@ Loading never unpickles code: DeepSpeed 0.19.8's ``TorchCheckpointEngine.load`` 
 ``torch.load(weights_only=False)``; :func:`load` swaps in a loader with ``weights_only=True``
 and an allow-list of the plain DeepSpeed classes its optimizer files hold, so a crafted
 pickle is refused (one line naming the file) before any of its code can run. Both patches, and
-the write guard's, go through :mod:`pipeline.engine.deepspeed_internals`.
+the write guard's, go through :mod:`pipeline.backend.deepspeed_internals`.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.backend import deepspeed_internals as dsi
 from pipeline.components import faults
-from pipeline.engine import deepspeed_internals as dsi
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"

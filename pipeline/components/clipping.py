@@ -22,7 +22,7 @@ Where the gradients are differs by engine setup:
   before ``engine.step()``.
 * ZeRO-1/2: in DeepSpeed's gradient partition; :meth:`clip_zero_partition` runs inside the
   optimizer step, before DeepSpeed reads them (both through
-  :mod:`pipeline.engine.deepspeed_internals`). DeepSpeed's own clipping stays off
+  :mod:`pipeline.backend.deepspeed_internals`). DeepSpeed's own clipping stays off
   (``gradient_clipping: 0``).
 
 :attr:`PartitionClipper.runs` counts the clips, so the train step can check that the clip ran.
@@ -39,9 +39,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from pipeline.backend import deepspeed_internals as dsi
+from pipeline.backend.distributed import counts_once, data_parallel_rank_size
 from pipeline.codes import ClipGroup, clip_group
-from pipeline.engine import deepspeed_internals as dsi
-from pipeline.model.moe import counts_once, data_parallel_rank_size
 from pipeline.model.tp_state import replica_copy_rows
 
 

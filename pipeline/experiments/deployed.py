@@ -108,7 +108,7 @@ def ensure(run_dir: str | Path, final_step: int | None, log=print) -> dict:
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
     env["OMP_NUM_THREADS"] = os.environ.get("SGTM_CELL_THREADS", env.get("OMP_NUM_THREADS", "1"))
-    from pipeline.engine.distributed import free_port
+    from pipeline.backend.distributed import free_port
 
     env["MASTER_PORT"] = str(free_port())
     log(f"[deployed] evaluating {run_dir} on the whole held-out split")
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m pipeline.experiments.deployed RUN_DIR", file=sys.stderr)
         return 2
-    from pipeline.engine.distributed import free_port
+    from pipeline.backend.distributed import free_port
 
     _os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")

@@ -10,11 +10,13 @@ megatron's EP group (``get_expert_model_parallel_group``), its split/gather mapp
 and an explicit all-to-all dispatch (``all_to_all_single``, uneven splits, which gloo runs).
 
 Layout. The EP ranks of a group share their batch, like TP ranks (the EP group is nested with the
-TP group, ``engine.expert_parallel``); DeepSpeed's data-parallel group is the ranks with other
-data (:func:`data_parallel_group`). Every rank runs the router on every token of the micro-batch
-(cheap: tokens x experts), so routing, capacity drops and the auxiliary loss are the same numbers
-at any EP size. Then each EP rank takes its 1/EP of the tokens (megatron's
-``scatter_to_sequence_parallel_region`` on the EP group: forward split, backward all-gather),
+TP group, ``engine.expert_parallel``; the groups are :mod:`pipeline.backend.distributed`'s);
+DeepSpeed's data-parallel group is the ranks with other data
+(:func:`~pipeline.backend.distributed.data_parallel_group`). Every rank runs the router on every
+token of the micro-batch (cheap: tokens x experts), so routing, capacity drops and the auxiliary
+loss are the same numbers at any EP size. Then each EP rank takes its 1/EP of the tokens
+(megatron's ``scatter_to_sequence_parallel_region`` on the EP group: forward split, backward
+all-gather),
 sends each (token, expert) assignment to the rank owning that expert (all-to-all), runs its local
 experts, sends the outputs back (all-to-all), weights them by the router and gathers the tokens
 back (``gather_from_sequence_parallel_region``, backward split, since what follows is replicated).
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -44,49 +47,14 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
 from torch import nn
 
+from pipeline.backend.distributed import ep_world
 from pipeline.codes import ParamClass
-from pipeline.model.transformer import MLP, SplitFeatures
+from pipeline.config import ModelConfig
+from pipeline.model.layers import SplitFeatures
 from pipeline.sgtm.masking import FeatureSplit, TokenMasks, select, selective_linear
 from pipeline.sgtm.partition import ForgetPartition, ParamRole
 
-# ---- process groups -------------------------------------------------------------------------
-
-
-def ep_world() -> tuple[int, int]:
-    """(EP rank, EP size) from megatron's parallel_state (1 group of 1 when EP is off)."""
-    if not ps.model_parallel_is_initialized():
-        return 0, 1
-    return ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
-
-
-def data_parallel_group():
-    """The ranks holding other data: megatron's data-parallel group, or, when the EP group
-    contains the TP group (EP > TP), megatron's expert-data-parallel group (built with expert
-    tensor parallel 1, it is the ranks with the same EP rank)."""
-    if ps.get_expert_model_parallel_world_size() > ps.get_tensor_model_parallel_world_size():
-        return ps.get_expert_data_parallel_group()
-    return ps.get_data_parallel_group()
-
-
-def data_parallel_rank_size() -> tuple[int, int]:
-    g = data_parallel_group()
-    return dist.get_rank(group=g), dist.get_world_size(group=g)
-
-
-def counts_once(p: torch.Tensor) -> bool | None:
-    """For norms summed over every rank: False if ``p`` is an expert-parallel copy another rank
-    already counts, True if an expert weight this rank counts, None (decide as for TP) otherwise.
-    Experts are replicated over the TP ranks outside their EP group (EP < TP); non-expert
-    parameters over the TP groups inside an EP group (EP > TP)."""
-    if not ps.model_parallel_is_initialized():
-        return None
-    ep_rank, ep = ep_world()
-    tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    if getattr(p, "expert_parallel", False):
-        return tp_rank // ep == 0
-    if ep > tp and ep_rank // tp != 0:
-        return False
-    return None
+# ---- all-to-all -------------------------------------------------------------------------------
 
 
 class _AllToAllV(torch.autograd.Function):
@@ -126,7 +94,7 @@ def router_role(part: ForgetPartition, layer: int) -> ParamRole:
 def _tag(p: nn.Parameter, role: ParamRole, expert: int | None = None) -> None:
     p.sgtm_role = role
     if expert is not None:
-        p.expert_parallel = True  # read by the clipper (counts_once) and the EP gather
+        p.expert_parallel = True  # read by the clipper (backend.distributed.counts_once) and the EP gather
         p.expert_index = expert
 
 
@@ -147,7 +115,10 @@ class MoE(SplitFeatures):
     ``feature_class`` (SplitFeatures) is the class of every global expert, so ablation
     (``set_ablated``) switches whole experts off: their router logits are -inf for every token."""
 
-    def __init__(self, cfg, part: ForgetPartition, layer: int, tp_rank: int, mpc, init, out_init):
+    def __init__(self, cfg, part: ForgetPartition, layer: int, tp_rank: int, mpc, init, out_init,
+                 shared_mlp: Callable[[ModelConfig], nn.Module]):
+        """``shared_mlp(cfg)`` builds the dense MLP of the shared experts (the Transformer's
+        ``MLP`` at ``cfg``), after the router and the routed experts have drawn their weights."""
         super().__init__()
         E, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff
         self.ep_rank, self.ep_size = ep_world()
@@ -191,7 +162,7 @@ class MoE(SplitFeatures):
         self.local_classes = [int(c) for c in classes[self.first:self.first + self.n_local]]
         self.shared = None
         if cfg.moe_shared_experts:
-            self.shared = MLP(dataclasses.replace(cfg, d_ff=cfg.mlp_units), part, layer, tp_rank, mpc, init, out_init)
+            self.shared = shared_mlp(dataclasses.replace(cfg, d_ff=cfg.mlp_units))
         self.aux_loss: torch.Tensor | None = None
 
     # ---- routing -----------------------------------------------------------------------------

@@ -20,8 +20,9 @@ from deepspeed.pipe import PipelineModule
 from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from torch import nn
 
-from pipeline.engine.pipe import canonical_name
-from pipeline.model.transformer import Block, SplitFeatures, Transformer, _allow, token_losses, training_loss
+from pipeline.model.layers import SplitFeatures
+from pipeline.model.layout import canonical_name
+from pipeline.model.transformer import Block, Transformer, _allow, token_losses, training_loss
 from pipeline.sgtm.masking import TokenMasks, grad_gate
 
 ABSENT = -1  # fill value of an optional [B, S] tensor that is not there (modes in evaluation)

@@ -44,12 +44,13 @@ from megatron.core.tensor_parallel import (
 from torch import nn
 
 from pipeline.config import ModelConfig
+from pipeline.model.layers import SplitFeatures
+from pipeline.model.moe import MoE, aux_loss
 from pipeline.sgtm.masking import (
     FeatureSplit,
     FiniteGradFn,
     InputFeatures,
     TokenMasks,
-    ablate_features,
     elementwise_affine,
     finite_only,
     grad_gate,
@@ -209,28 +210,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
-class SplitFeatures(nn.Module):
-    """Mixin state for a module whose activations are split into retain/forget features."""
-
-    def _init_features(self, feature_class: torch.Tensor, width: int = 1) -> None:
-        self.register_buffer("feature_class", feature_class, persistent=False)
-        self.register_buffer("ablated", None, persistent=False)
-        self.has_forget = bool((feature_class >= 0).any())
-        # Column spans of each class in the row-parallel layer's input (built once, on the host).
-        self.features = InputFeatures(feature_class, width)
-
-    def set_ablated(self, domains: list[int]) -> None:
-        """Switch the features of ``domains`` off for every token (after ablation)."""
-        off = torch.isin(self.feature_class, torch.tensor(domains, dtype=torch.long,
-                                                          device=self.feature_class.device))
-        self.ablated = off if bool(off.any()) else None
-
-    def _ablate(self, h: torch.Tensor) -> torch.Tensor:
-        """Ablated features off for every token. The per-token masking (retain-mode tokens,
-        gradient routing) happens in the row-parallel layer, given ``self.features``."""
-        return h if self.ablated is None else ablate_features(h, self.ablated)
-
-
 def _replicated_init(init, logical_rows: int, tp: int, replicas: int, tail: int):
     """Megatron's CPU init draws the whole (here: replicated, tp x local rows) master on every
     rank and keeps its chunk. This draws the logical TP=1 master instead (the same numbers as at
@@ -338,9 +317,9 @@ class Block(nn.Module):
         self.attn = Attention(cfg, part, layer, tp_rank, mpc, init, out_init)
         self.norm2 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, part.role("norm", layer, tp_rank), sp)
         if cfg.n_experts:  # mixture of experts (forget experts, expert parallelism): pipeline/model/moe.py
-            from pipeline.model.moe import MoE
-
-            self.mlp = MoE(cfg, part, layer, tp_rank, mpc, init, out_init)
+            # its shared experts (model.moe_shared_experts) are one MLP of this file, built in its turn
+            shared = lambda c: MLP(c, part, layer, tp_rank, mpc, init, out_init)  # noqa: E731
+            self.mlp = MoE(cfg, part, layer, tp_rank, mpc, init, out_init, shared_mlp=shared)
         else:
             self.mlp = MLP(cfg, part, layer, tp_rank, mpc, init, out_init)
 
@@ -490,8 +469,6 @@ class Transformer(nn.Module):
             return per_token.t() if sp else per_token
         loss = training_loss(per_token)
         if self.cfg.n_experts and self.training:  # + the MoE load-balancing loss (non-forget tokens only)
-            from pipeline.model.moe import aux_loss
-
             aux = aux_loss(self)
             loss = loss if aux is None else loss + aux
         return loss

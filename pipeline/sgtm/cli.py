@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
             extra["experts_by_ep_rank"] = expert_ownership(part, cfg.engine.expert_parallel)
         if pp > 1:
-            from pipeline.engine.pipe import stage_layout
+            from pipeline.model.layout import stage_layout
 
             extra["stages"] = stage_layout(part, pp)
         print(json.dumps({"partition": part.to_dict(), "model": to_dict(cfg.model),
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_stages(part: ForgetPartition, pp: int) -> None:
     """Which pipeline stage (and TP rank in it) owns which forget heads/KV groups and units."""
-    from pipeline.engine.pipe import stage_layout
+    from pipeline.model.layout import stage_layout
 
     per_group = part.model.query_heads_per_kv_head
     print(f"pipeline: {pp} stages (engine.pipeline_parallel), {part.model.n_layers // pp} blocks each")

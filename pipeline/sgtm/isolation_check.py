@@ -102,7 +102,7 @@ def isolation_batch(step: int, forget_seed: int, forget_mode: int, rows: int, se
 def held_tensors(state) -> dict[str, dict[str, torch.Tensor]]:
     """Per compared state (:data:`STATES`), parameter name -> this rank's tensor, on CPU in fp32.
     Collective (the ZeRO partitions are gathered over DP)."""
-    from pipeline.engine import deepspeed_internals as dsi
+    from pipeline.backend import deepspeed_internals as dsi
 
     out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in STATES}
     for name, p in state.model.named_parameters():

@@ -1,4 +1,5 @@
-"""`sgtm train | eval | ablate | export-hf`: what a user runs around the train loop."""
+"""`sgtm train | eval | ablate | consolidate | export-hf`: what a user runs around the train loop
+(`sgtm demo` registers itself: :mod:`pipeline.demo`)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
     p.set_defaults(func=cmd_train)
-
-    p = subparsers.add_parser("demo", help="the bilingual SGTM vs filtering demo (CPU, ~15 min)")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--methods", nargs="*", choices=["sgtm", "weak_filter", "no_filter"])
-    p.add_argument("overrides", nargs="*", help="key.path=value overrides for every run (e.g. train.steps=200)")
-    p.set_defaults(func=cmd_demo)
 
     p = subparsers.add_parser(
         "eval", help="evaluate a checkpoint: forget/retain/adjacent loss, full/ablated/calibrated")
@@ -49,16 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
-
-    run_demo(args.out, args.overrides, args.methods)
-    return 0
-
-
 def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.backend.distributed import shutdown_distributed
     from pipeline.config import load_config
-    from pipeline.engine.distributed import shutdown_distributed
     from pipeline.train.loop import train
 
     cfg = load_config(args.config, args.overrides)

@@ -1,7 +1,7 @@
 """The one training loop: compose engine, data, evaluation, checkpoints and metrics.
 
 Launched the same way by ``python``, ``torchrun``, the ``deepspeed`` launcher, ``srun`` or
-``mpirun`` (rank discovery is in :mod:`pipeline.engine.distributed`). Every rank runs this loop;
+``mpirun`` (rank discovery is in :mod:`pipeline.backend.distributed`). Every rank runs this loop;
 only rank 0 writes metrics and run files.
 """
 
@@ -22,10 +22,10 @@ import torch.distributed as dist
 import yaml
 
 from pipeline.components import checkpoint, faults
-from pipeline.components.evaluation import evaluate
 from pipeline.components.metrics import MetricsLogger, require_wandb
 from pipeline.config import ExperimentConfig, to_dict
-from pipeline.engine.engine import TrainState, build_engine, train_step
+from pipeline.engine.engine import build_engine, train_step
+from pipeline.engine.trainer import Trainer
 
 
 @dataclass
@@ -139,7 +139,7 @@ def calibrates(cfg: ExperimentConfig, final: bool) -> bool:
     return cfg.eval.calibrate and (final or cfg.eval.calibrate_at == "every")
 
 
-def run_eval(state: TrainState, evals, calib, step: int, run_dir: Path, log: MetricsLogger,
+def run_eval(state: Trainer, evals, calib, step: int, run_dir: Path, log: MetricsLogger,
              final: bool = False) -> dict:
     cfg = state.cfg
     domains = list(range(len(state.partition.domains)))
@@ -148,13 +148,8 @@ def run_eval(state: TrainState, evals, calib, step: int, run_dir: Path, log: Met
     log.note(f"eval step {step}: {', '.join(evals) or 'no held-out sets'}"
              + (f"; calibrating on {', '.join(calib)}" if calibrate and calib else ""))
     report = lambda text: log.note(f"eval step {step}: {text}")  # noqa: E731
-    if state.dist.pp_size > 1:  # through the pipeline engine's stages (no calibration: refused by config)
-        from pipeline.engine.pipe import evaluate as evaluate_pipeline
-
-        results = evaluate_pipeline(state, evals, domains, report=report)
-    else:
-        results = evaluate(state.model, evals, calib if calibrate else None, domains,
-                           cfg.eval.calibration if calibrate else None, state.dist.device, report=report)
+    results = state.evaluate(evals, domains, calib if calibrate else None, cfg.eval.calibration if calibrate else None,
+                             report=report)
     log.note(f"eval step {step}: done in {time.perf_counter() - t0:.1f} s")
     record = {"kind": "eval", "step": step}
     for name, r in results.items():

@@ -78,8 +78,8 @@ def consolidate(tag_dir: Path) -> LoadedModel:
 def _consolidate_pipeline(tag_dir: Path, shards: list[dict]) -> LoadedModel:
     """A pipeline-parallel checkpoint (DeepSpeed writes one file per layer and TP rank; the
     model-states files, one per stage and TP rank, hold the client state) as one TP=1, PP=1
-    state dict under the Transformer's names (:func:`pipeline.engine.pipe.canonical_name`)."""
-    from pipeline.engine.pipe import canonical_name
+    state dict under the Transformer's names (:func:`pipeline.model.layout.canonical_name`)."""
+    from pipeline.model.layout import canonical_name
     from pipeline.model.tp_state import merge_tp_shards
 
     first = shards[0]
@@ -124,7 +124,7 @@ def load_any(path: str | Path) -> LoadedModel:
 
 def single_process_model(loaded: LoadedModel):
     """The TP=1 model in a world of one process, weights loaded, ablation switch applied."""
-    from pipeline.engine.distributed import init_distributed
+    from pipeline.backend.distributed import init_distributed
     from pipeline.engine.engine import build_model
     from pipeline.model.tp_state import load_full_state_dict
 

@@ -23,8 +23,8 @@ os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0
 import memory_estimate  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.backend.distributed import init_distributed  # noqa: E402
 from pipeline.config import EngineConfig, load_config  # noqa: E402
-from pipeline.engine.distributed import init_distributed  # noqa: E402
 from pipeline.engine.engine import build_model  # noqa: E402
 
 

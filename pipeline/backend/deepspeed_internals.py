@@ -74,7 +74,7 @@ def check_version(version: str | None = None) -> str:
         ok = False
     if not ok:
         raise DeepSpeedVersionError(
-            f"deepspeed {version} is installed; pipeline/engine/deepspeed_internals.py supports deepspeed{SUPPORTED} "
+            f"deepspeed {version} is installed; pipeline/backend/deepspeed_internals.py supports deepspeed{SUPPORTED} "
             f"(install the pin in constraints.txt, or run tests/test_deepspeed_internals.py against it and "
             f"widen SUPPORTED)")
     return version

@@ -1,8 +1,15 @@
-"""Process groups: rank discovery from any launcher, DeepSpeed's comm, megatron's parallel_state.
+"""Process groups: rank discovery from any launcher, DeepSpeed's comm, megatron's parallel_state
+(TP, PP, DP and EP groups), the ``mpu`` DeepSpeed expects, and the local launcher.
 
 torchrun and the deepspeed launcher set RANK/WORLD_SIZE/LOCAL_RANK; mpirun sets OMPI_*/PMI_*
 (read through mpi4py when it is installed); a bare ``srun`` sets SLURM_*. A plain ``python``
 process becomes a world of one on loopback.
+
+Expert parallelism (``engine.expert_parallel``, the MoE of :mod:`pipeline.model.moe`): the EP
+group is megatron's (consecutive ranks, nested with TP). The ranks of an EP group share their
+batch, like TP ranks, so the ranks with other data (:func:`data_parallel_group`) are megatron's
+data-parallel group or, when the EP group contains the TP group (EP > TP), its
+expert-data-parallel group.
 """
 
 from __future__ import annotations
@@ -115,6 +122,60 @@ def resolve_device(cfg: EngineConfig) -> tuple[torch.device, str]:
     return torch.device(device), backend
 
 
+# ---- expert parallelism -------------------------------------------------------------------
+
+
+def ep_world() -> tuple[int, int]:
+    """(EP rank, EP size) from megatron's parallel_state (1 group of 1 when EP is off)."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 0, 1
+    return ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
+
+
+def ep_outside_tp() -> bool:
+    """Does the EP group contain the TP group (EP > TP)? Then the ranks sharing a batch are the EP group."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_model_parallel_world_size() > ps.get_tensor_model_parallel_world_size()
+
+
+def data_parallel_group():
+    """The ranks holding other data: megatron's data-parallel group, or, when the EP group
+    contains the TP group (EP > TP), megatron's expert-data-parallel group (built with expert
+    tensor parallel 1, it is the ranks with the same EP rank)."""
+    from megatron.core import parallel_state as ps
+
+    if ep_outside_tp():
+        return ps.get_expert_data_parallel_group()
+    return ps.get_data_parallel_group()
+
+
+def data_parallel_rank_size() -> tuple[int, int]:
+    g = data_parallel_group()
+    return torch.distributed.get_rank(group=g), torch.distributed.get_world_size(group=g)
+
+
+def counts_once(p: torch.Tensor) -> bool | None:
+    """For norms summed over every rank: False if ``p`` is an expert-parallel copy another rank
+    already counts, True if an expert weight this rank counts, None (decide as for TP) otherwise.
+    Experts are replicated over the TP ranks outside their EP group (EP < TP); non-expert
+    parameters over the TP groups inside an EP group (EP > TP). ``p.expert_parallel`` marks an
+    expert's parameter (:mod:`pipeline.model.moe`)."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return None
+    ep_rank, ep = ep_world()
+    tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    if getattr(p, "expert_parallel", False):
+        return tp_rank // ep == 0
+    if ep > tp and ep_rank // tp != 0:
+        return False
+    return None
+
+
 class MegatronMPU:
     """The ``mpu`` DeepSpeed expects, mapping its "model parallel" onto megatron's TP group."""
 
@@ -124,15 +185,10 @@ class MegatronMPU:
         self.ps = ps
 
     # With expert parallelism the ranks sharing a batch are the TP group or, when it is larger,
-    # the EP group (pipeline/model/moe.py): DeepSpeed's "model parallel" is the larger of the two,
-    # its data parallel the ranks with other data.
-    def _ep_outside_tp(self) -> bool:
-        return self.ps.get_expert_model_parallel_world_size() > self.ps.get_tensor_model_parallel_world_size()
-
+    # the EP group: DeepSpeed's "model parallel" is the larger of the two, its data parallel the
+    # ranks with other data (:func:`data_parallel_group`).
     def get_data_parallel_group(self):
-        if self._ep_outside_tp():
-            return self.ps.get_expert_data_parallel_group()
-        return self.ps.get_data_parallel_group()
+        return data_parallel_group()
 
     def get_data_parallel_world_size(self) -> int:
         return torch.distributed.get_world_size(group=self.get_data_parallel_group())
@@ -141,7 +197,7 @@ class MegatronMPU:
         return torch.distributed.get_rank(group=self.get_data_parallel_group())
 
     def get_model_parallel_group(self):
-        if self._ep_outside_tp():
+        if ep_outside_tp():
             return self.ps.get_expert_model_parallel_group()
         return self.ps.get_tensor_model_parallel_group()
 
@@ -182,7 +238,7 @@ def init_distributed(cfg: EngineConfig) -> DistInfo:
         raise ValueError(f"engine.pipeline_parallel: the world size {world} is not divisible by engine.tensor_parallel "
                          f"x engine.pipeline_parallel = {cfg.tensor_parallel} x {pp}")
     if device.type == "cpu":
-        from pipeline.engine.deepspeed_internals import skip_shm_build
+        from pipeline.backend.deepspeed_internals import skip_shm_build
 
         skip_shm_build()
     timeout_s = float(getattr(cfg, "dist_timeout_s", 1800.0))
@@ -214,9 +270,7 @@ def init_distributed(cfg: EngineConfig) -> DistInfo:
                                      **({"expert_model_parallel_size": ep, "expert_tensor_parallel_size": 1}
                                         if ep > 1 else {}))
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    if ep > 1:  # ranks of an EP group share their batch (pipeline/model/moe.py)
-        from pipeline.model.moe import data_parallel_rank_size
-
+    if ep > 1:  # ranks of an EP group share their batch
         dp_rank, dp_size = data_parallel_rank_size()
     return DistInfo(
         rank=torch.distributed.get_rank(), world_size=world, local_rank=int(os.environ["LOCAL_RANK"]),
