@@ -448,7 +448,7 @@ def store_cell(spec: dict, cell: Cell, store: Path, log=print) -> Path | None:
     """Write a finished cell's summary to ``store`` (the sweep's store directory) from its run dir:
     final and thinned eval history, the whole-split deployed evaluation (computed if missing), the
     replayed token counts and the parameter counts. None (logged) when the run cannot give them."""
-    from pipeline.experiments.analyses import _param_counts, count_tokens
+    from pipeline.experiments.counts import count_tokens, param_counts
     from pipeline.experiments.deployed import ensure
 
     run_dir = Path(cell.run_dir)
@@ -457,7 +457,7 @@ def store_cell(spec: dict, cell: Cell, store: Path, log=print) -> Path | None:
         dep = ensure(run_dir, final.get("step"), log=log)
         tokens = count_tokens(run_dir)
         facts = cell_facts(cell)
-        params = _param_counts({"run_dir": str(run_dir), "n_params": facts["n_params"]})
+        params = param_counts({"run_dir": str(run_dir), "n_params": facts["n_params"]})
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         log(f"[sweep] cannot store {cell.key} {cell.labels}: {e}")
         return None
