@@ -31,7 +31,7 @@ def _by_claim(res: dict, text: str) -> dict:
 def test_joint_policy_compares_each_policy_with_non_forget_and_reports(tmp_path):
     """non_forget removes clearly more than `all` (holds) and the same as `embeddings_all`
     (inconclusive); with the losses swapped the first claim does not hold."""
-    from pipeline.experiments.analyses import joint_policy
+    from pipeline.experiments.analyses.joint_policy import joint_policy
     from pipeline.experiments.report import build_report
 
     def run(sub: str, forget: dict) -> dict:
@@ -63,7 +63,7 @@ def test_joint_policy_compares_each_policy_with_non_forget_and_reports(tmp_path)
 def test_policy_with_fewer_seeds_is_compared_on_the_seeds_both_ran(tmp_path):
     """`all` ran seed 0 only: its difference from non_forget is taken against non_forget's seed 0
     (8.3 - 7.0), not against non_forget's 3-seed mean (8.0 - 7.0)."""
-    from pipeline.experiments.analyses import joint_policy
+    from pipeline.experiments.analyses.joint_policy import joint_policy
 
     cells = [("sgtm", s, {"forget": (f, f), "retain": (4.6, 4.6)},
               {"labels": {"joint_policy": "non_forget", "seed": s}}) for s, f in ((0, 8.3), (1, 7.85), (2, 7.85))]
@@ -76,7 +76,7 @@ def test_policy_with_fewer_seeds_is_compared_on_the_seeds_both_ran(tmp_path):
 
 
 def test_joint_policy_needs_labelled_sgtm_cells(tmp_path):
-    from pipeline.experiments.analyses import joint_policy
+    from pipeline.experiments.analyses.joint_policy import joint_policy
 
     sweep = _synthetic_sweep(tmp_path, [("sgtm", 0, {"forget": (8.0, 8.0), "retain": (4.6, 4.6)})])
     with pytest.raises(ValueError, match="joint-policy: no finished SGTM cell with a 'joint_policy' label"):
@@ -85,7 +85,7 @@ def test_joint_policy_needs_labelled_sgtm_cells(tmp_path):
 
 def test_retain_fraction_orders_the_axis_and_tests_the_retain_effect(tmp_path):
     """Retain loss falling with the retain fraction: the claim at the ends holds; flat: inconclusive."""
-    from pipeline.experiments.analyses import retain_fraction
+    from pipeline.experiments.analyses.retain_fraction import retain_fraction
 
     def run(sub: str, slope: float) -> dict:
         cells = []
@@ -122,7 +122,7 @@ def test_tradeoff_equal_retain_token_rows_and_plateau_from_histories(tmp_path):
     """The matched filter's forget loss decides the equal-token claim; the replayed token counts
     give the ratio; the English plateau comes from the histories (fall 0.1 of 0.5 since the first
     evaluation: share 0.2; the ablated curve for SGTM, the full one for filters)."""
-    from pipeline.experiments.analyses import tradeoff
+    from pipeline.experiments.analyses.tradeoff import tradeoff
 
     def curve(row):
         full = {100: 5.0, 200: 4.6, 300: 4.5}
@@ -158,7 +158,7 @@ def test_tradeoff_equal_retain_token_rows_and_plateau_from_histories(tmp_path):
 
 
 def test_tradeoff_without_matched_cells_has_no_equal_token_rows(tmp_path):
-    from pipeline.experiments.analyses import tradeoff
+    from pipeline.experiments.analyses.tradeoff import tradeoff
 
     cells = [c for c in _tradeoff_cells(5.9) if c[0] != "weak_filter_equal_retain_tokens"]
     res = tradeoff([str(_synthetic_sweep(tmp_path, cells))], str(tmp_path / "out"), "test")
@@ -170,7 +170,7 @@ def test_compute_penalty_from_history_scores_runs_on_the_fits_batches(tmp_path):
     """No-filter histories on an exact power law L = a C^-b; an SGTM run whose last training-time
     (ablated) retain loss equals the law at half its compute has penalty 0.5. Its whole-split
     deployed loss (deployed.json) is far off: using it (the old code) gives another penalty."""
-    from pipeline.experiments.analyses import compute_penalty_analysis
+    from pipeline.experiments.analyses.compute_penalty import compute_penalty_analysis
 
     a, b, per_step = 20.0, 0.1, 6.0 * 1000 * 64  # n_params 1000, 64 tokens a step
 
@@ -204,7 +204,7 @@ def test_wiki_gap_share_places_each_method_between_no_filter_and_perfect_filter(
     no + k * gap closes share k exactly, its forget rise beyond its retain rise (0.1 k) is
     k * gap - 0.1 k, and "removes some forget knowledge" holds only for k > 0 (a method below no
     filter does not hold)."""
-    from pipeline.experiments.analyses import tradeoff
+    from pipeline.experiments.analyses.tradeoff import tradeoff
 
     ks = {"sgtm": 0.8, "weak_filter": 0.3, "strict_filter": -0.4}
     cells = []

@@ -86,8 +86,9 @@ def test_store_round_trip_gives_the_analyses_the_same_cells_as_results_json(fake
     """Cells stored from their run dirs (`sgtm sweep --store-only`) load, through the one loader,
     into the same per-cell data as results.json + run dirs, and an analysis gives the same table
     from either; the stored cells need no run dir (they are moved away before the second load)."""
-    from pipeline.experiments.analyses import count_tokens, seeds
+    from pipeline.experiments.analyses.seeds import seeds
     from pipeline.experiments.common import load_cells
+    from pipeline.experiments.counts import count_tokens
 
     path, finish, resolved = fake_sweep
     out, store = tmp_path / "out", tmp_path / "store"

@@ -283,7 +283,12 @@ def test_tiny_sweep_records_cells_skips_finished_and_emits_slurm(tiny_sweep):
 
 
 def test_tiny_sweep_analyses_attack_rmu_gradnorm_and_report(tiny_sweep, single_process_world):
-    from pipeline.experiments import analyses, finetune
+    from pipeline.experiments import finetune
+    from pipeline.experiments.analyses.attacks import attacks
+    from pipeline.experiments.analyses.per_token import per_token
+    from pipeline.experiments.analyses.tradeoff import tradeoff
+    from pipeline.experiments.analyses.undiscovered import undiscovered
+    from pipeline.experiments.counts import count_tokens
     from pipeline.experiments.report import build_report
 
     _, out, _ = tiny_sweep
@@ -291,20 +296,20 @@ def test_tiny_sweep_analyses_attack_rmu_gradnorm_and_report(tiny_sweep, single_p
     res = json.loads((sweep_dir / "results.json").read_text())
     cells = {c["labels"]["method"]: c for c in res["cells"]}
     a_dir = out / "analysis"
-    t = analyses.tradeoff([sweep_dir], a_dir, "sgtm analyze tradeoff ...")
+    t = tradeoff([sweep_dir], a_dir, "sgtm analyze tradeoff ...")
     assert {r["method"] for r in t["table"]} == {"sgtm", "weak_filter"}
     assert any("weak filter" in c["claim"] for c in t["claims"])
     assert (a_dir / "tradeoff.png").stat().st_size > 1000
-    u = analyses.undiscovered([sweep_dir], a_dir, "sgtm analyze undiscovered ...")
+    u = undiscovered([sweep_dir], a_dir, "sgtm analyze undiscovered ...")
     assert len(u["table"]) == 2
-    p = analyses.per_token(cells["sgtm"]["run_dir"], a_dir, "sgtm analyze per-token ...")
+    p = per_token(cells["sgtm"]["run_dir"], a_dir, "sgtm analyze per-token ...")
     assert p["results"]["tokens"] > 0 and (a_dir / "per_token.png").is_file()
-    tok = analyses.count_tokens(cells["sgtm"]["run_dir"])
+    tok = count_tokens(cells["sgtm"]["run_dir"])
     assert 0 < tok["total"] <= 10 * 4 * 64
     # SGTM: a forget token is forget-labelled or undiscovered (never retain mode)
     assert tok["forget_total"] > 0 and tok["forget_labelled"] + tok["forget_unlabelled"] == tok["forget_total"]
     # weak filter: every forget token it trained on is an undiscovered one
-    tw = analyses.count_tokens(cells["weak_filter"]["run_dir"])
+    tw = count_tokens(cells["weak_filter"]["run_dir"])
     assert tw["forget_labelled"] == 0 and tw["forget_total"] == tw["forget_unlabelled"]
     assert json.loads((Path(cells["sgtm"]["run_dir"]) / "tokens.json").read_text()) == tok  # cached
 
@@ -321,7 +326,7 @@ def test_tiny_sweep_analyses_attack_rmu_gradnorm_and_report(tiny_sweep, single_p
     own = finetune.attack(ref, a_dir, "sgtm attack ...", steps=1, eval_every=1, batch_size=4, eval_batches=1,
                           reference=ref, ablate="no", name="attack_self")
     assert own["forget_loss_start"] == pytest.approx(own["threshold"], abs=1e-6)
-    both = analyses.attacks([a_dir], a_dir, "sgtm analyze attacks ...", thresholds=[100.0])
+    both = attacks([a_dir], a_dir, "sgtm analyze attacks ...", thresholds=[100.0])
     assert all(r["steps_to_100"] == 0 for r in both["table"])  # any loss is below 100 at step 0
     g = finetune.gradnorm(cells["sgtm"]["run_dir"], a_dir, "sgtm analyze gradnorm ...", examples=4)
     assert all(r["n"] > 0 for r in g["table"])
@@ -430,7 +435,7 @@ def _synthetic_sweep(tmp_path: Path, cells: list[tuple], name: str = "syn", extr
 def test_pareto_claim_checks_both_axes(tmp_path):
     """SGTM clearly higher on forget but clearly worse on retain (the old report called this
     'holds'): dominance does not hold. Better on both: holds."""
-    from pipeline.experiments.analyses import tradeoff
+    from pipeline.experiments.analyses.tradeoff import tradeoff
 
     def run(retain_sgtm):
         cells = []
@@ -451,8 +456,8 @@ def test_headroom_claim_needs_the_perfect_filter_gap_above_seed_noise(tmp_path):
     """The Wikipedia diagnostic: a perfect (true-label) filter whose forget loss is clearly above no
     filter's gives a `holds` headroom row with the gap and its seed noise; a gap inside the seed
     noise (the 300-step Wikipedia arm) is `inconclusive`, and the summary keeps the numbers."""
-    from pipeline.experiments.analyses import tradeoff
-    from pipeline.experiments.report import summarize
+    from pipeline.experiments.analyses.tradeoff import tradeoff
+    from pipeline.experiments.common import summarize
 
     def run(gap):
         cells = []
@@ -477,7 +482,7 @@ def test_headroom_claim_needs_the_perfect_filter_gap_above_seed_noise(tmp_path):
 def test_attack_verdict_needs_something_removed(tmp_path):
     """RMU that left the model at the target (start - target ~ 0), or far closer to it than SGTM,
     cannot be 'resisted longer than'."""
-    from pipeline.experiments.analyses import attacks
+    from pipeline.experiments.analyses.attacks import attacks
 
     def write(label, seed, start, target, losses):
         hist = [{"step": 10 * i, "forget_loss": v, "retain_loss": 4.0} for i, v in enumerate([start] + losses)]
@@ -506,7 +511,7 @@ def test_attack_verdict_needs_something_removed(tmp_path):
 
 
 def test_report_renders_template_fields_pending_sections_and_summaries(tmp_path):
-    from pipeline.experiments.analyses import tradeoff
+    from pipeline.experiments.analyses.tradeoff import tradeoff
     from pipeline.experiments.report import build_report, load_summaries, render_template
 
     cells = [("sgtm", s, {"forget": (8.0 + 0.1 * s, 8.0), "retain": (4.8, 4.8)}) for s in range(3)]
@@ -656,7 +661,7 @@ def test_calibration_does_not_raise_heldout_loss_and_lowers_it_when_miscalibrate
 
 def test_seeds_analysis_reports_spread_per_method(tmp_path):
     """Synthetic cells with known losses: mean, spread and interval follow them."""
-    from pipeline.experiments.analyses import seeds
+    from pipeline.experiments.analyses.seeds import seeds
 
     cells = [("no_filter", s, {"forget": (f, f), "retain": (r, r)})
              for s, f, r in [(0, 5.0, 4.6), (1, 5.1, 4.7), (2, 5.05, 4.65)]]
@@ -677,7 +682,8 @@ def test_leakage_compares_sizes_at_one_matched_rate_and_compute_penalty_runs(tmp
     excludes 0 (6 points). Its forget loss is 4.0 at both sizes: that fit is flat and says so.
     (Retain used to be 4.0 at both sizes too: b was +-3e-17 by rounding and the sign decided
     between a penalty of exactly 100% and an OverflowError.)"""
-    from pipeline.experiments.analyses import compute_penalty_analysis, leakage
+    from pipeline.experiments.analyses.compute_penalty import compute_penalty_analysis
+    from pipeline.experiments.analyses.leakage import leakage
 
     cells = []
     for seed in range(3):
@@ -746,7 +752,7 @@ def test_compute_penalty_of_a_flat_fit_is_an_explicit_no_penalty(tmp_path):
     forget loss that wanders by seed without a trend (the exponent's interval contains 0). Every
     penalty is None with "no penalty: the fit is flat" in the table, the claims, the notes and the
     rendered report; nothing raises and no number stands in for it."""
-    from pipeline.experiments.analyses import compute_penalty_analysis
+    from pipeline.experiments.analyses.compute_penalty import compute_penalty_analysis
     from pipeline.experiments.report import build_report
 
     cells = []

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-SWEEPS_HELP = ("sweep result dirs (OUT/<name>) or results.json, cell store dirs (docs/results/cells/<name>), or "
-               "bare sweep names (read from the store); stale stored cells are skipped with a warning")
+from pipeline.experiments.analyses import registry
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,40 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     a = subparsers.add_parser("analyze", help="an analysis of sweep results or a run: JSON + PNG")
     asub = a.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
-    for name, hlp in (("tradeoff", "forget vs retain loss per method at every eval step"),
-                      ("undiscovered", "forget/retain loss vs undiscovered rate (paper Fig. 3)"),
-                      ("capacity", "forget loss vs forget MLP units and heads"),
-                      ("leakage", "dose-response baselines -> SGTM leakage per undiscovered rate and size"),
-                      ("compute-penalty", "power-law fit on no-filter runs -> equivalent compute of each method"),
-                      ("classifier", "precision/recall of the tags that reached training"),
-                      ("seeds", "seed-to-seed spread of the deployed losses"),
-                      ("joint-policy", "SGTM's deployed losses per joint-parameter policy (embeddings/norms "
-                                       "updated by forget tokens or not)"),
-                      ("retain-fraction", "SGTM's deployed losses against the retain-mode fraction"),
-                      ("moe", "forget-expert SGTM vs dense SGTM vs the weak filter at matched active parameters "
-                              "(deployed losses, ablation gap, parameter counts)")):
-        q = asub.add_parser(name, help=hlp)
-        q.add_argument("--sweeps", nargs="+", required=True, help=SWEEPS_HELP)
-        q.add_argument("--out", required=True, help="directory for <analysis>.analysis.json and .png")
-        if name == "compute-penalty":
-            q.add_argument("--from-history", action="store_true",
-                           help="also fit on the no-filter runs' intermediate evaluations (one size suffices)")
+    for analysis in registry.commands():  # one module each under pipeline/experiments/analyses/
+        q = asub.add_parser(analysis.name, help=analysis.help)
+        analysis.arguments(q)
         q.set_defaults(func=cmd_analyze)
-    q = asub.add_parser("attacks", help="all fine-tuning attack results under DIRs on one plot, steps to thresholds")
-    q.add_argument("--runs", nargs="+", required=True, help="directories searched for attack*.analysis.json")
-    q.add_argument("--thresholds", nargs="*", type=float, help="extra forget-loss levels to count steps to")
-    q.add_argument("--out", required=True)
-    q.set_defaults(func=cmd_analyze)
-    q = asub.add_parser("per-token", help="per-token forget-loss distribution before/after ablation")
-    q.add_argument("--run", required=True, help="a run directory (its eval/*_per_token.npz)")
-    q.add_argument("--step", type=int, help="eval step (default: the last)")
-    q.add_argument("--out", required=True)
-    q.set_defaults(func=cmd_analyze)
-    q = asub.add_parser("gradnorm", help="per-example relative gradient norms of forget vs retain params (Fig. 4b)")
-    q.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or model dir (the full model)")
-    q.add_argument("--examples", type=int, default=48, help="held-out examples per set")
-    q.add_argument("--out", required=True)
-    q.set_defaults(func=cmd_analyze)
 
     for name, hlp in (("attack", "adversarial fine-tuning of the deployed model on 50/50 forget/retain data"),
                       ("rmu", "RMU unlearning of a (no-filter) model, then the fine-tuning attack")):
@@ -113,19 +82,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="result JSON: accuracy and the harness's stderr per task")
     p.set_defaults(func=cmd_eval_harness)
 
-    q = asub.add_parser("harness", help="eval-harness on every finished cell; mean and 95%% interval per method, "
-                                        "task and domain, next to the deployed loss")
-    q.add_argument("--sweeps", nargs="+", required=True, help="sweep result dirs (OUT/<name>) or results.json "
-                                                              "(the harness needs the cells' checkpoints)")
-    q.add_argument("--out", required=True, help="directory for harness.analysis.json")
-    q.add_argument("--tasks", nargs="+", default=None, metavar="KIND")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--max-items", type=int, default=500)
-    q.add_argument("--batch-size", type=int, default=32)
-    q.add_argument("--summary", help="also write the report's summary of the analysis to this file "
-                                     "(what `sgtm report` writes as docs/results/<tag>_harness.json)")
-    q.set_defaults(func=cmd_analyze_harness)
-
     p = subparsers.add_parser("report", help="gather analyses (*.analysis.json + PNG) into one Markdown report")
     p.add_argument("--runs", nargs="+", required=True, help="directories searched for *.analysis.json")
     p.add_argument("--out", required=True, help="report directory (results.md + figures/)")
@@ -167,25 +123,10 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from pipeline.experiments import analyses, finetune
-
-    cmd = _cmd()
-    a = args.analysis
-    if a == "attacks":
-        res = analyses.attacks(args.runs, args.out, cmd, args.thresholds)
-    elif a == "per-token":
-        res = analyses.per_token(args.run, args.out, cmd, args.step)
-    elif a == "gradnorm":
-        res = finetune.gradnorm(args.checkpoint, args.out, cmd, examples=args.examples)
-    else:
-        fn = {"tradeoff": analyses.tradeoff, "undiscovered": analyses.undiscovered, "capacity": analyses.capacity,
-              "leakage": analyses.leakage, "compute-penalty": analyses.compute_penalty_analysis,
-              "classifier": analyses.classifier, "seeds": analyses.seeds, "joint-policy": analyses.joint_policy,
-              "retain-fraction": analyses.retain_fraction, "moe": analyses.moe}[a]
-        extra = {"from_history": True} if getattr(args, "from_history", False) else {}
-        res = fn(args.sweeps, args.out, cmd, **extra)
+    analysis = registry.load()[args.analysis]
+    res = analysis.run(args, _cmd())
     for c in res.get("claims", []):
-        print(f"  {c['claim']}: here {c['here']} (paper: {c['paper']})")
+        print(analysis.claim_line(c))
     print(f"[analyze] wrote {args.out}")
     return 0
 
@@ -200,17 +141,6 @@ def cmd_eval_harness(args) -> int:
         se = "-" if t["acc_stderr"] is None else f"{t['acc_stderr']:.3f}"
         print(f"  {name}: acc {t['acc']:.3f} +- {se} ({t['items']} items, chance {t['chance']:.2f})")
     print(f"[eval-harness] wrote {args.out}")
-    return 0
-
-
-def cmd_analyze_harness(args) -> int:
-    from pipeline.experiments.eval_harness import analysis
-
-    res = analysis(args.sweeps, args.out, _cmd(), kinds=args.tasks, seed=args.seed, max_items=args.max_items,
-                   batch_size=args.batch_size, summary=args.summary)
-    for c in res.get("claims", []):
-        print(f"  {c['claim']}: here {c['here']} -> {c['holds']}")
-    print(f"[analyze] wrote {args.out}")
     return 0
 
 
