@@ -58,7 +58,7 @@ if want sweeps; then
   done
 fi
 
-if want analyses; then
+if want analyses; then   # each NAME: pipeline/experiments/analyses/ (docs/experiments.md, "Adding an analysis")
   analyze tradeoff tradeoff '?matched_budget' -- --out $A   # + the weak filter at SGTM's retain tokens
   analyze seeds tradeoff -- --out $A
   analyze undiscovered undiscovered -- --out $A
