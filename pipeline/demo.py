@@ -13,13 +13,10 @@ import time
 from pathlib import Path
 
 from pipeline.config import CONFIG_ROOT, load_config
+from pipeline.sgtm.methods import BY_NAME, COLOURS, overrides
 
 DEMO_CONFIG = CONFIG_ROOT / "experiments" / "demo.yaml"
-METHODS = {
-    "sgtm": ["sgtm.strategy=sgtm", "data.filter=none"],
-    "weak_filter": ["sgtm.strategy=none", "data.filter=weak"],
-    "no_filter": ["sgtm.strategy=none", "data.filter=none"],
-}
+METHODS = {name: overrides(name) for name in ("sgtm", "weak_filter", "no_filter")}  # name -> its overrides
 
 
 def eval_history(run_dir: Path) -> list[dict]:
@@ -33,24 +30,24 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    style = {"sgtm": "tab:red", "weak_filter": "tab:blue", "no_filter": "tab:gray"}
     for name, hist in results.items():
         steps = [r["step"] for r in hist]
-        c = style.get(name)
+        c = COLOURS.get(name)
+        ablated = name in BY_NAME and BY_NAME[name].ablates
         for ax, key in ((axes[0], "forget"), (axes[1], "retain")):
             ax.plot(steps, [r[f"{key}_full"] for r in hist], color=c, ls=":", label=f"{name} full")
-            if name == "sgtm":
+            if ablated:
                 ax.plot(steps, [r[f"{key}_ablated"] for r in hist], color=c, ls="--", label=f"{name} ablated")
                 cal = [r for r in hist if f"{key}_calibrated" in r]  # eval.calibrate_at: final -> the last one
                 ax.plot([r["step"] for r in cal], [r[f"{key}_calibrated"] for r in cal], "*-", color=c, ms=9,
                         label=f"{name} calibrated")
         # the trajectory of the deployed model without calibration (every evaluation has it); SGTM's
         # calibrated point(s) on top
-        deployed = "ablated" if name == "sgtm" else "full"
+        deployed = "ablated" if ablated else "full"
         axes[2].plot([r[f"retain_{deployed}"] for r in hist], [r[f"forget_{deployed}"] for r in hist], "o-", color=c,
                      label=f"{name} ({deployed})")
         cal = [r for r in hist if "retain_calibrated" in r and "forget_calibrated" in r]
-        if name == "sgtm" and cal:
+        if ablated and cal:
             axes[2].plot([r["retain_calibrated"] for r in cal], [r["forget_calibrated"] for r in cal], "*", color=c,
                          ms=12, label=f"{name} (calibrated)")
     axes[0].set(title="held-out Spanish (forget) loss", xlabel="step", ylabel="nats/token")
@@ -114,7 +111,7 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, methods: list[
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="the bilingual SGTM vs filtering demo (CPU, ~15 min)")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--methods", nargs="*", choices=["sgtm", "weak_filter", "no_filter"])
+    p.add_argument("--methods", nargs="*", choices=list(METHODS))
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for every run (e.g. train.steps=200)")
     p.set_defaults(func=cmd_demo)
 

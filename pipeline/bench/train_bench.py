@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from pipeline.backend.distributed import spawn_local_ranks
+from pipeline.sgtm.methods import short_names
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "tools" / "reference_sgtm.py"
@@ -40,8 +41,7 @@ SIZES: dict[str, dict] = {
 STRATEGIES = ("none", "sgtm", "gradient_routing")
 # "sgtm+detached_context": SGTM with sgtm.cross_mode_attention=detached_context (plain "sgtm" is
 # the default, segment); worth measuring on --data mixed-spans, where modes change inside documents.
-SHORT = {"none": "none", "sgtm": "sgtm", "gradient_routing": "gr", "activation_masking": "am",
-         "sgtm+detached_context": "sgtm-dc"}
+SHORT = {**short_names(), "sgtm+detached_context": "sgtm-dc"}
 
 
 def split_variant(variant: str) -> tuple[str, str]:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ABLATING = ("sgtm", "gradient_routing", "activation_masking")
+from pipeline.sgtm.methods import ablates, method_name
 
 
 def command_line(argv: list[str] | None = None) -> str:
@@ -161,15 +161,13 @@ def method_of(cell: dict) -> str:
     m = cell["labels"].get("method")
     if m is not None:
         return str(m)
-    if cell["strategy"] != "none":
-        return cell["strategy"]
-    return {"none": "no_filter", "weak": "weak_filter", "strict": "strict_filter"}[cell["filter"]]
+    return method_name(cell["strategy"], cell["filter"])
 
 
 def deployed_kind(cell: dict) -> str:
     """The loss that describes the deployed model: calibrated after ablation for the methods that
     ablate, the full model for filters and plain training."""
-    return "calibrated" if cell["strategy"] in ABLATING else "full"
+    return "calibrated" if ablates(cell["strategy"]) else "full"
 
 
 def loss(record: dict | None, name: str, kind: str) -> float | None:

@@ -19,7 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ABLATING = ("sgtm", "gradient_routing", "activation_masking")
+from pipeline.sgtm.methods import ablates
+
 # Bumped when what deployed.json measures changes, so stale files are recomputed.
 VERSION = 2
 
@@ -62,7 +63,7 @@ def compute(run_dir: str | Path) -> dict:
     loaded = load_any(run_dir)
     model, dist = single_process_model(loaded)
     cfg = loaded.cfg
-    ablate = cfg.sgtm.strategy in ABLATING
+    ablate = ablates(cfg.sgtm.strategy)
     domains = list(range(len(cfg.sgtm.domains))) if ablate else []
     names = [("forget" if len(cfg.data.domains) == 1 else f"forget:{d}", "forget", d) for d in cfg.data.domains]
     names += [("retain", "retain", None), ("adjacent", "adjacent", None)]

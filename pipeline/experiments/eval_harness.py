@@ -89,7 +89,7 @@ def _one_process_world() -> None:
 
 def export_deployed(checkpoint: str | Path, work: Path) -> tuple[Path, dict]:
     """HF export of the deployed model of a run / checkpoint / model dir, and what was exported."""
-    from pipeline.experiments.deployed import ABLATING
+    from pipeline.sgtm.methods import ablates
     from pipeline.train.export_hf import export_hf
     from pipeline.train.offline import ablate_checkpoint, load_any, resolve_checkpoint
 
@@ -97,14 +97,14 @@ def export_deployed(checkpoint: str | Path, work: Path) -> tuple[Path, dict]:
     strategy = loaded.cfg.sgtm.strategy
     already = bool(loaded.meta.get("ablated_domains"))
     src: str | Path = checkpoint
-    if strategy in ABLATING and not already:
+    if ablates(strategy) and not already:
         _one_process_world()
         src = ablate_checkpoint(checkpoint, work / "deployed_model")
     hf = export_hf(src, work / "hf")
     meta = json.loads((hf / "sgtm_meta.json").read_text())
     return hf, {"checkpoint": str(resolve_checkpoint(checkpoint)), "step": loaded.meta.get("step"),
                 "strategy": strategy, "filter": loaded.cfg.data.filter if loaded.cfg.data else None,
-                "deployed_model": "ablated" if (strategy in ABLATING or already) else "full",
+                "deployed_model": "ablated" if (ablates(strategy) or already) else "full",
                 "calibration_bias": meta.get("calibration_bias")}
 
 

@@ -25,6 +25,7 @@ import torch
 
 from pipeline.experiments.common import figure, write_analysis
 from pipeline.experiments.stats import steps_to_threshold
+from pipeline.sgtm.methods import ablates, method_of
 
 
 def _load(checkpoint: str | Path):
@@ -91,11 +92,10 @@ def _label(cfg, meta: dict) -> str:
     """What the attacked model is: its method (rmu for an RMU model directory)."""
     if meta.get("rmu"):
         return "rmu"
-    if cfg.sgtm.strategy != "none":
-        return cfg.sgtm.strategy
-    if cfg.data.filter == "weak" and cfg.data.tagging.source == "simulated" and cfg.data.tagging.undiscovered_rate == 0:
+    name = method_of(cfg)
+    if name == "weak_filter" and cfg.data.tagging.source == "simulated" and cfg.data.tagging.undiscovered_rate == 0:
         return "perfect_filter"
-    return {"none": "no_filter", "weak": "weak_filter", "strict": "strict_filter"}[cfg.data.filter]
+    return name
 
 
 def attack(checkpoint: str, out: str, command: str, *, steps: int = 200, eval_every: int = 10, lr: float = 1e-3,
@@ -113,7 +113,7 @@ def attack(checkpoint: str, out: str, command: str, *, steps: int = 200, eval_ev
     device = dist.device
     strategy = cfg.sgtm.strategy
     already = bool(loaded.meta.get("ablated_domains"))
-    do_ablate = (ablate == "yes") or (ablate == "auto" and strategy != "none" and not already)
+    do_ablate = (ablate == "yes") or (ablate == "auto" and ablates(strategy) and not already)
     if do_ablate:
         ablate_fn(model, None, how="zero")
     model.set_ablated([])  # zeroed slices stay in the graph: the attacker may train them
