@@ -19,7 +19,7 @@ from pipeline.codes import Mode  # noqa: E402
 from pipeline.engine.distributed import init_distributed  # noqa: E402
 from pipeline.engine.engine import build_engine, build_model, train_step  # noqa: E402
 from pipeline.model.tp_state import gather_full_state_dict  # noqa: E402
-from pipeline.sgtm.ablate import ablate  # noqa: E402
+from pipeline.model.ablate import ablate  # noqa: E402
 from tests.fixtures import isolation_batch, mixed_batch, tiny_config  # noqa: E402
 
 

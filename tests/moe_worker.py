@@ -17,7 +17,7 @@ from pipeline.codes import Mode  # noqa: E402
 from pipeline.engine.distributed import init_distributed  # noqa: E402
 from pipeline.engine.engine import build_engine, build_model, train_step  # noqa: E402
 from pipeline.model import moe  # noqa: E402
-from pipeline.sgtm.ablate import ablate  # noqa: E402
+from pipeline.model.ablate import ablate  # noqa: E402
 from tests import dist_worker  # noqa: E402
 from tests.fixtures import isolation_batch, mixed_batch  # noqa: E402
 from tests.moe_cases import moe_config, mutation  # noqa: E402

@@ -133,7 +133,7 @@ def scenario_ablation(out: Path) -> dict:
     (``sgtm train``'s evaluation), then ``ablate`` on every stage and shard: on each rank the forget
     slices are zero and nothing else changed; rank 0 saves the gathered weights before and after."""
     from pipeline.engine.pipe import evaluate, gather_pipeline_state_dict, per_token_losses
-    from pipeline.sgtm.ablate import ablate
+    from pipeline.model.ablate import ablate
 
     state = build_engine(config({"arch": "llama3", "pp": 2, "tp": 2}, 1))
     batches = [mixed_batch(seed=s, batch=3, n_domains=1) for s in (7, 8)]  # not the training shape

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from pipeline.codes import Mode, ParamClass
 from pipeline.config import PRESETS, ConfigError, load_config
 from pipeline.engine.engine import build_model
+from pipeline.model.ablate import ablate
 from pipeline.model.tp_state import gather_full_state_dict, load_full_state_dict
-from pipeline.sgtm.ablate import ablate
 from tests import reference_model
 from tests.compare import assert_all_equivalent, assert_equivalent, mismatches
 from tests.conftest import run_workers
@@ -315,7 +315,7 @@ def test_gqa_hf_export_matches_logits_full_and_ablated(single_process_world, tmp
     trained-from-init model and for its ablated form (forget group's rows and columns zero)."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.sgtm.ablate import ablate
+    from pipeline.model.ablate import ablate
     from pipeline.train.export_hf import export_hf
     from pipeline.train.offline import LoadedModel, write_model_dir
 

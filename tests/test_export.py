@@ -18,8 +18,8 @@ def _model_dir(world, tmp_path, arch: str, d_model: int, n_heads: int, n_layers:
     switched off), every parameter perturbed away from its init (LayerNorm gains and biases too),
     and a random per-vocabulary bias over the padded vocabulary."""
     from pipeline.engine.engine import build_model
+    from pipeline.model.ablate import ablate
     from pipeline.model.tp_state import gather_full_state_dict
-    from pipeline.sgtm.ablate import ablate
     from pipeline.train.offline import LoadedModel, write_model_dir
 
     base = "models/tiny-1m.yaml" if arch == "gpt-neo" else "models/tiny-llama-1m.yaml"

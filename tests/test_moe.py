@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from pipeline.codes import Mode, ParamClass
 from pipeline.config import ConfigError
 from pipeline.engine.engine import build_model
+from pipeline.model.ablate import ablate
 from pipeline.model.moe import MoE, expert_ownership
-from pipeline.sgtm.ablate import ablate
 from tests.compare import SCALE_AFTER_STEPS, assert_all_equivalent, assert_equivalent
 from tests.conftest import ROOT
 from tests.fixtures import tiny_config

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pipeline.engine.engine import build_engine, build_model, train_step
+from pipeline.model.ablate import ablate
 from pipeline.model.tp_state import load_full_state_dict
-from pipeline.sgtm.ablate import ablate
 from tests.compare import assert_all_equivalent, assert_equivalent, mismatches
 from tests.conftest import run_workers
 from tests.fixtures import mixed_batch, tiny_config

@@ -8,7 +8,7 @@ import torch
 from pipeline.codes import ParamClass
 from pipeline.config import ConfigError, ModelConfig, SGTMConfig, load_config
 from pipeline.engine.engine import build_model
-from pipeline.sgtm.ablate import ablate
+from pipeline.model.ablate import ablate
 from pipeline.sgtm.partition import ForgetPartition
 from tests.fixtures import mixed_batch, tiny_config
 

@@ -106,7 +106,7 @@ def attack(checkpoint: str, out: str, command: str, *, steps: int = 200, eval_ev
     ``eval_every`` steps (retain loss at the start and the end), on the whole held-out split unless
     ``eval_batches`` limits it; the target is the reference model's forget loss on the same
     batches."""
-    from pipeline.sgtm.ablate import ablate as ablate_fn
+    from pipeline.model.ablate import ablate as ablate_fn
 
     loaded, model, dist = _load(checkpoint)
     cfg = loaded.cfg

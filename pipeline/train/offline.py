@@ -203,7 +203,7 @@ def ablate_checkpoint(path: str | Path, out: str | Path, domains: list[str] | No
                       calibrate: bool = False) -> Path:
     """Consolidate, zero the forget slices of ``domains`` (default all), optionally fit the
     calibrated output bias, and write a model directory."""
-    from pipeline.sgtm.ablate import ablate
+    from pipeline.model.ablate import ablate
 
     loaded = load_any(path)
     model, dist = single_process_model(loaded)

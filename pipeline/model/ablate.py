@@ -1,4 +1,5 @@
-"""Ablation: remove the forget domains' parameters after training, on every TP shard."""
+"""Ablation: remove the forget domains' parameters after training, on every TP shard (it acts on
+the model, so it lives beside it; the forget partition it reads is :mod:`pipeline.sgtm.partition`)."""
 
 from __future__ import annotations
 
