@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline.engine.distributed import spawn_local_ranks
 
 from pipeline.config import ConfigError
+from pipeline.engine.distributed import spawn_local_ranks
 from pipeline.engine.engine import build_engine, build_model, train_step
 from pipeline.model.ablate import ablate
 from pipeline.model.tp_state import load_full_state_dict
@@ -112,9 +112,8 @@ def test_bad_pipeline_configs_are_one_line_errors(overrides, message):
 
 
 def test_world_not_divisible_by_tp_times_pp_is_one_line(single_process_world):
-    from pipeline.engine.distributed import init_distributed
-
     from pipeline.config import EngineConfig
+    from pipeline.engine.distributed import init_distributed
 
     with pytest.raises(ValueError, match=r"^engine.pipeline_parallel: the world size 1 is not divisible by "
                                          r"engine.tensor_parallel x engine.pipeline_parallel = 1 x 2$"):
