@@ -15,11 +15,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sgtm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from pipeline.bench.cli import register as register_bench
+    from pipeline.commands.isolation import register as register_isolation_check
     from pipeline.data.cli import register as register_data
     from pipeline.demo import register as register_demo
     from pipeline.experiments.cli import register as register_experiments
     from pipeline.sgtm.cli import register as register_partition
-    from pipeline.sgtm.isolation_check import register as register_isolation_check
     from pipeline.train.cli import register as register_train
 
     register_train(sub)

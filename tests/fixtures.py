@@ -59,13 +59,13 @@ def mixed_batch(seed: int = 0, batch: int = 6, n_domains: int = 2) -> dict[str, 
 
 
 def isolation_batch(step: int, forget_seed: int, forget_mode: int, n_domains: int = 1) -> dict[str, torch.Tensor]:
-    """Four rows of ``sgtm check-isolation``'s layouts (:func:`pipeline.sgtm.isolation_check.isolation_batch`,
+    """Four rows of ``sgtm check-isolation``'s layouts (:func:`pipeline.commands.isolation.isolation_batch`,
     the one generator): 2-4 documents a row, forget runs at the start, in the middle, short and as
     the last target, ignored labels; two forget seeds differ only at forget positions (content,
     domain, document cuts, which labels are ignored, so the forget count). Unlabelled runs in the
     first step only: over several steps an unlabelled position reads forget parameters that
     learnt from forget data (docs/architecture.md, "The invariant"). ``forget_mode`` unlabelled
     gives the control run."""
-    from pipeline.sgtm.isolation_check import isolation_batch as layouts
+    from pipeline.commands.isolation import isolation_batch as layouts
 
     return layouts(step, forget_seed, forget_mode, 4, SEQ, VOCAB, n_domains=n_domains, unlabelled=step == 0)

@@ -162,7 +162,7 @@ def slice_changes(model, a: dict, b: dict, c: dict | None = None) -> tuple[list[
     """Between full state dicts ``a`` and ``b`` (classes from ``model``'s ``sgtm_role``): the
     retain/joint(non_forget) slices that differ, the number of forget slices that differ, and the
     number of retain slices that differ between ``a`` and the control ``c``."""
-    from pipeline.sgtm.isolation_check import differing_slices
+    from pipeline.commands.isolation import differing_slices
 
     ab = differing_slices(model, a, b)
     leaked = [f"{n}[class {cls}]" for cls in (ParamClass.RETAIN, ParamClass.JOINT_NON_FORGET) for n in ab.get(cls, [])]

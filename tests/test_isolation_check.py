@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.codes import Mode, ParamClass
-from pipeline.sgtm.isolation_check import check_isolation, isolation_batch
+from pipeline.commands.isolation import check_isolation, isolation_batch
 from pipeline.sgtm.masking import IGNORE_INDEX, position_modes
 from tests.fixtures import tiny_config
 
@@ -88,8 +88,8 @@ def test_check_isolation_holds_in_bf16_on_the_masters_and_moments(single_process
 def test_the_compared_masters_are_fp32_and_round_to_the_bf16_weights(single_process_world, zero):
     """What the check reads under bf16 (ZeRO-0: DeepSpeed's fp32_groups; ZeRO-1: the partition):
     fp32 masters that round to the module's weights but hold bits the weights do not."""
+    from pipeline.commands.isolation import held_tensors
     from pipeline.engine.engine import build_engine, train_step
-    from pipeline.sgtm.isolation_check import held_tensors
 
     cfg = tiny_config("gpt-neo", "sgtm", two_domains=False,
                       engine={"zero_stage": zero, "precision": "bf16", "micro_batch_size": 4})

@@ -4,7 +4,7 @@
         [--skip isolation|throughput|memory ...] [--device cpu --tiny]
 
 1. **Isolation on the GPU** (TP=1, bf16, ZeRO-1, binding per-partition clipping, deterministic
-   kernels): ``sgtm check-isolation``'s four runs (:mod:`pipeline.sgtm.isolation_check`).
+   kernels): ``sgtm check-isolation``'s four runs (:mod:`pipeline.commands.isolation`).
 2. **Throughput**: SGTM / none tokens/s and MFU at 125M, 254M and 1B (``tools/bench_gpu.sh``).
 3. **Memory**: the Llama-3-8B shape at TP=1, ZeRO-1, bf16, micro-batch 1: peak
    ``torch.cuda.max_memory_allocated`` over two steps against ``tools/memory_estimate.py``'s total
@@ -101,9 +101,9 @@ def measure_memory(overrides: list[str]) -> None:
     import torch
 
     from pipeline.codes import Mode
+    from pipeline.commands.isolation import isolation_batch
     from pipeline.config import load_config
     from pipeline.engine.engine import build_engine, train_step
-    from pipeline.sgtm.isolation_check import isolation_batch
 
     cfg = load_config(str(ROOT / EIGHT_B), overrides)
     state = build_engine(cfg)
