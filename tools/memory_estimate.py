@@ -58,6 +58,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import ConfigError, ExperimentConfig, ModelConfig, load_config  # noqa: E402
+from pipeline.model.shapes import block_shapes, model_shapes, num_params, per_rank  # noqa: E402
 
 GiB = 1024**3
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
@@ -106,43 +107,35 @@ class Estimate:
         return self.static + (self.act_sp_recompute if self.act_sp_recompute is not None else self.act_recompute)
 
 
-def _norm_params(m: ModelConfig) -> int:
-    return m.d_model * (1 if m.norm == "rmsnorm" else 2)
-
-
 def block_params(m: ModelConfig, tp: int) -> tuple[int, int]:
-    """(TP-sharded elements this rank holds, replicated elements) of one block at TP=``tp``. With
-    n_kv_heads < TP each rank holds a whole copy of one KV head (its K/V rows)."""
-    d, f, hd = m.d_model, m.d_ff, m.head_dim
-    b = int(bool(m.bias))
-    kv_rows = 2 * hd * max(1, m.n_kv_heads // tp) * tp  # over all ranks: copies counted
-    qkv = (d + kv_rows) * (d + b)
-    out = d * d
-    fc1 = (2 * f * (d + b)) if m.mlp == "swiglu" else (d * f + f * b)
-    fc2 = f * d
-    return (qkv + out + fc1 + fc2) // tp, 2 * _norm_params(m) + 2 * d * b
+    """(TP-sharded elements this rank holds, replicated elements) of one block at TP=``tp``, from
+    the model's shapes (:mod:`pipeline.model.shapes`). With n_kv_heads < TP each rank holds a whole
+    copy of one KV head (its K/V rows)."""
+    return per_rank(block_shapes(m, tp), tp)
+
+
+def _outside_blocks(m: ModelConfig, tp: int, stage: str) -> tuple[int, int]:
+    """(sharded per rank, replicated) of what the first stage (embeddings) or the last (final
+    norm, LM head) holds besides its blocks, vocabulary padded as built."""
+    return per_rank([s for s in model_shapes(m, tp, padded=True) if s.stage == stage], tp)
 
 
 def param_split(m: ModelConfig) -> tuple[int, int]:
     """(TP-sharded, replicated) parameter counts of the whole model as built (padded vocabulary)."""
     sharded_block, replicated_block = block_params(m, 1)
-    v, d = m.padded_vocab_size, m.d_model
-    sharded = m.n_layers * sharded_block + v * d + (0 if m.tie_embeddings else v * d)
-    replicated = m.n_layers * replicated_block + _norm_params(m) + (m.max_seq_len * d if m.positions == "learned"
-                                                                    else 0)
-    return sharded, replicated
+    (s0, r0), (s1, r1) = _outside_blocks(m, 1, "first"), _outside_blocks(m, 1, "last")
+    return m.n_layers * sharded_block + s0 + s1, m.n_layers * replicated_block + r0 + r1
 
 
 def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> int:
     """Parameters one rank of pipeline stage ``stage`` holds (its blocks; embeddings on the first
     stage, final norm and LM head on the last; all of it at PP=1)."""
     sharded_block, replicated_block = block_params(m, tp)
-    v, d = m.padded_vocab_size, m.d_model
     p = (m.n_layers // pp) * (sharded_block + replicated_block)
     if stage == 0:
-        p += v * d // tp + (m.max_seq_len * d if m.positions == "learned" else 0)
+        p += sum(_outside_blocks(m, tp, "first"))
     if stage == pp - 1:
-        p += _norm_params(m) + (0 if m.tie_embeddings else v * d // tp)
+        p += sum(_outside_blocks(m, tp, "last"))
     return p
 
 
@@ -219,7 +212,7 @@ def estimate(cfg: ExperimentConfig, gpus: int, name: str = "", stage: int | None
         def acts(sp: bool, rc: bool, kw=kw, in_flight=in_flight) -> float:
             return in_flight * activation_bytes(m, tp, mb, seq, wb, sp=sp, recompute=rc, **kw) / GiB
 
-        est = Estimate(name or cfg.name, m.num_params(), p, tp, pp, dp, e.zero_stage, e.precision, mb, seq,
+        est = Estimate(name or cfg.name, num_params(m), p, tp, pp, dp, e.zero_stage, e.precision, mb, seq,
                        bool(e.sequence_parallel), st, in_flight, weights / GiB, grads / GiB, optimizer / GiB,
                        acts(False, False), acts(True, False) if tp > 1 else None, acts(False, True),
                        acts(True, True) if tp > 1 else None)

@@ -160,11 +160,12 @@ def run_reference(model: dict, strategy: str, batches: str, out: Path, warmup: i
 def resolved_model(model: dict) -> dict:
     """The model section with defaults filled in (d_ff, padded vocab, parameter count)."""
     from pipeline.config import load_config
+    from pipeline.model.shapes import num_params
 
     cfg = load_config(None, [], data={"model": model}).model
     return {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_ff": cfg.d_ff,
             "vocab_size": cfg.vocab_size, "padded_vocab_size": cfg.padded_vocab_size, "max_seq_len": cfg.max_seq_len,
-            "params": cfg.num_params()}
+            "params": num_params(cfg)}
 
 
 # -------------------------------------------------------------------------------- measurement

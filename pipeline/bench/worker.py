@@ -59,6 +59,7 @@ def run(spec: dict) -> dict:
     from pipeline.bench.train_bench import split_variant
     from pipeline.config import load_config
     from pipeline.engine.engine import build_engine, train_step
+    from pipeline.model.shapes import num_params
 
     cfg = load_config(None, spec.get("overrides", []), data=spec["config"])
     state = build_engine(cfg)
@@ -69,7 +70,7 @@ def run(spec: dict) -> dict:
     device = state.dist.device
     tokens = int(batches[0]["input_ids"].numel())
     result = {"rank": state.dist.rank, "tp": state.dist.tp_size, "tokens_per_step": tokens,
-              "params": int(cfg.model.num_params()), "threads": torch.get_num_threads()}
+              "params": int(num_params(cfg.model)), "threads": torch.get_num_threads()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         result["device_name"] = torch.cuda.get_device_name()

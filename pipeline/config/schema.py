@@ -166,24 +166,6 @@ class ModelConfig:
         if self.moe_aux_loss_coef < 0:
             raise ConfigError(f"{key}.moe_aux_loss_coef: must be >= 0, got {self.moe_aux_loss_coef}")
 
-    def num_params(self) -> int:
-        """Parameters of the unpadded model (what the size names in configs/models count)."""
-        d, f, v, b, kv = self.d_model, self.d_ff, self.vocab_size, int(bool(self.bias)), self.kv_dim
-        attn = 2 * d * d + 2 * d * kv + (2 * d + 2 * kv) * b
-        mlp = (3 * d * f + 2 * f * b) if self.mlp == "swiglu" else (2 * d * f + f * b)
-        mlp += d * b
-        per_norm = d * (1 if self.norm == "rmsnorm" else 2)
-        norms = 2 * per_norm
-        emb = v * d + (self.max_seq_len * d if self.positions == "learned" else 0)
-        head = 0 if self.tie_embeddings else v * d
-        final = per_norm
-        if self.n_experts:  # every expert (total, not active) + router + shared experts' MLP
-            per_expert = (3 * d * f + 2 * f * b + d * b) if self.mlp == "swiglu" else (2 * d * f + f * b + d * b)
-            sw = self.moe_shared_experts * f  # the shared experts are one MLP of this width
-            shared = ((3 * d * sw + 2 * sw * b) if self.mlp == "swiglu" else (2 * d * sw + sw * b)) + d * b if sw else 0
-            mlp = self.n_experts * (per_expert + d) + shared
-        return self.n_layers * (attn + mlp + norms) + emb + head + final
-
 
 @dataclass
 class SGTMConfig:

@@ -51,6 +51,7 @@ from pipeline.backend.distributed import ep_world
 from pipeline.codes import ParamClass
 from pipeline.config import ModelConfig
 from pipeline.model.layers import SplitFeatures
+from pipeline.model.shapes import active_params, num_params
 from pipeline.sgtm.masking import FeatureSplit, TokenMasks, select, selective_linear
 from pipeline.sgtm.partition import ForgetPartition, ParamRole
 
@@ -420,20 +421,6 @@ def expert_ownership(part: ForgetPartition, ep: int) -> list[dict]:
     return out
 
 
-def expert_params(m) -> int:
-    """Parameters of one routed expert (an MLP of width ``d_ff``)."""
-    swiglu = m.mlp == "swiglu"
-    return (3 if swiglu else 2) * m.d_model * m.d_ff + ((2 if swiglu else 1) * m.d_ff + m.d_model) * bool(m.bias)
-
-
-def active_params(m) -> int:
-    """Parameters a token uses (``ModelConfig``): the total less, per block, the routed experts it
-    is not sent to (``n_experts - moe_top_k``); the whole model for a dense one."""
-    if not m.n_experts:
-        return m.num_params()
-    return m.num_params() - m.n_layers * (m.n_experts - m.moe_top_k) * expert_params(m)
-
-
 def describe(part: ForgetPartition, ep: int) -> str:
     """Lines for ``sgtm partition``: which experts each domain owns on which EP rank."""
     m = part.model
@@ -441,7 +428,7 @@ def describe(part: ForgetPartition, ep: int) -> str:
     lines = [f"MoE: {m.n_experts} routed experts (top {m.moe_top_k}, d_ff {m.d_ff} each), "
              f"{m.moe_shared_experts} shared (forget units index their {m.mlp_units} units); router "
              f"{'joint(all)' if part.sgtm.joint_update == 'all' else 'joint(non_forget)'}; EP={ep}; "
-             f"{active / 1e6:.2f}M parameters active per token of {m.num_params() / 1e6:.2f}M"]
+             f"{active / 1e6:.2f}M parameters active per token of {num_params(m) / 1e6:.2f}M"]
     for row in expert_ownership(part, ep):
         r, es = row["rank"], row["experts"]
         parts = []

@@ -34,10 +34,12 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"partition": part.to_dict(), "model": to_dict(cfg.model),
                           "owned": {r: part.owned(r) for r in range(part.tp_size)}, **extra}))
         return 0
+    from pipeline.model.shapes import num_params
+
     m = cfg.model
     print(f"model: {m.arch} ({m.norm}, {m.positions} positions, {m.mlp}), {m.n_layers} blocks, d={m.d_model}, "
           f"{m.n_heads} heads / {m.n_kv_heads} KV heads, d_ff={m.d_ff}, "
-          f"{m.num_params() / 1e6:.2f}M params; TP={part.tp_size}")
+          f"{num_params(m) / 1e6:.2f}M params; TP={part.tp_size}")
     print(part.summary())
     per_head = (2 + 2 / m.query_heads_per_kv_head) * m.d_model * m.head_dim  # Q rows, W_O columns, its share of K/V
     per_unit = (3 if m.mlp == "swiglu" else 2) * m.d_model
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     n_forget = int(sum(len(part.heads(b, d)) * per_head + len(part.units(b, d)) * per_unit
                        + len(part.experts(b, d)) * per_expert
                        for d in range(len(part.domains)) for b in range(m.n_layers)))
-    print(f"forget parameters: {n_forget / 1e6:.3f}M ({100 * n_forget / m.num_params():.2f}% of the model)")
+    print(f"forget parameters: {n_forget / 1e6:.3f}M ({100 * n_forget / num_params(m):.2f}% of the model)")
     per_group = m.query_heads_per_kv_head
     for r in range(part.tp_size):
         owned = part.owned(r)

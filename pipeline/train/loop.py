@@ -26,6 +26,7 @@ from pipeline.components.metrics import MetricsLogger, require_wandb
 from pipeline.config import ExperimentConfig, to_dict
 from pipeline.engine.engine import build_engine, train_step
 from pipeline.engine.trainer import Trainer
+from pipeline.model.shapes import num_params
 
 
 @dataclass
@@ -193,7 +194,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, max_steps: int | None = N
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     # Before anything expensive: can the run write one checkpoint? (every rank probes)
-    checkpoint.preflight(ckpt_dir, checkpoint.estimate_bytes(cfg.model.num_params(), cfg.engine.precision))
+    checkpoint.preflight(ckpt_dir, checkpoint.estimate_bytes(num_params(cfg.model), cfg.engine.precision))
     if resume and checkpoint.latest_tag(ckpt_dir) is None:
         raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint to resume from")
     state = build_engine(cfg)
