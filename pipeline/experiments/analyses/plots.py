@@ -9,10 +9,9 @@ from typing import Any
 from pipeline.experiments.analyses.claims import CAL
 from pipeline.experiments.common import per_seed, value
 from pipeline.experiments.stats import t_interval
+from pipeline.sgtm.methods import COLOURS
 
-COLORS = {"sgtm": "tab:red", "weak_filter": "tab:blue", "strict_filter": "tab:cyan", "no_filter": "tab:gray",
-          "gradient_routing": "tab:green", "activation_masking": "tab:purple", "rmu": "tab:orange",
-          "perfect_filter": "tab:brown"}
+COLORS = COLOURS  # each method's colour, from the method registry (pipeline/sgtm/methods.py)
 
 
 def errorbar(ax: Any, x: float, cells_fn: dict[int, float], **kw: Any) -> dict:
