@@ -16,10 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from pipeline.bench.cli import register as register_bench
     from pipeline.commands.isolation import register as register_isolation_check
+    from pipeline.commands.partition import register as register_partition
     from pipeline.data.cli import register as register_data
     from pipeline.demo import register as register_demo
     from pipeline.experiments.cli import register as register_experiments
-    from pipeline.sgtm.cli import register as register_partition
     from pipeline.train.cli import register as register_train
 
     register_train(sub)

@@ -410,7 +410,7 @@ def test_llama3_moe_preset_and_committed_configs():
 
 
 def test_partition_shows_experts_per_ep_rank(capsys):
-    from pipeline.sgtm import cli
+    from pipeline.commands import partition as cli
 
     args = cli.argparse.Namespace(config=str(ROOT / "configs/experiments/moe_tiny.yaml"), json=False,
                                   overrides=["engine.expert_parallel=2"])
