@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_experiments import _synthetic_sweep
+from tests.support.sweeps import synthetic_sweep
 
 NOISE = (0.0, 0.02, -0.02)  # per-seed offsets shared by every group (paired differences are exact)
 
@@ -43,7 +43,7 @@ def test_joint_policy_compares_each_policy_with_non_forget_and_reports(tmp_path)
                               {"labels": {"joint_policy": policy, "seed": seed}}))
         d = tmp_path / sub
         d.mkdir()
-        return joint_policy([str(_synthetic_sweep(d, cells))], str(d / "analysis" / "bilingual"), "test")
+        return joint_policy([str(synthetic_sweep(d, cells))], str(d / "analysis" / "bilingual"), "test")
 
     res = run("a", {"non_forget": 8.0, "embeddings_all": 8.0, "all": 6.5})
     assert [r["joint_policy"] for r in res["table"]] == ["non_forget", "embeddings_all", "all"]
@@ -69,7 +69,7 @@ def test_policy_with_fewer_seeds_is_compared_on_the_seeds_both_ran(tmp_path):
               {"labels": {"joint_policy": "non_forget", "seed": s}}) for s, f in ((0, 8.3), (1, 7.85), (2, 7.85))]
     cells.append(("sgtm", 0, {"forget": (7.0, 7.0), "retain": (4.5, 4.5)},
                   {"labels": {"joint_policy": "all", "seed": 0}}))
-    res = joint_policy([str(_synthetic_sweep(tmp_path, cells))], str(tmp_path / "out"), "test")
+    res = joint_policy([str(synthetic_sweep(tmp_path, cells))], str(tmp_path / "out"), "test")
     c = _by_claim(res, "the one with all (")
     assert c["diff"]["mean"] == pytest.approx(1.3) and c["holds"] == "inconclusive"  # one seed: no interval
     assert res["table"][0]["forget_cal"] == pytest.approx(8.0) and res["table"][0]["seeds"] == 3
@@ -78,7 +78,7 @@ def test_policy_with_fewer_seeds_is_compared_on_the_seeds_both_ran(tmp_path):
 def test_joint_policy_needs_labelled_sgtm_cells(tmp_path):
     from pipeline.experiments.analyses.joint_policy import joint_policy
 
-    sweep = _synthetic_sweep(tmp_path, [("sgtm", 0, {"forget": (8.0, 8.0), "retain": (4.6, 4.6)})])
+    sweep = synthetic_sweep(tmp_path, [("sgtm", 0, {"forget": (8.0, 8.0), "retain": (4.6, 4.6)})])
     with pytest.raises(ValueError, match="joint-policy: no finished SGTM cell with a 'joint_policy' label"):
         joint_policy([str(sweep)], str(tmp_path / "out"), "test")
 
@@ -95,7 +95,7 @@ def test_retain_fraction_orders_the_axis_and_tests_the_retain_effect(tmp_path):
                 cells.append(("sgtm", seed, {"forget": (8.0 + eps, 8.0), "retain": (r, r)}, {"retain_fraction": frac}))
         d = tmp_path / sub
         d.mkdir()
-        return retain_fraction([str(_synthetic_sweep(d, cells))], str(d / "out"), "test")
+        return retain_fraction([str(synthetic_sweep(d, cells))], str(d / "out"), "test")
 
     res = run("a", 0.3)
     assert [r["retain_fraction"] for r in res["table"]] == [0.0, 0.25, 1.0]
@@ -133,7 +133,7 @@ def test_tradeoff_equal_retain_token_rows_and_plateau_from_histories(tmp_path):
     def run(sub: str, filter_forget: float) -> dict:
         d = tmp_path / sub
         d.mkdir()
-        sweep = _synthetic_sweep(d, _tradeoff_cells(filter_forget))
+        sweep = synthetic_sweep(d, _tradeoff_cells(filter_forget))
         _history(sweep, curve)
         return tradeoff([str(sweep)], str(d / "out"), "test")
 
@@ -161,7 +161,7 @@ def test_tradeoff_without_matched_cells_has_no_equal_token_rows(tmp_path):
     from pipeline.experiments.analyses.tradeoff import tradeoff
 
     cells = [c for c in _tradeoff_cells(5.9) if c[0] != "weak_filter_equal_retain_tokens"]
-    res = tradeoff([str(_synthetic_sweep(tmp_path, cells))], str(tmp_path / "out"), "test")
+    res = tradeoff([str(synthetic_sweep(tmp_path, cells))], str(tmp_path / "out"), "test")
     assert "matched_budget" not in res["setup"] and "plateau" not in res["setup"]  # no histories either
     assert not [c for c in res["claims"] if "equal retain tokens" in c["claim"]]
 
@@ -179,7 +179,7 @@ def test_compute_penalty_from_history_scores_runs_on_the_fits_batches(tmp_path):
 
     cells = [("no_filter", s, {"forget": (9.0, 9.0), "retain": (9.0, 9.0)}) for s in range(3)]
     cells += [("sgtm", s, {"forget": (9.0, 9.0), "retain": (9.0, 9.0)}) for s in range(3)]
-    sweep = _synthetic_sweep(tmp_path, cells)
+    sweep = synthetic_sweep(tmp_path, cells)
 
     def hist(row):
         steps = (100, 200, 300)
@@ -214,7 +214,7 @@ def test_wiki_gap_share_places_each_method_between_no_filter_and_perfect_filter(
         for m, f in rows.items():
             r = 3.0 + eps + 0.1 * ks.get(m, 0.0)  # each method's retain rise: 0.1 k
             cells.append((m, seed, {"forget": (f, f), "retain": (r, r)}))
-    res = tradeoff([str(_synthetic_sweep(tmp_path, cells))], str(tmp_path / "out"), "test")
+    res = tradeoff([str(synthetic_sweep(tmp_path, cells))], str(tmp_path / "out"), "test")
     shares = res["headroom"]["methods"]
     for m, k in ks.items():
         assert shares[m]["share"] == pytest.approx(k) and shares[m]["seeds"] == 3

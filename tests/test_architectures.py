@@ -3,28 +3,29 @@ forget units, exact against the independent reference and across TP ranks."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.backend.distributed import init_distributed
 from pipeline.codes import Mode, ParamClass
 from pipeline.config import PRESETS, ConfigError, load_config
 from pipeline.engine.engine import build_model
 from pipeline.model.ablate import ablate
+from pipeline.model.shapes import model_shapes, num_params
 from pipeline.model.tp_state import gather_full_state_dict, load_full_state_dict
-from tests import reference_model
-from tests.compare import assert_all_equivalent, assert_equivalent, mismatches
-from tests.conftest import run_workers
-from tests.fixtures import mixed_batch, tiny_config
+from tests.support import reference_model
+from tests.support.batches import mixed_batch
+from tests.support.compare import assert_all_equivalent, assert_equivalent, mismatches
+from tests.support.configs import gqa_config, tiny_config
+from tests.support.launch import run_scenario
+from tests.support.mutations import kv_mutation
 
 TOL = dict(rtol=1e-4, atol=1e-6)
-
-
-def gqa_config(n_kv: int, heads: list[int], tp: int = 1, strategy: str = "sgtm"):
-    """8 query heads of dim 4 (d=32); ``heads``: the forget domain's query heads (whole groups)."""
-    return tiny_config("llama3", strategy, tp=tp, two_domains=False, model={"n_heads": 8, "n_kv_heads": n_kv},
-                       sgtm={"domains": [{"name": "es", "heads": heads, "units": [3, 10, 31, 32, 40]}]})
 
 
 def test_presets_fill_features_and_keys_override_them():
@@ -48,10 +49,16 @@ def test_num_params_counts_the_built_model(single_process_world, arch, over):
     cfg = tiny_config(arch, "sgtm", two_domains=False, model=over,
                       sgtm={"domains": [{"name": "es", "heads": 0, "units": 4}]})
     _, model = build_model(cfg, single_process_world)
+    assert built_shapes(model) == {s.name: (s.numel, s.sharded) for s in model_shapes(cfg.model, padded=True)}
     built = sum(p.numel() for p in model.parameters())
     pad = (cfg.model.padded_vocab_size - cfg.model.vocab_size) * cfg.model.d_model
     pad *= 1 if cfg.model.tie_embeddings else 2
-    assert built - pad == cfg.model.num_params()
+    assert built - pad == num_params(cfg.model)
+
+
+def built_shapes(model) -> dict[str, tuple[int, bool]]:
+    """Every parameter of a built (TP=1) model: its element count and whether megatron splits it over TP."""
+    return {n: (p.numel(), bool(getattr(p, "tensor_model_parallel", False))) for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("n_kv,heads", [(2, [4, 5, 6, 7]), (4, [2, 3]), (1, [])])
@@ -140,16 +147,64 @@ GQA_TP4_CASES = {
 }
 
 
+def _replica_copies_equal(model) -> bool:
+    """Whether every TP rank holding a copy of a replicated KV head holds the same gradient of it."""
+    from megatron.core import parallel_state as ps
+
+    same = True
+    for p in model.parameters():
+        c = int(getattr(p, "tp_kv_replicas", 1))
+        if c > 1:
+            tail = p.grad[-int(p.tp_kv_tail):].contiguous()
+            parts = [torch.empty_like(tail) for _ in range(ps.get_tensor_model_parallel_world_size())]
+            dist.all_gather(parts, tail, group=ps.get_tensor_model_parallel_group())
+            same &= all(torch.equal(parts[r], parts[r - r % c]) for r in range(len(parts)))
+    return same
+
+
+def scenario_tp_grads_configs(out: Path, cases: dict[str, dict], tp: int = 2) -> dict:
+    """TP=``tp`` loss and gathered gradients of a mixed batch for named tiny_config overrides
+    (optional ``mutation``), whether replicated KV copies hold equal gradients, the per-partition
+    clip norms, and the gathered weights after ablating domain 0 on every shard."""
+    from pipeline.components.clipping import PartitionClipper
+
+    result = {}
+    for name, over in cases.items():
+        cfg = tiny_config(over["arch"], "sgtm", tp=tp, two_domains=False, model=over.get("model", {}),
+                          sgtm=over.get("sgtm", {}))
+        d = init_distributed(cfg.engine)
+        with kv_mutation(over.get("mutation")):
+            part, model = build_model(cfg, d)
+            batch = mixed_batch(n_domains=1)
+            loss = model(batch["input_ids"], labels=batch["labels"], modes=batch["modes"],
+                         doc_ids=batch["doc_ids"], target_modes=batch["target_modes"])
+            loss.backward()
+        full, grads = gather_full_state_dict(model), gather_full_state_dict(model, grads=True)
+        copies_equal = _replica_copies_equal(model)
+        clipper = PartitionClipper(model, 1, 1e9, torch.device("cpu"))  # per-partition norms (ZeRO-0 path)
+        clipper.clip_param_grads()
+        ablate(model, [0])
+        ablated = gather_full_state_dict(model)
+        owned = [None] * d.world_size
+        dist.all_gather_object(owned, part.owned(d.tp_rank))
+        if d.rank == 0:
+            torch.save({"state": full, "grads": grads, "loss": loss.detach(), "ablated": ablated},
+                       out / f"tp{tp}_{name}.pt")
+        result[name] = {"owned": owned, "replica_grads_equal": copies_equal,
+                        "kv_replicas": part.kv_replicas, "clip_norms": clipper.last_norms.tolist()}
+    return result
+
+
 @pytest.fixture(scope="module")
 def gqa_tp2(tmp_path_factory):
     out = tmp_path_factory.mktemp("gqa_tp2")
-    return out, run_workers(2, "tp_grads_configs", out, cases=GQA_TP_CASES)
+    return out, run_scenario(2, scenario_tp_grads_configs, out, cases=GQA_TP_CASES)
 
 
 @pytest.fixture(scope="module")
 def gqa_tp4(tmp_path_factory):
     out = tmp_path_factory.mktemp("gqa_tp4")
-    return out, run_workers(4, "tp_grads_configs", out, cases=GQA_TP4_CASES, tp=4)
+    return out, run_scenario(4, scenario_tp_grads_configs, out, cases=GQA_TP4_CASES, tp=4)
 
 
 def _tp1_grads(world, over: dict, saved: dict):
@@ -177,7 +232,7 @@ def _clip_norms(model) -> list[float]:
 
 
 def _grad_mismatches(model, saved: dict) -> list[str]:
-    """Names of the gradients that differ (per tensor relative to its scale: tests/compare.py)."""
+    """Names of the gradients that differ (per tensor relative to its scale: tests/support/compare.py)."""
     grads = {n: p.grad for n, p in model.named_parameters()}
     return [line.split(":")[0] for line in mismatches(saved["grads"], grads)]
 
@@ -301,7 +356,7 @@ def test_llama3_fragments_have_the_published_sizes(fragment, billions):
                             "sgtm": {"domains": [{"name": "bio", "heads": 8, "units": 448}]}})
     m = cfg.model
     assert (m.n_kv_heads, m.rope_theta, m.mlp, m.tie_embeddings) == (8, 500000.0, "swiglu", False)
-    assert round(m.num_params() / 1e9, 2) == billions
+    assert round(num_params(m) / 1e9, 2) == billions
 
 
 def test_llama3_8b_experiment_composes():

@@ -322,7 +322,7 @@ def test_document_masking_false_lets_attention_cross_documents_and_modes_still_m
 
     from pipeline.codes import Mode
     from pipeline.engine.engine import build_model
-    from tests.fixtures import SEQ, VOCAB, tiny_config
+    from tests.support.configs import SEQ, VOCAB, tiny_config
 
     half = SEQ // 2
     ids = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(0))

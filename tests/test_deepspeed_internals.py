@@ -1,4 +1,4 @@
-"""Every hook of pipeline/engine/deepspeed_internals.py on the real DeepSpeed engine (tiny model,
+"""Every hook of pipeline/backend/deepspeed_internals.py on the real DeepSpeed engine (tiny model,
 one-process gloo world), the guards built on them (version, clipper-ran, clip-hook refusals),
 and the clip groups: a forget gradient's size never sets the retain group's clip coefficient."""
 
@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from pipeline import codes
+from pipeline.backend import deepspeed_internals as dsi
 from pipeline.codes import ClipGroup, Mode, ParamClass
 from pipeline.components import clipping
-from pipeline.engine import deepspeed_internals as dsi
 from pipeline.engine import engine as engine_mod
-from pipeline.engine.engine import ClipperNotRunError, build_engine, to_device, train_step
-from tests.fixtures import SEQ, VOCAB, tiny_config
+from pipeline.engine.engine import build_engine, train_step
+from pipeline.engine.trainer import ClipperNotRunError, to_device
+from tests.support.configs import SEQ, VOCAB, tiny_config
 
 ROW_MODES = [Mode.RETAIN, Mode.RETAIN, Mode.UNLABELLED, Mode.FORGET, Mode.FORGET + 1, Mode.FORGET]
 

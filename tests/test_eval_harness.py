@@ -18,7 +18,7 @@ from pipeline.config import load_config
 from pipeline.data.labels import is_heldout
 from pipeline.experiments import harness_tasks as ht
 from tests.conftest import ROOT
-from tests.small_data import small_bilingual
+from tests.support.data import small_bilingual
 
 pytest.importorskip("lm_eval")
 CONFIG = ROOT / "configs" / "experiments" / "bilingual_tiny.yaml"

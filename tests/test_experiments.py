@@ -33,6 +33,7 @@ from pipeline.experiments.stats import (
     verdict,
 )
 from tests.conftest import ROOT
+from tests.support.sweeps import synthetic_sweep
 
 # ------------------------------------------------------------------------------------ math
 
@@ -399,39 +400,6 @@ def test_sweep_seeds_key_runs_every_cell_per_seed_with_seeded_init_data_and_labe
             load_sweep(bad)
 
 
-def _synthetic_sweep(tmp_path: Path, cells: list[tuple], name: str = "syn", extra: dict | None = None) -> Path:
-    """results.json + per-cell final.json + deployed.json with given losses: analyses run on known inputs.
-    ``cells``: (method, seed, {set: (deployed_calibrated, deployed[, full])}[, {row field: value}]); a row
-    field ``forget_unlabelled`` becomes the cell's cached token count (tokens.json)."""
-    from pipeline.experiments.deployed import VERSION
-
-    strategies = {"sgtm": "sgtm", "gradient_routing": "gradient_routing", "weak_filter": "none",
-                  "no_filter": "none"}
-    filters = {"weak_filter": "weak"}
-    rows = []
-    for i, (method, seed, losses, *more) in enumerate(cells):
-        fields = dict(more[0]) if more else {}
-        run = tmp_path / f"{name}_cell{i}"
-        run.mkdir()
-        if "forget_unlabelled" in fields:
-            n = fields.pop("forget_unlabelled")
-            (run / "tokens.json").write_text(json.dumps({"forget_unlabelled": n, "forget_labelled": 0,
-                                                         "forget_total": n, "total": 10 * n + 1}))
-        (run / "final.json").write_text(json.dumps({"kind": "eval", "step": 10}))
-        sets = {s: {"full": v[2] if len(v) > 2 else v[1], "deployed": v[1], "deployed_calibrated": v[0], "tokens": 100}
-                for s, v in losses.items()}
-        (run / "deployed.json").write_text(json.dumps({"version": VERSION, "step": 10, "sets": sets,
-                                                       "deployed_model": "ablated"}))
-        rows.append({"key": f"{name}{i}", "labels": {"method": method, "seed": seed}, "run_dir": str(run),
-                     "seed": seed, "strategy": strategies.get(method, "none"), "filter": filters.get(method, "none"),
-                     "undiscovered_rate": 0.2, "d_model": 8, "n_layers": 1, "n_params": 1000, "steps": 10,
-                     "tokens": 640, "tokens_per_step": 64, **(extra or {}), **fields})
-    d = tmp_path / name
-    d.mkdir()
-    (d / "results.json").write_text(json.dumps({"sweep": name, "cells": rows}))
-    return d
-
-
 def test_pareto_claim_checks_both_axes(tmp_path):
     """SGTM clearly higher on forget but clearly worse on retain (the old report called this
     'holds'): dominance does not hold. Better on both: holds."""
@@ -444,7 +412,7 @@ def test_pareto_claim_checks_both_axes(tmp_path):
             cells.append(("gradient_routing", seed, {"forget": (6.0 + eps, 5.9), "retain": (4.829 + eps / 2, 4.8)}))
         sub = tmp_path / f"r{retain_sgtm}"
         sub.mkdir()
-        res = tradeoff([str(_synthetic_sweep(sub, cells))], str(sub / "out"), "test")
+        res = tradeoff([str(synthetic_sweep(sub, cells))], str(sub / "out"), "test")
         (c,) = [c for c in res["claims"] if "Pareto" in c["claim"]]
         return c["holds"]
 
@@ -467,7 +435,7 @@ def test_headroom_claim_needs_the_perfect_filter_gap_above_seed_noise(tmp_path):
                                                     "retain": (4.6, 4.6)}))
         sub = tmp_path / f"g{gap}"
         sub.mkdir()
-        res = tradeoff([str(_synthetic_sweep(sub, cells))], str(sub / "out"), "test")
+        res = tradeoff([str(synthetic_sweep(sub, cells))], str(sub / "out"), "test")
         (c,) = [c for c in res["claims"] if "removable gap" in c["claim"]]
         assert summarize(res)["headroom"] == res["headroom"]
         return c["holds"], res["headroom"]
@@ -517,7 +485,7 @@ def test_report_renders_template_fields_pending_sections_and_summaries(tmp_path)
     cells = [("sgtm", s, {"forget": (8.0 + 0.1 * s, 8.0), "retain": (4.8, 4.8)}) for s in range(3)]
     cells += [("weak_filter", s, {"forget": (5.5 + 0.1 * s, 5.5), "retain": (4.4, 4.4)}) for s in range(3)]
     a_dir = tmp_path / "analysis" / "bilingual"
-    tradeoff([str(_synthetic_sweep(tmp_path, cells))], str(a_dir), "sgtm analyze tradeoff")
+    tradeoff([str(synthetic_sweep(tmp_path, cells))], str(a_dir), "sgtm analyze tradeoff")
     intro = tmp_path / "intro.md"
     intro.write_text("SGTM {{bilingual/tradeoff:table[method=sgtm].forget_cal|.3f}} over "
                      "{{bilingual/tradeoff:setup.seeds}} seeds; wiki {{wiki/tradeoff:table[method=sgtm].forget_cal}}.")
@@ -616,7 +584,7 @@ def test_calibration_does_not_raise_heldout_loss_and_lowers_it_when_miscalibrate
     from pipeline.components import evaluation as ev
     from pipeline.config import CalibrationConfig
     from pipeline.engine.engine import build_model
-    from tests.fixtures import tiny_config
+    from tests.support.configs import tiny_config
 
     V, S = 256, 32
     cfg = tiny_config(strategy="none", two_domains=False, model={"vocab_size": V, "max_seq_len": S})
@@ -665,7 +633,7 @@ def test_seeds_analysis_reports_spread_per_method(tmp_path):
 
     cells = [("no_filter", s, {"forget": (f, f), "retain": (r, r)})
              for s, f, r in [(0, 5.0, 4.6), (1, 5.1, 4.7), (2, 5.05, 4.65)]]
-    res = seeds([str(_synthetic_sweep(tmp_path, cells))], str(tmp_path / "out"), "test")
+    res = seeds([str(synthetic_sweep(tmp_path, cells))], str(tmp_path / "out"), "test")
     (row,) = res["table"]
     assert row["seeds"] == [0, 1, 2] and row["forget_mean"] == pytest.approx(5.05)
     assert row["forget_spread"] == pytest.approx(0.1) and row["retain_spread"] == pytest.approx(0.1)
@@ -703,7 +671,7 @@ def test_leakage_compares_sizes_at_one_matched_rate_and_compute_penalty_runs(tmp
         # a 5% cell at the big size only, leaking far more: it must not enter the size comparison
         cells.append(("sgtm", seed, {"forget": (5.0, 5.0), "retain": (4.2, 4.2)},
                       {"n_params": 4000, "d_model": 16, "forget_unlabelled": 5000, "undiscovered_rate": 0.05}))
-    sweep = _synthetic_sweep(tmp_path, cells)
+    sweep = synthetic_sweep(tmp_path, cells)
     res = leakage([str(sweep)], str(tmp_path / "out"), "test")
     (size_claim,) = [c for c in res["claims"] if "model size" in c["claim"]]
     assert "at 20% undiscovered only" in size_claim["claim"] and size_claim["holds"] == "holds"
@@ -761,7 +729,7 @@ def test_compute_penalty_of_a_flat_fit_is_an_explicit_no_penalty(tmp_path):
             f = {"n_params": n_params, "d_model": d}
             cells.append(("no_filter", seed, {"forget": (4.0 + wander, 4.0 + wander), "retain": (4.0, 4.0)}, f))
             cells.append(("sgtm", seed, {"forget": (9.0, 9.0), "retain": (4.2, 4.2)}, {**f, "strategy": "sgtm"}))
-    sweep = _synthetic_sweep(tmp_path, cells)
+    sweep = synthetic_sweep(tmp_path, cells)
     res = compute_penalty_analysis([str(sweep)], str(tmp_path / "analysis"), "test")
     for s, why in (("retain", "the loss is the same at every compute"), ("forget", "interval")):
         assert res["fits"][s]["flat"] and why in res["fits"][s]["reason"]
@@ -797,7 +765,7 @@ def test_moe_analysis_pairs_by_seed_with_intervals_params_and_pending_cells(tmp_
                   ("weak_filter", s, {"forget": (5.0 + e, 5.0 + e), "retain": (4.5 + e + d, 4.5 + e + d)})]
     cells += [("expert_sgtm_own_first", s, {"forget": (9.0, 9.0, 5.0), "retain": (4.6, 4.6, 4.6)},
                {"strategy": "sgtm"}) for s in (0, 1)]
-    sweep = _synthetic_sweep(tmp_path, cells, name="moe")
+    sweep = synthetic_sweep(tmp_path, cells, name="moe")
     data = json.loads((sweep / "results.json").read_text())
     models = {"dense_sgtm": ({"arch": "llama3", "d_ff": 384, "n_kv_heads": 2}, {"units": 48, "experts": 0}),
               "expert_sgtm": ({"arch": "llama3-moe", "d_ff": 128, "n_kv_heads": 2, "n_experts": 8, "moe_top_k": 2,

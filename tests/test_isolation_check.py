@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pipeline.codes import Mode, ParamClass
 from pipeline.commands.isolation import check_isolation, isolation_batch
 from pipeline.sgtm.masking import IGNORE_INDEX, position_modes
-from tests.fixtures import tiny_config
+from tests.support.configs import tiny_config
 
 CLIP = {"grad_clip": 0.05, "micro_batch_size": 4}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.small_data import small_bilingual
+from tests.support.data import small_bilingual
 
 CONFIG = ROOT / "configs" / "experiments" / "bilingual_tiny.yaml"
 NO_WANDB = "import sys; sys.modules['wandb'] = None; from pipeline.cli import main; sys.exit(main())"

@@ -15,10 +15,11 @@ from pipeline.codes import Mode, ParamClass
 from pipeline.engine.engine import build_model
 from pipeline.model.tp_state import gather_full_state_dict
 from pipeline.sgtm import masking
-from tests import reference_model
-from tests.fixtures import mixed_batch, tiny_config
-from tests.isolation_cases import forget_reaches_its_parameters, isolation_leaks, make_case
-from tests.isolation_cases import gradients as isolation_gradients
+from tests.support import reference_model
+from tests.support.batches import mixed_batch
+from tests.support.configs import tiny_config
+from tests.support.isolation import forget_reaches_its_parameters, isolation_leaks, make_case
+from tests.support.isolation import gradients as isolation_gradients
 
 TOL = dict(rtol=1e-4, atol=1e-6)
 
@@ -194,7 +195,7 @@ def test_the_isolation_check_reports_a_leak_when_attention_crosses_modes(single_
 def test_the_isolation_check_reports_a_leak_without_target_modes(single_process_world):
     """Position modes matter: dropping ``target_modes`` (last target assumed to share its input's
     mode) leaks when the last position predicts a forget token."""
-    from tests.isolation_cases import isolation_leaks as check
+    from tests.support.isolation import isolation_leaks as check
 
     for seed in range(200):
         rng = random.Random(seed)

@@ -10,26 +10,30 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.backend.distributed import ep_world, init_distributed
 from pipeline.codes import Mode, ParamClass
 from pipeline.config import ConfigError
-from pipeline.engine.engine import build_model
+from pipeline.engine.engine import build_engine, build_model, train_step
+from pipeline.model import moe
 from pipeline.model.ablate import ablate
 from pipeline.model.moe import MoE, expert_ownership
-from tests.compare import SCALE_AFTER_STEPS, assert_all_equivalent, assert_equivalent
-from tests.conftest import ROOT
-from tests.fixtures import tiny_config
-from tests.isolation_cases import isolation_leaks, make_case, slice_changes
-from tests.moe_cases import moe_config, mutation
+from tests.support import ROOT
+from tests.support.batches import isolation_batch, mixed_batch
+from tests.support.compare import SCALE_AFTER_STEPS, assert_all_equivalent, assert_equivalent
+from tests.support.configs import moe_config, tiny_config
+from tests.support.isolation import isolation_leaks, make_case, slice_changes
+from tests.support.launch import run_scenario
+from tests.support.mutations import moe_mutation
 
 TOL = dict(rtol=1e-4, atol=1e-6)
 FORGET, RETAIN = int(Mode.FORGET), int(Mode.RETAIN)
@@ -217,7 +221,7 @@ FIXED = dict(E=4, k=2, forget=[[1], [2]], strategy="sgtm", joint_update="non_for
 def test_the_reference_check_fails_under_each_mutation(single_process_world, name, expect):
     """The reference comparison can fail: each deliberately broken rule is reported."""
     assert not _check_layer(single_process_world, **FIXED)
-    with mutation(name):
+    with moe_mutation(name):
         bad = _check_layer(single_process_world, **FIXED)
     assert any(expect in b for b in bad), bad
 
@@ -300,7 +304,7 @@ def test_retain_tokens_never_reach_forget_experts_and_ablation_removes_them(sing
 
 
 def _moe_case(pick, n_experts: int | None = None):
-    """tests/isolation_cases.make_case's random partition and modes, on an MoE model: random
+    """tests/support/isolation.make_case's random partition and modes, on an MoE model: random
     experts per domain (whole experts), shared experts or not (forget units then index them),
     capacity or dropless, top-1/2."""
     case = make_case(pick)
@@ -369,7 +373,7 @@ def test_the_moe_isolation_check_fails_under_each_mutation(single_process_world,
         case = _moe_case(random.Random(seed).randint, n_experts=4)
         if name == "forget_tokens_compete":
             case.overrides["model"]["moe_capacity_factor"] = 0.5
-        with mutation(name):
+        with moe_mutation(name):
             leaked, _ = _moe_leaks(single_process_world, case)
         if leaked:
             assert not _moe_leaks(single_process_world, case)[0]  # the same case is clean unmutated
@@ -429,10 +433,15 @@ def test_partition_shows_experts_per_ep_rank(capsys):
 
 @pytest.mark.parametrize("over", [{}, {"shared": 1}, {"arch": "gpt-neo", "shared": 2}])
 def test_num_params_counts_the_built_moe_model(single_process_world, over):
-    """model.num_params (every expert, the router, the shared MLP, biases) is the built model's."""
+    """num_params (every expert, the router, the shared MLP, biases) is the built model's, tensor by
+    tensor (pipeline.model.shapes)."""
+    from pipeline.model.shapes import model_shapes, num_params
+
     cfg = moe_config(model={"vocab_size": 128}, **over)
     _, model = build_model(cfg, single_process_world)
-    assert sum(p.numel() for p in model.parameters()) == cfg.model.num_params()
+    built = {n: (p.numel(), bool(getattr(p, "tensor_model_parallel", False))) for n, p in model.named_parameters()}
+    assert built == {s.name: (s.numel, s.sharded) for s in model_shapes(cfg.model, padded=True)}
+    assert sum(p.numel() for p in model.parameters()) == num_params(cfg.model)
 
 
 def test_expert_ownership_places_experts_by_rank(single_process_world):
@@ -448,15 +457,71 @@ def test_expert_ownership_places_experts_by_rank(single_process_world):
 # ------------------------------------------------------------------------------ expert parallelism
 
 
-def run_moe_workers(nprocs: int, scenario: str, out_dir, timeout: int = 900, **kwargs) -> dict:
-    """tests/moe_worker.py on ``nprocs`` local gloo ranks (conftest.run_workers' protocol)."""
-    from pipeline.engine.distributed import spawn_local_ranks
+def scenario_moe_grads(out: Path, cases: dict[str, dict]) -> dict:
+    """Per case (moe_config overrides, EP and TP from it): loss and TP=1/EP=1 gradients of a mixed
+    batch; then ablation on every shard (local check), the ablated state and its loss."""
+    result = {}
+    for name, over in cases.items():
+        cfg = moe_config(**over)
+        d = init_distributed(cfg.engine)
+        part, model = build_model(cfg, d)
+        batch = mixed_batch(n_domains=len(cfg.sgtm.domains))
+        kw = dict(labels=batch["labels"], modes=batch["modes"], doc_ids=batch["doc_ids"],
+                  target_modes=batch["target_modes"])
+        loss = model(batch["input_ids"], **kw)
+        loss.backward()
+        state, grads = moe.gather_full_state_dict(model), moe.gather_full_state_dict(model, grads=True)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        ablate(model, [0])
+        local_ok, zeroed = True, 0
+        for n, p in model.named_parameters():
+            sel = p.sgtm_role.slice_mask(p, {0}).expand_as(p)
+            zeroed += int(sel.sum())
+            local_ok &= bool((p[sel] == 0).all()) and torch.equal(p[~sel], before[n][~sel])
+        model.eval()
+        with torch.no_grad():
+            ablated_loss = model(batch["input_ids"], **kw)
+        ablated = moe.gather_full_state_dict(model)
+        flags = [None] * d.world_size
+        dist.all_gather_object(flags, {"ok": local_ok, "zeroed": zeroed, "ep": ep_world(),
+                                       "experts": [int(p.expert_index) for p in model.parameters()
+                                                   if getattr(p, "expert_parallel", False)]})
+        if d.rank == 0:
+            torch.save({"state": state, "grads": grads, "loss": loss.detach(), "ablated": ablated,
+                        "ablated_loss": ablated_loss}, out / f"moe_{name}.pt")
+        result[name] = {"ranks": flags, "dp": [d.dp_rank, d.dp_size]}
+    return result
 
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    spawn_local_ranks([sys.executable, str(ROOT / "tests" / "moe_worker.py"), scenario,
-                       json.dumps({"out": str(out_dir), **kwargs})], nprocs, out_dir, env=env, cwd=ROOT,
-                      timeout=timeout)
-    return json.loads((out_dir / "result.json").read_text())
+
+def scenario_moe_isolation(out: Path, runs: list[dict], steps: int) -> dict:
+    """Per run: three DeepSpeed runs at EP=2 that differ only in forget spans (A, B: other content;
+    C: B's content unlabelled); the finals (TP=1/EP=1 view) are saved. Also whether the
+    replicated parameters stayed bit-identical on the two EP ranks."""
+    result = {}
+    for run in runs:
+        finals, replicas_equal = {}, True
+        with moe_mutation(run.get("mutation")):
+            for name, seed, mode in (("A", 1, Mode.FORGET), ("B", 2, Mode.FORGET), ("C", 2, Mode.UNLABELLED)):
+                cfg = moe_config(ep=2, engine={"zero_stage": run.get("zero", 1), "micro_batch_size": 4,
+                                               **run.get("engine", {})},
+                                 optimizer={"lr": 3e-3, "weight_decay": 0.1}, train={"steps": steps},
+                                 **run.get("config", {}))
+                state = build_engine(cfg)
+                for step in range(steps):
+                    train_step(state, [isolation_batch(step, seed, mode)])
+                finals[name] = moe.gather_full_state_dict(state.model)
+                for _n, p in state.model.named_parameters():
+                    if getattr(p, "expert_parallel", False):
+                        continue
+                    parts = [torch.empty_like(p.detach()) for _ in range(dist.get_world_size())]
+                    dist.all_gather(parts, p.detach().contiguous())
+                    replicas_equal &= all(torch.equal(parts[0], t) for t in parts)
+                if state.clipper is not None and state.clipper.last_norms is not None:
+                    finals[name + "_norms"] = state.clipper.last_norms.clone()
+        if dist.get_rank() == 0:
+            torch.save({"finals": finals}, out / f"moe_isolation_{run['name']}.pt")
+        result[run["name"]] = {"replicas_equal": replicas_equal}
+    return result
 
 
 # One launch of 4 ranks: EP=2 x DP=2 (EP groups {0, 1} and {2, 3}), then EP=2 x TP=2 (the EP group
@@ -468,7 +533,7 @@ EP_CASES = {"ep2_dp2": {"ep": 2, "shared": 1, "capacity": 0.75},
 @pytest.fixture(scope="module")
 def ep2(tmp_path_factory):
     out = tmp_path_factory.mktemp("ep2")
-    return out, run_moe_workers(4, "moe_grads", out, cases=EP_CASES)
+    return out, run_scenario(4, scenario_moe_grads, out, timeout=900, cases=EP_CASES)
 
 
 @pytest.mark.parallel
@@ -476,7 +541,7 @@ def ep2(tmp_path_factory):
 def test_ep2_loss_gradients_and_ablation_equal_ep1(single_process_world, ep2, name):
     """Two EP ranks (experts 0-1 / 2-3, forget[es] on rank 0, forget[fr] on rank 1, tokens split
     and dispatched by all-to-all), beside DP=2 or inside TP=2, give the loss and every gradient of
-    one process (per tensor relative to its scale, tests/compare.py); ablation on each shard zeroes
+    one process (per tensor relative to its scale, tests/support/compare.py); ablation on each shard zeroes
     exactly its forget slices and equals ablation at EP=1 (state and ablated loss)."""
     from pipeline.model.moe import load_full_state_dict
 
@@ -489,8 +554,6 @@ def test_ep2_loss_gradients_and_ablation_equal_ep1(single_process_world, ep2, na
     over = {k: v for k, v in EP_CASES[name].items() if k != "ep"}
     _, model = build_model(moe_config(**over), single_process_world)
     load_full_state_dict(model, saved["state"])
-    from tests.fixtures import mixed_batch
-
     b = mixed_batch(n_domains=2)
     kw = dict(labels=b["labels"], modes=b["modes"], doc_ids=b["doc_ids"], target_modes=b["target_modes"])
     loss = model(b["input_ids"], **kw)
@@ -526,7 +589,7 @@ def test_isolation_invariant_through_deepspeed_at_ep2(single_process_world, tmp_
     config = {"shared": 1, "capacity": 1.0}
     runs = [{"name": "ok", "engine": CLIP, "config": config},
             {"name": "mutated", "engine": CLIP, "config": config, "mutation": "retain_routes_to_forget"}]
-    result = run_moe_workers(2, "moe_isolation", tmp_path, runs=runs, steps=6)
+    result = run_scenario(2, scenario_moe_isolation, tmp_path, timeout=900, runs=runs, steps=6)
     cfg = moe_config(**config)
     ok = torch.load(tmp_path / "moe_isolation_ok.pt", weights_only=True)
     leaked, forget_changed, retain_changed_c = _leaks(ok, cfg, single_process_world)
@@ -539,9 +602,6 @@ def test_isolation_invariant_through_deepspeed_at_ep2(single_process_world, tmp_
     assert _leaks(mutated, cfg, single_process_world)[0]
     # The same 6 steps in one process at EP=1 (DeepSpeed ZeRO-1, the same clipping): the EP=2 run's
     # final parameters and last clip norms (experts counted once per EP group) match.
-    from pipeline.engine.engine import build_engine, train_step
-    from tests.fixtures import isolation_batch
-
     one = moe_config(engine={"zero_stage": 1, "micro_batch_size": 4, **CLIP},
                      optimizer={"lr": 3e-3, "weight_decay": 0.1}, train={"steps": 6}, **config)
     state = build_engine(one)

@@ -10,8 +10,9 @@ import torch
 from pipeline.codes import ClipGroup, Mode
 from pipeline.engine.engine import build_engine, train_step
 from pipeline.sgtm import masking
-from tests.fixtures import mixed_batch, tiny_config
-from tests.isolation_cases import slice_changes
+from tests.support.batches import mixed_batch
+from tests.support.configs import tiny_config
+from tests.support.isolation import slice_changes
 
 
 def _forget_positions(batch: dict) -> torch.Tensor:

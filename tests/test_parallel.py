@@ -1,25 +1,76 @@
-"""Multi-process checks through megatron TP and the DeepSpeed engine (gloo, loopback)."""
+"""Multi-process checks through megatron TP and the DeepSpeed engine (gloo, loopback).
+
+Each ``scenario_*`` function runs on every rank (tests/support/launch.py ``run_scenario``) and sits
+beside the tests that assert on what it returns and saves."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
 
+from pipeline.backend.distributed import init_distributed
+from pipeline.codes import Mode
 from pipeline.engine.engine import build_engine, build_model, train_step
 from pipeline.model.ablate import ablate
-from pipeline.model.tp_state import load_full_state_dict
-from tests.compare import assert_all_equivalent, assert_equivalent, mismatches
-from tests.conftest import run_workers
-from tests.fixtures import mixed_batch, tiny_config
-from tests.isolation_cases import slice_changes
+from pipeline.model.tp_state import gather_full_state_dict, load_full_state_dict
+from tests.support.batches import dp_share, global_batch, isolation_batch, mixed_batch
+from tests.support.compare import assert_all_equivalent, assert_equivalent, mismatches
+from tests.support.configs import tiny_config
+from tests.support.isolation import isolation_property, slice_changes
+from tests.support.launch import run_scenario
+from tests.support.mutations import scaled_query_grad
 
 ARCHS = ["gpt-neo", "llama"]
+
+
+def scenario_tp_grads(out: Path, archs: list[str], dq_scaled: list[str] = ()) -> dict:
+    """TP=2 loss and gathered gradients for a mixed batch, per arch; then ablation per shard. For
+    the archs in ``dq_scaled`` also a run with dQ scaled by 1.05 (``tp2_{arch}_dq_scaled.pt``)."""
+    result = {}
+    for arch, fault in [(a, None) for a in archs] + [(a, "dq_scaled") for a in dq_scaled]:
+        cfg = tiny_config(arch, "sgtm", tp=2)
+        d = init_distributed(cfg.engine)
+        part, model = build_model(cfg, d)
+        batch = mixed_batch()
+        with scaled_query_grad() if fault else contextlib.nullcontext():
+            loss = model(batch["input_ids"], labels=batch["labels"], modes=batch["modes"],
+                         doc_ids=batch["doc_ids"], target_modes=batch["target_modes"])
+            loss.backward()
+        if fault:
+            state, grads = gather_full_state_dict(model), gather_full_state_dict(model, grads=True)
+            if d.rank == 0:
+                torch.save({"state": state, "grads": grads, "loss": loss.detach()}, out / f"tp2_{arch}_{fault}.pt")
+            continue
+        full = gather_full_state_dict(model)
+        full_grads = gather_full_state_dict(model, grads=True)
+        # Ablation on this shard: forget[es] slices zero, everything else untouched.
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        ablate(model, [0])
+        local_ok = True
+        for n, p in model.named_parameters():
+            sel = p.sgtm_role.slice_mask(p, {0}).expand_as(p)
+            local_ok &= bool((p[sel] == 0).all()) and torch.equal(p[~sel], before[n][~sel])
+        ablated_full = gather_full_state_dict(model)
+        owned = [None] * d.world_size
+        dist.all_gather_object(owned, part.owned(d.tp_rank))
+        if d.rank == 0:
+            torch.save({"state": full, "grads": full_grads, "loss": loss.detach(), "ablated": ablated_full},
+                       out / f"tp2_{arch}.pt")
+        flags = [None] * d.world_size
+        dist.all_gather_object(flags, local_ok)
+        result[arch] = {"owned": owned, "ablation_local_ok": flags}
+    return result
 
 
 @pytest.fixture(scope="module")
 def tp2(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp2")
-    return out, run_workers(2, "tp_grads", out, archs=ARCHS, dq_scaled=ARCHS)
+    return out, run_scenario(2, scenario_tp_grads, out, archs=ARCHS, dq_scaled=ARCHS)
 
 
 def _tp1(world, arch: str, saved: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -36,7 +87,7 @@ def _tp1(world, arch: str, saved: dict) -> tuple[torch.Tensor, dict[str, torch.T
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tp2_loss_and_gradients_equal_tp1(single_process_world, tp2, arch):
     """Loss and every gathered gradient equal TP=1's, per tensor relative to its scale
-    (tests/compare.py)."""
+    (tests/support/compare.py)."""
     out, result = tp2
     saved = torch.load(out / f"tp2_{arch}.pt", weights_only=True)
     loss, grads = _tp1(single_process_world, arch, saved)
@@ -79,11 +130,16 @@ def test_ablation_per_shard_matches_tp1(single_process_world, tp2, arch):
         assert torch.equal(saved["ablated"][name], p.detach()), name
 
 
+def scenario_isolation_property(out: Path, seeds: list[int]) -> dict:
+    """The isolation property at TP=2 over the random cases of ``seeds`` (tests/support/isolation.py)."""
+    return isolation_property(seeds)
+
+
 def test_isolation_property_at_tp2(tmp_path):
-    """The random-case isolation property (tests/isolation_cases.py) on two TP ranks: forget
+    """The random-case isolation property (tests/support/isolation.py) on two TP ranks: forget
     heads/units on one rank, on both, or on none; every shard's retain and joint(non_forget)
     gradients bit-identical under changed forget content, forget slices changed somewhere."""
-    result = run_workers(2, "isolation_property", tmp_path, seeds=list(range(40)))
+    result = run_scenario(2, scenario_isolation_property, tmp_path, seeds=list(range(40)))
     assert result["checked"] == 40 and result["reached"] > 20
     assert not result["failures"], result["failures"][:3]
 
@@ -91,11 +147,34 @@ def test_isolation_property_at_tp2(tmp_path):
 CLIP = {"grad_clip": 0.05}  # binds every group at this size (checked below)
 
 
+def scenario_isolation(out: Path, runs: list[dict], steps: int) -> dict:
+    """Per run (arch, engine overrides, sgtm overrides): three DeepSpeed runs at TP=2 that differ
+    only in the forget spans inside the documents (A, B: other content; C: B's content unlabelled)."""
+    result = {}
+    for run in runs:
+        finals = {}
+        for name, seed, mode in (("A", 1, Mode.FORGET), ("B", 2, Mode.FORGET), ("C", 2, Mode.UNLABELLED)):
+            cfg = tiny_config(run["arch"], "sgtm", tp=2,
+                              engine={"zero_stage": 1, "micro_batch_size": 4, **run.get("engine", {})},
+                              sgtm=run.get("sgtm", {}), optimizer={"lr": 3e-3, "weight_decay": 0.1},
+                              train={"steps": steps})
+            state = build_engine(cfg)
+            for step in range(steps):
+                train_step(state, [isolation_batch(step, seed, mode)])
+            finals[name] = gather_full_state_dict(state.model)
+            if state.clipper is not None and state.clipper.last_norms is not None:
+                finals[name + "_norms"] = state.clipper.last_norms.clone()
+        if dist.get_rank() == 0:
+            torch.save({"finals": finals}, out / f"isolation_{run['name']}.pt")
+        result[run["name"]] = "saved"
+    return result
+
+
 def _isolation_leaks(single_process_world, tmp_path_factory, run: dict, steps: int = 20):
     """(retain/joint(non_forget) slices that differ between runs A and B, forget slices that
     differ, retain slices that differ between A and the unlabelled control C, clip norms of A)."""
     out = tmp_path_factory.mktemp(f"iso_{run['name']}")
-    run_workers(2, "isolation", out, runs=[run], steps=steps)
+    run_scenario(2, scenario_isolation, out, runs=[run], steps=steps)
     saved = torch.load(out / f"isolation_{run['name']}.pt", weights_only=True)
     A, B, C = (saved["finals"][k] for k in "ABC")
     cfg = tiny_config(run["arch"], "sgtm", tp=1, sgtm=run.get("sgtm", {}))
@@ -138,6 +217,27 @@ def test_isolation_breaks_with_global_clipping(single_process_world, tmp_path_fa
     assert leaked
 
 
+def scenario_zero_losses(out: Path, runs: list[dict], steps: int, engine: dict | None = None) -> dict:
+    """Losses of masked steps for each (tp, zero) run on the same global batches."""
+    result = {}
+    for run in runs:
+        cfg = tiny_config("gpt-neo", "sgtm", tp=run["tp"],
+                          engine={"zero_stage": run["zero"], "micro_batch_size": 4 // (dist_world() // run["tp"]),
+                                  **(engine or {})},
+                          optimizer={"lr": 3e-3}, train={"steps": steps})
+        state = build_engine(cfg)
+        dp_rank, dp_size = state.dist.dp_rank, state.dist.dp_size
+        losses = []
+        for step in range(steps):
+            losses.append(float(train_step(state, dp_share(global_batch(step), dp_rank, dp_size))))
+        result[f"tp{run['tp']}_dp{dp_size}_zero{run['zero']}"] = losses
+    return result
+
+
+def dist_world() -> int:
+    return int(os.environ["WORLD_SIZE"])
+
+
 @pytest.mark.parametrize("clip", [0.0, 0.05], ids=["noclip", "per_partition_clip"])
 def test_zero_stages_and_tp2xdp2_give_same_losses(single_process_world, tmp_path_factory, clip):
     """5 masked steps: ZeRO 0/1/2 at TP=2, DP=2 at ZeRO-2 and TP2xDP2 (4 processes) match one
@@ -146,13 +246,11 @@ def test_zero_stages_and_tp2xdp2_give_same_losses(single_process_world, tmp_path
     steps = 5
     out = tmp_path_factory.mktemp("zero")
     engine = {"grad_clip": clip}
-    two = run_workers(2, "zero_losses", out / "two", steps=steps, engine=engine,
+    two = run_scenario(2, scenario_zero_losses, out / "two", steps=steps, engine=engine,
                       runs=[{"tp": 2, "zero": 0}, {"tp": 2, "zero": 1}, {"tp": 2, "zero": 2}, {"tp": 1, "zero": 2}])
-    four = run_workers(4, "zero_losses", out / "four", steps=steps, engine=engine,
-                       runs=[{"tp": 2, "zero": 1}, {"tp": 2, "zero": 2}])
+    four = run_scenario(4, scenario_zero_losses, out / "four", steps=steps, engine=engine,
+                        runs=[{"tp": 2, "zero": 1}, {"tp": 2, "zero": 2}])
     # Baseline: one process, TP=1, ZeRO-0, the same global batches.
-    from tests.dist_worker import global_batch
-
     cfg = tiny_config("gpt-neo", "sgtm", tp=1, engine={"zero_stage": 0, "micro_batch_size": 4, **engine},
                       optimizer={"lr": 3e-3}, train={"steps": steps})
     state = build_engine(cfg)

@@ -9,8 +9,10 @@ from pipeline.codes import ParamClass
 from pipeline.config import ConfigError, ModelConfig, SGTMConfig, load_config
 from pipeline.engine.engine import build_model
 from pipeline.model.ablate import ablate
+from pipeline.model.shapes import num_params
 from pipeline.sgtm.partition import ForgetPartition
-from tests.fixtures import mixed_batch, tiny_config
+from tests.support.batches import mixed_batch
+from tests.support.configs import tiny_config
 
 
 def part(tp=1, **sgtm):
@@ -95,7 +97,7 @@ def test_bad_configs_fail_with_one_line_naming_the_key(override, key):
 def test_model_fragments_compose_and_match_their_names():
     cfg = load_config("configs/experiments/core_tiny.yaml", ["model=models/wiki-254m.yaml"])
     assert cfg.model.n_layers == 16 and cfg.model.d_model == 1024
-    assert 240e6 < cfg.model.num_params() < 270e6
+    assert 240e6 < num_params(cfg.model) < 270e6
     cfg = load_config(data={"model": {"base": "models/tinystories-64m.yaml", "n_layers": 2}})
     assert cfg.model.n_layers == 2 and cfg.model.d_model == 512
 

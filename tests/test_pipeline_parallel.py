@@ -3,29 +3,30 @@ PP=2 x DP=2 train exactly as PP=1; checkpoint + resume at PP=2 through `sgtm tra
 continues exactly; the isolation invariant holds through PP=2 x TP=2 with GQA and SP and binding
 per-partition clipping; ablation zeroes exactly the forget slices on every stage and shard.
 
-The multi-process tests share two launches (2 and 4 gloo ranks, tests/pipe_worker.py) and are
+The multi-process tests share two launches (2 and 4 gloo ranks, ``scenario_all`` below) and are
 marked ``parallel`` (`make test-parallel`); the config and layout checks are plain tests."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from pipeline.config import ConfigError
-from pipeline.engine.distributed import spawn_local_ranks
 from pipeline.engine.engine import build_engine, build_model, train_step
 from pipeline.model.ablate import ablate
 from pipeline.model.tp_state import load_full_state_dict
-from tests.compare import assert_equivalent
-from tests.conftest import ROOT
-from tests.isolation_cases import slice_changes
-from tests.pipe_worker import config, dp_share, global_batch
-from tests.test_resume import corpus, data_cfg  # noqa: F401  (the module-scoped corpus fixture)
+from tests.support.batches import dp_share, global_batch, isolation_batch, mixed_batch
+from tests.support.compare import assert_equivalent
+from tests.support.configs import layout_config
+from tests.support.data import data_cfg, resume_corpus
+from tests.support.isolation import slice_changes
+from tests.support.launch import run_scenario
+from tests.support.mutations import pipeline_mutation
 
 STEPS = 5
 CLIP = 0.05  # binds every clip group at this size (asserted)
@@ -38,14 +39,148 @@ RUNS4 = [{"name": "pp2_tp2", "pp": 2, "tp": 2, "clip": CLIP, "gas": 2},
          # Mutation: clip norms summed over the stage only, not over the pipeline group.
          {"name": "mut_clip_no_pipeline_reduce", "pp": 2, "tp": 2, "clip": CLIP, "gas": 2,
           "mutation": "clip_no_pipeline_reduce"}]
+CLIP_NF = 0.5  # the non-finite scenario's clip
+
+
+# ---------------------------------------------------------------------------------- scenarios
+# Run on every rank by tests/support/launch.py (two launches: ``two`` and ``four`` below).
+
+
+def scenario_losses(out: Path, runs: list[dict], steps: int) -> dict:
+    """Losses (and last clip norms) of ``steps`` masked steps with mixed modes per run, on the same
+    global batches, each DP rank its share."""
+    result = {}
+    for run in runs:
+        with pipeline_mutation(run.get("mutation")):
+            cfg = layout_config(run, steps)
+            state = build_engine(cfg)
+            d = state.dist
+            n_domains = len(cfg.sgtm.domains)
+            losses = [float(train_step(state, dp_share(global_batch(s, n_domains), d.dp_rank, d.dp_size,
+                                                       run.get("gas", 1)))) for s in range(steps)]
+        norms = state.clipper.last_norms.tolist() if state.clipper is not None else None
+        result[run["name"]] = {"losses": losses, "norms": norms, "stage_layers": list(state.model.stage_layers)}
+    return result
+
+
+def scenario_isolation(out: Path, steps: int, mutated_steps: int) -> dict:
+    """PP=2 x TP=2, GQA, SP, binding per-partition clipping: runs A and B differ only in the
+    content of forget spans (C: B's spans unlabelled), ``steps`` each; then A and B again with the
+    modes dropped on stage 1 for ``mutated_steps``. Rank 0 saves the gathered final weights."""
+    from pipeline.codes import Mode
+    from pipeline.engine.pipe import gather_pipeline_state_dict
+
+    run = {"arch": "llama3", "pp": 2, "tp": 2, "sp": True, "clip": 0.05}
+    finals = {}
+    plan = [("A", 1, Mode.FORGET, steps, None), ("B", 2, Mode.FORGET, steps, None),
+            ("C", 2, Mode.UNLABELLED, steps, None),
+            ("mutA", 1, Mode.FORGET, mutated_steps, "modes_dropped_on_stage1"),
+            ("mutB", 2, Mode.FORGET, mutated_steps, "modes_dropped_on_stage1")]
+    for name, seed, mode, n, mut in plan:
+        with pipeline_mutation(mut):
+            state = build_engine(layout_config(run, n))
+            for step in range(n):
+                train_step(state, [isolation_batch(step, seed, mode)])
+        finals[name] = gather_pipeline_state_dict(state.model)
+        finals[name + "_norms"] = state.clipper.last_norms.clone()
+    if dist.get_rank() == 0:
+        torch.save(finals, out / "isolation.pt")
+    return {"saved": sorted(finals)}
+
+
+def scenario_ablation(out: Path) -> dict:
+    """PP=2 x TP=2, GQA: held-out per-token losses full and ablated through the pipeline engine
+    (``sgtm train``'s evaluation), then ``ablate`` on every stage and shard: on each rank the forget
+    slices are zero and nothing else changed; rank 0 saves the gathered weights before and after."""
+    from pipeline.engine.pipe import evaluate, gather_pipeline_state_dict, per_token_losses
+    from pipeline.model.ablate import ablate
+
+    state = build_engine(layout_config({"arch": "llama3", "pp": 2, "tp": 2}, 1))
+    batches = [mixed_batch(seed=s, batch=3, n_domains=1) for s in (7, 8)]  # not the training shape
+    full, abl = per_token_losses(state, batches, None), per_token_losses(state, batches, [0])
+    results = evaluate(state, {"forget": batches}, [0])
+    before = gather_pipeline_state_dict(state.model)
+    local_before = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+    ablate(state.model, [0])
+    ok, n_forget = True, 0
+    for n, p in state.model.named_parameters():
+        sel = p.sgtm_role.slice_mask(p, {0}).expand_as(p)
+        n_forget += int(sel.sum())
+        ok &= bool((p[sel] == 0).all()) and torch.equal(p[~sel], local_before[n][~sel])
+    after = gather_pipeline_state_dict(state.model)
+    flags: list = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, {"ok": ok, "forget_elements": n_forget, "stage": state.dist.pp_rank,
+                                   "tp_rank": state.dist.tp_rank})
+    if dist.get_rank() == 0:
+        torch.save({"before": before, "after": after, "full": full, "ablated": abl, "batches": batches},
+                   out / "ablation.pt")
+    r = results["forget"]
+    return {"ranks": flags, "eval": {"full": r.full, "ablated": r.ablated, "tokens": r.tokens}}
+
+
+def scenario_train_resume(out: Path, config: dict, steps: int, stop_at: int) -> dict:
+    """``sgtm train``'s loop at PP=2: run A straight to ``steps``; run B stops after ``stop_at``
+    steps (checkpoint), then ``--resume`` to ``steps``. Both runs' metrics and final eval."""
+    from pipeline.config import load_config
+    from pipeline.train import loop
+
+    runs = {}
+    for name in ("A", "B"):
+        cfg = dict(config, run_dir=str(out / "train_resume" / name))
+        if name == "A":
+            loop.train(load_config(data=cfg))
+        else:
+            loop.train(load_config(data=cfg), max_steps=stop_at)
+            loop.train(load_config(data=cfg), resume=True)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            run_dir = out / "train_resume" / name
+            lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+            records = [json.loads(x) for x in lines]
+            runs[name] = {"train": [r for r in records if r.get("kind") == "train"],
+                          "final": json.loads((run_dir / "final.json").read_text()),
+                          "tags": sorted(p.name for p in (run_dir / "checkpoints").iterdir())}
+    return runs
+
+
+def scenario_nonfinite(out: Path, zero: int) -> dict:
+    """PP=2 with per-partition clipping: step 2's loss is NaN on the last stage (``nan_loss@2``);
+    every rank of both stages must report the step skipped and keep its weights, then step 3
+    trains again."""
+    from pipeline.components import faults
+
+    state = build_engine(layout_config({"pp": 2, "zero": zero, "clip": CLIP_NF, "gas": 2}, 3))
+    n_domains = len(state.cfg.sgtm.domains)
+    flags, changed = [], []
+    os.environ[faults.ENV] = "nan_loss@2"
+    try:
+        for step in (1, 2, 3):
+            before = [p.detach().clone() for p in state.model.parameters()]
+            train_step(state, dp_share(global_batch(step, n_domains), 0, 1, 2), step=step)
+            flags.append(state.last_step_finite)
+            changed.append(any(not torch.equal(b, p) for b, p in zip(before, state.model.parameters())))
+    finally:
+        del os.environ[faults.ENV]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {"finite": flags, "changed": changed, "stage": state.dist.pp_rank,
+                                      "lr": state.engine.get_lr()[0]})
+    return everyone
+
+
+def scenario_all(out: Path, **parts: dict) -> dict:
+    """Several scenarios in one launch (DeepSpeed's start-up paid once per world size): ``parts``
+    maps ``name[-label]`` to the keyword arguments of ``scenario_<name>``."""
+    return {name: globals()[f"scenario_{name.split('-')[0]}"](out, **kwargs) for name, kwargs in parts.items()}
 
 
 def _launch(nprocs: int, out: Path, **parts) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    args = json.dumps({"out": str(out), **parts})
-    spawn_local_ranks([sys.executable, str(ROOT / "tests" / "pipe_worker.py"), "all", args], nprocs, out,
-                      env=env, cwd=ROOT, timeout=1200)
-    return json.loads((out / "result.json").read_text())
+    return run_scenario(nprocs, scenario_all, out, timeout=1200, **parts)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """tests/support/data.py ``resume_corpus``: 120 stories per language in small shards."""
+    return resume_corpus(tmp_path_factory.mktemp("resume_corpus"))
 
 
 def _train_config(root: Path) -> dict:
@@ -65,7 +200,7 @@ def _train_config(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two(tmp_path_factory, corpus):  # noqa: F811
+def two(tmp_path_factory, corpus):
     out = tmp_path_factory.mktemp("pp_two")
     return out, _launch(2, out, losses={"runs": RUNS2, "steps": STEPS},
                         train_resume={"config": _train_config(corpus), "steps": 6, "stop_at": 3},
@@ -81,7 +216,7 @@ def four(tmp_path_factory):
 
 def _pp1(single_process_world, run: dict) -> tuple[list[float], list[float]]:
     """Losses and last clip norms of the same run at PP=1, TP=1 (one process, same global batches)."""
-    cfg = config({**run, "pp": 1, "tp": 1, "sp": False, "mutation": None}, STEPS)
+    cfg = layout_config({**run, "pp": 1, "tp": 1, "sp": False, "mutation": None}, STEPS)
     state = build_engine(cfg)
     n = len(cfg.sgtm.domains)
     losses = [float(train_step(state, dp_share(global_batch(s, n), 0, 1, run.get("gas", 1)))) for s in range(STEPS)]
@@ -112,8 +247,8 @@ def test_bad_pipeline_configs_are_one_line_errors(overrides, message):
 
 
 def test_world_not_divisible_by_tp_times_pp_is_one_line(single_process_world):
+    from pipeline.backend.distributed import init_distributed
     from pipeline.config import EngineConfig
-    from pipeline.engine.distributed import init_distributed
 
     with pytest.raises(ValueError, match=r"^engine.pipeline_parallel: the world size 1 is not divisible by "
                                          r"engine.tensor_parallel x engine.pipeline_parallel = 1 x 2$"):
@@ -147,7 +282,7 @@ def test_a_stage_builds_only_its_blocks_with_pp1_weights(single_process_world):
     model's construction leaves it (the other blocks were built, then dropped)."""
     from pipeline.model.transformer import RemoteBlock
 
-    cfg = config({"arch": "llama3"}, 1)
+    cfg = layout_config({"arch": "llama3"}, 1)
     _, whole = build_model(cfg, single_process_world)
     rng_whole = torch.get_rng_state()
     _, stage = build_model(cfg, single_process_world, keep_blocks=range(2, 4))
@@ -199,7 +334,7 @@ def test_clip_norms_must_be_summed_over_the_pipeline_group(single_process_world,
 
 def _leaks(single_process_world, a: dict, b: dict) -> tuple[list[str], int]:
     """(retain/joint(non_forget) slices that differ between a and b, number of forget slices that do)."""
-    _, model = build_model(config({"arch": "llama3"}, 1), single_process_world)  # roles of the full tensors
+    _, model = build_model(layout_config({"arch": "llama3"}, 1), single_process_world)  # roles of the full tensors
     leaked, forget_changed, _ = slice_changes(model, a, b)
     return leaked, forget_changed
 
@@ -227,13 +362,13 @@ def test_isolation_through_pp2_x_tp2_with_gqa_and_sp(single_process_world, four)
 def test_ablation_and_evaluation_at_pp2_x_tp2(single_process_world, four):
     """Every (stage, TP rank) zeroed exactly its forget slices and left the rest; the gathered
     result equals ablating the PP=1 model; held-out per-token losses through the pipeline engine,
-    full and ablated, equal PP=1's (relative to their scale, tests/compare.py)."""
+    full and ablated, equal PP=1's (relative to their scale, tests/support/compare.py)."""
     out, result = four
     ranks = result["ablation"]["ranks"]
     assert [(r["stage"], r["tp_rank"]) for r in ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(r["ok"] for r in ranks) and all(r["forget_elements"] > 0 for r in ranks)
     saved = torch.load(out / "ablation.pt", weights_only=True)
-    _, model = build_model(config({"arch": "llama3"}, 1), single_process_world)
+    _, model = build_model(layout_config({"arch": "llama3"}, 1), single_process_world)
     load_full_state_dict(model, saved["before"])
     with torch.no_grad():
         for b, full, abl in zip(saved["batches"], saved["full"], saved["ablated"]):

@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -25,18 +24,19 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ROOT, free_port
-from tests.test_train import CONFIG, losses, tiny_overrides
+from pipeline.backend.distributed import free_port
+from pipeline.model.shapes import num_params
+from tests.support.configs import TRAIN_CONFIG as CONFIG
+from tests.support.configs import tiny_overrides
+from tests.support.data import bilingual_demo
+from tests.support.launch import finish, rank_log, run_scenario, start_ranks, write_result
+from tests.support.runs import losses
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """The bilingual demo data with a 1024-token BPE (as tests/test_train.py prepares it)."""
-    from pipeline.data.prepare import prepare_bilingual
-
-    out = tmp_path_factory.mktemp("data")
-    prepare_bilingual(out, vocab_size=1024)
-    return out
+    """The bilingual demo data with a 1024-token BPE (tests/support/data.py, as tests/test_train.py uses it)."""
+    return bilingual_demo(tmp_path_factory.mktemp("data"))
 
 
 # 8 steps, checkpoints every 2; no calibration (the final eval still runs and is compared)
@@ -45,40 +45,9 @@ CHAIN = {"engine.tensor_parallel": 2, "engine.dist_timeout_s": 30, "train.steps"
 
 
 # ------------------------------------------------------------------------------ launching
-
-
-def launch(nprocs: int, args: list[str], log: Path, faults: dict[int, str] | None = None) -> list[subprocess.Popen]:
-    """``sgtm train`` on ``nprocs`` local ranks; ``faults[rank]`` arms SGTM_FAULT on that rank."""
-    port = free_port()
-    procs = []
-    for rank in range(nprocs):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-        env.pop("SGTM_FAULT", None)
-        if faults and rank in faults:
-            env["SGTM_FAULT"] = faults[rank]
-        out = open(log.with_suffix(f".rank{rank}.log"), "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", "train", *args], env=env, cwd=ROOT,
-                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
-    return procs
-
-
-def finish(procs: list[subprocess.Popen], timeout: float = 300) -> tuple[list[int], float]:
-    """Wait for every rank; returns (exit codes, seconds until the last one exited)."""
-    t0 = time.time()
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=max(1.0, timeout - (time.time() - t0))))
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            codes.append(p.wait())
-            codes[-1] = "hung"
-    return codes, time.time() - t0
-
-
-def rank_log(log: Path, rank: int) -> str:
-    return log.with_suffix(f".rank{rank}.log").read_text()
+# ``start_ranks(nprocs, args, log, faults)``: ``sgtm train`` on local ranks, ``faults[rank]`` arming
+# SGTM_FAULT on that rank; ``finish``: every rank's exit code ("hung" past the timeout) and the
+# seconds until the last exit; ``rank_log``: a rank's output (tests/support/launch.py).
 
 
 def error_lines(text: str) -> list[str]:
@@ -103,15 +72,15 @@ def chain(data_dir, tmp_path_factory):
     full_dir, cut_dir = tmp / "full", tmp / "cut"
     obs: dict = {"dir": cut_dir, "full_dir": full_dir, "tmp": tmp}
     t0 = time.time()
-    obs["full"] = finish(launch(2, base + tiny_overrides(data_dir, full_dir, **CHAIN), tmp / "full"))
+    obs["full"] = finish(start_ranks(2, base + tiny_overrides(data_dir, full_dir, **CHAIN), tmp / "full"))
     obs["t_full"] = time.time() - t0
     assert obs["full"][0] == [0, 0], rank_log(tmp / "full", 0)[-3000:]
     args = base + tiny_overrides(data_dir, cut_dir, **CHAIN)
-    obs["cut"] = finish(launch(2, args, tmp / "cut", faults={1: "kill_in_step@4"}))
+    obs["cut"] = finish(start_ranks(2, args, tmp / "cut", faults={1: "kill_in_step@4"}))
     obs["cut_logs"] = [rank_log(tmp / "cut", r) for r in range(2)]
     obs["cut_latest"] = (cut_dir / "checkpoints" / "latest").read_text().strip()
     obs["cut_losses"] = losses(cut_dir)
-    obs["resume1"] = finish(launch(2, args + ["--resume"], tmp / "resume1", faults={0: "kill_in_save@4",
+    obs["resume1"] = finish(start_ranks(2, args + ["--resume"], tmp / "resume1", faults={0: "kill_in_save@4",
                                                                                      1: "kill_in_save@4"}))
     ck = cut_dir / "checkpoints"
     obs["after_save_kill"] = {"latest": (ck / "latest").read_text().strip(),
@@ -120,11 +89,11 @@ def chain(data_dir, tmp_path_factory):
     from pipeline.components.checkpoint import latest_tag
 
     obs["after_save_kill"]["resume_tag"] = latest_tag(ck)
-    obs["resume2"] = finish(launch(2, args + ["--resume"], tmp / "resume2", faults={0: "sigterm_at@5"}))
+    obs["resume2"] = finish(start_ranks(2, args + ["--resume"], tmp / "resume2", faults={0: "sigterm_at@5"}))
     obs["resume2_logs"] = [rank_log(tmp / "resume2", r) for r in range(2)]
     obs["after_sigterm"] = {"latest": latest_tag(ck), "losses": losses(cut_dir),
                             "tags": sorted(p.name for p in ck.iterdir() if p.is_dir())}
-    obs["resume3"] = finish(launch(2, args + ["--resume"], tmp / "resume3"))
+    obs["resume3"] = finish(start_ranks(2, args + ["--resume"], tmp / "resume3"))
     obs["resume3_logs"] = [rank_log(tmp / "resume3", r) for r in range(2)]
     obs["seconds"] = time.time() - t0
     print(f"chain: {obs['seconds']:.0f} s (uninterrupted run {obs['t_full']:.0f} s); "
@@ -238,7 +207,7 @@ def test_disk_full_or_read_only_checkpoint_dir_is_refused_before_training(
 
     run_dir = tmp_path / "run"
     cfg = _cfg(data_dir, run_dir)
-    need = checkpoint.estimate_bytes(cfg.model.num_params(), "fp32")
+    need = checkpoint.estimate_bytes(num_params(cfg.model), "fp32")
     with tmpfs(run_dir / "checkpoints", 1 << 20) as mounted:
         if not mounted:
             monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 0, 1 << 20))
@@ -259,7 +228,7 @@ def test_disk_full_or_read_only_checkpoint_dir_is_refused_before_training(
             train(cfg)
     assert "\n" not in str(info.value) and "not writable (Read-only file system)" in str(info.value)
     print(f"preflight: tmpfs={'yes' if mounted else 'no (injected)'}; one checkpoint estimated at "
-          f"{need / 2**20:.2f} MiB for {cfg.model.num_params()} parameters")
+          f"{need / 2**20:.2f} MiB for {num_params(cfg.model)} parameters")
 
 
 def test_disk_full_during_checkpoint_save_leaves_latest_loadable(
@@ -274,7 +243,7 @@ def test_disk_full_during_checkpoint_save_leaves_latest_loadable(
 
     run_dir = tmp_path / "run"
     cfg = _cfg(data_dir, run_dir, **{"train.steps": 6, "checkpoint.every": 2, "checkpoint.keep": 2})
-    need = checkpoint.estimate_bytes(cfg.model.num_params(), "fp32")
+    need = checkpoint.estimate_bytes(num_params(cfg.model), "fp32")
     ck = run_dir / "checkpoints"
     with tmpfs(ck, need + (64 << 10)) as mounted:
         if not mounted:
@@ -365,7 +334,8 @@ def test_crafted_pickle_checkpoint_is_refused_and_runs_no_code(single_process_wo
     from pipeline.cli import main
     from pipeline.components import checkpoint
     from pipeline.engine.engine import build_engine, train_step
-    from tests.fixtures import mixed_batch, tiny_config
+    from tests.support.batches import mixed_batch
+    from tests.support.configs import tiny_config
 
     cfg = tiny_config("gpt-neo", "sgtm", tp=1, engine={"zero_stage": zero, "micro_batch_size": 6})
     state = build_engine(cfg)
@@ -583,7 +553,7 @@ def test_bad_shards_and_tokenizer_mismatch_stop_sgtm_train_with_one_line(single_
 ISO_STEPS, ISO_CUT = 10, 5
 
 
-def _isolation_worker(out: Path) -> None:
+def scenario_isolation_after_resume(out: Path) -> None:
     """2 ranks, TP=2, per-partition clipping that binds, ZeRO 0/1/2. Run A trains straight
     through; run B (different forget-labelled content) is checkpointed at step ISO_CUT, its engine
     discarded, a fresh one resumed from the checkpoint (the same code path as `--resume`), and
@@ -594,7 +564,8 @@ def _isolation_worker(out: Path) -> None:
     from pipeline.components import checkpoint
     from pipeline.engine.engine import build_engine, train_step
     from pipeline.model.tp_state import gather_full_state_dict
-    from tests.fixtures import isolation_batch, tiny_config
+    from tests.support.batches import isolation_batch
+    from tests.support.configs import tiny_config
 
     for zero in (0, 1, 2):
         engine = {"zero_stage": zero, "micro_batch_size": 4, "grad_clip": 0.05}
@@ -621,15 +592,11 @@ def _isolation_worker(out: Path) -> None:
 def test_isolation_holds_after_checkpoint_resume_at_zero_0_1_2(single_process_world, tmp_path):
     """Changing forget-labelled content leaves every retain and joint parameter bit-identical,
     also when one of the two runs was checkpointed, torn down and resumed, at ZeRO 0, 1 and 2."""
-    from pipeline.engine.distributed import spawn_local_ranks
     from pipeline.engine.engine import build_model
-    from tests.fixtures import tiny_config
+    from tests.support.configs import tiny_config
 
-    env = {k: v for k, v in os.environ.items() if k != "SGTM_FAULT"}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     t0 = time.time()
-    spawn_local_ranks([sys.executable, "-m", "tests.test_reliability", "isolation", str(tmp_path)], 2,
-                      tmp_path / "iso", env=env, cwd=ROOT, timeout=400)
+    run_scenario(2, scenario_isolation_after_resume, tmp_path, timeout=400)
     seconds = time.time() - t0
     _, full_model = build_model(tiny_config("gpt-neo", "sgtm", tp=1), single_process_world)
     for zero in (0, 1, 2):
@@ -653,18 +620,22 @@ def test_isolation_holds_after_checkpoint_resume_at_zero_0_1_2(single_process_wo
 # ------------------------------------------------------------------------------ a hung (not dead) peer
 
 
-def _timeout_worker(out: Path) -> None:
-    """Rank 1 stops answering (sleeps, sockets open: no connection reset); rank 0's collectives
-    on the world and on megatron's TP group must fail after engine.dist_timeout_s."""
+def scenario_hung_peer(out: Path) -> dict:
+    """Rank 1 stops answering (sleeps, sockets open: no connection reset) until rank 0 has written
+    its result; rank 0's collectives on the world and on megatron's TP group must fail after
+    engine.dist_timeout_s. Both leave with ``os._exit`` (no teardown through the hung group)."""
     from megatron.core import parallel_state as ps
 
+    from pipeline.backend.distributed import init_distributed
     from pipeline.config import EngineConfig
-    from pipeline.engine.distributed import init_distributed
     from pipeline.train.loop import _is_comm_failure
 
     d = init_distributed(EngineConfig(tensor_parallel=2, dist_timeout_s=4))
     if d.rank == 1:
-        time.sleep(300)  # the test kills us
+        deadline = time.time() + 300
+        while not (out / "result.json").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        os._exit(0)
     result = {}
     for name, group in (("world", None), ("tp", ps.get_tensor_model_parallel_group())):
         t0 = time.time()
@@ -674,26 +645,12 @@ def _timeout_worker(out: Path) -> None:
         except Exception as exc:  # noqa: BLE001
             result[name] = {"error": str(exc).splitlines()[0][:300], "seconds": time.time() - t0,
                             "comm_failure": _is_comm_failure(exc)}
-    (out / "timeout.json").write_text(json.dumps(result))
+    write_result(out, result)
     os._exit(0)
 
 
 def test_a_hung_peer_is_given_up_after_the_dist_timeout(tmp_path):
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-                   PYTHONPATH=str(ROOT))
-        log = open(tmp_path / f"timeout.rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.test_reliability", "timeout", str(tmp_path)],
-                                      env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
-    try:
-        assert procs[0].wait(timeout=240) == 0, (tmp_path / "timeout.rank0.log").read_text()[-3000:]
-    finally:
-        procs[1].kill()
-        procs[1].wait()
-    result = json.loads((tmp_path / "timeout.json").read_text())
+    result = run_scenario(2, scenario_hung_peer, tmp_path, timeout=240)
     for name in ("world", "tp"):
         r = result[name]
         assert r["error"] and r["comm_failure"] and 3 < r["seconds"] < 60, (name, r)
@@ -704,10 +661,11 @@ def test_a_hung_peer_is_given_up_after_the_dist_timeout(tmp_path):
 def test_engine_builds_again_after_shutdown_in_the_same_process(single_process_world):
     """`sgtm train` called in-process (a notebook, a sweep driver) tears the world down on exit; the
     next run in that process must get live groups, not megatron's handles on the destroyed one."""
+    from pipeline.backend.distributed import init_distributed, shutdown_distributed
     from pipeline.config import EngineConfig
-    from pipeline.engine.distributed import init_distributed, shutdown_distributed
     from pipeline.engine.engine import build_engine, train_step
-    from tests.fixtures import mixed_batch, tiny_config
+    from tests.support.batches import mixed_batch
+    from tests.support.configs import tiny_config
 
     shutdown_distributed()
     assert not torch.distributed.is_initialized()
@@ -716,12 +674,4 @@ def test_engine_builds_again_after_shutdown_in_the_same_process(single_process_w
     state = build_engine(tiny_config("gpt-neo", "sgtm", tp=1))
     loss = train_step(state, [mixed_batch()])
     assert torch.isfinite(torch.as_tensor(loss))
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if sys.argv[1] == "isolation":
-        _isolation_worker(Path(sys.argv[2]))
-    elif sys.argv[1] == "timeout":
-        _timeout_worker(Path(sys.argv[2]))
 

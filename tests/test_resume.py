@@ -5,7 +5,7 @@ any stop point (hypothesis), restoring reads only what the state names (counted)
 continued on another DP size / worker count (2 -> 1 -> 4 ranks) delivers every train document of
 an epoch exactly once. Engine level: the consolidated form read from a checkpoint's files equals
 the live engine's state at every ZeRO stage, and loads into an engine of another stage exactly.
-Distributed (tests/dist_worker.py ``elastic_train``, gloo on CPU): ``sgtm train``'s loop runs
+Distributed (``scenario_elastic_train`` below, on N gloo ranks on CPU): ``sgtm train``'s loop runs
 TP=2 x DP=2 (ZeRO-1) -> 1 rank (ZeRO-0) -> DP=4 (ZeRO-2) with --resume; weights and Adam moments
 after each reshard equal the state before the save exactly, and the documents of the epoch are
 each delivered once across the three phases and the drained rest.
@@ -14,7 +14,6 @@ each delivered once across the three phases and the drained rest.
 from __future__ import annotations
 
 import json
-import lzma
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -27,52 +26,17 @@ from hypothesis import strategies as st
 from pipeline.data.errors import DataError
 from pipeline.data.labels import is_heldout
 from pipeline.data.loader import build_loader, fresh_items
-from pipeline.data.shards import iter_shard_documents, load_manifest, write_shards
-from tests.conftest import ROOT, run_workers
-
-DATA = ROOT / "data" / "tinystories"
-SEQ = 32
-HELDOUT = 0.05
-
-
-def _subset(src: Path, dst: Path, n: int) -> Path:
-    with lzma.open(src, "rt", encoding="utf-8") as handle:
-        dst.write_text("".join(next(handle) for _ in range(n)), encoding="utf-8")
-    return dst
+from pipeline.data.shards import iter_shard_documents, load_manifest
+from tests.support.data import HELDOUT, data_cfg, resume_corpus
+from tests.support.data import RESUME_SEQ as SEQ
+from tests.support.launch import run_scenario
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """120 English + 120 Spanish stories, a 512-id BPE trained on them, ~25 shards per source
-    (enough for 4 ranks x 2 workers)."""
-    from pipeline.data.tokenizer import train_bpe
-
-    root = tmp_path_factory.mktemp("resume_corpus")
-    texts = []
-    for name, lang in (("en", "stories_en"), ("es", "stories_es")):
-        path = _subset(DATA / f"{lang}.jsonl.xz", root / f"{name}.jsonl", 120)
-        texts += [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
-    tokenizer = train_bpe(texts, 512, root / "bpe512.json")
-    for name in ("en", "es"):
-        manifest = write_shards([str(root / f"{name}.jsonl")], tokenizer, SEQ, root / name, source=name,
-                                shard_size_mb=0.012, progress=False)
-        assert len(manifest["shards"]) >= 8
-    return root
-
-
-def data_cfg(root: Path, **overrides) -> dict:
-    cfg = {
-        "sources": [{"path": str(root / "en"), "true_label": "retain"},
-                    {"path": str(root / "es"), "true_label": "forget:spanish"}],
-        "domains": ["spanish"],
-        "tokenizer": str(root / "bpe512.json"),
-        "shuffle_buffer": 16,
-        "heldout_fraction": HELDOUT,
-        "tagging": {"undiscovered_rate": 0.2, "retain_fraction": 0.25},
-        "num_workers": 0,
-    }
-    cfg.update(overrides)
-    return cfg
+    (enough for 4 ranks x 2 workers): tests/support/data.py ``resume_corpus``."""
+    return resume_corpus(tmp_path_factory.mktemp("resume_corpus"))
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -348,7 +312,7 @@ def test_the_coverage_check_catches_a_replayed_or_lost_document(corpus):
 
 def _engine(zero: int, precision: str = "fp32", clip: float = 1.0):
     from pipeline.engine.engine import build_engine
-    from tests.fixtures import tiny_config
+    from tests.support.configs import tiny_config
 
     cfg = tiny_config("gpt-neo", "sgtm", tp=1,
                       engine={"zero_stage": zero, "micro_batch_size": 6, "grad_clip": clip, "precision": precision},
@@ -376,7 +340,7 @@ def test_consolidated_form_is_the_engine_state_and_loads_into_any_zero_stage(sin
     counters, and the next step is bit-identical (one rank: nothing else differs)."""
     from pipeline.components import checkpoint
     from pipeline.engine.engine import train_step
-    from tests.fixtures import mixed_batch
+    from tests.support.batches import mixed_batch
 
     state = _engine(saved)
     for i in range(3):
@@ -402,7 +366,7 @@ def test_deepspeed_links_optimizer_fragments_of_the_first_group_only(single_proc
     other groups have no state yet, so `safe_get_full_optimizer_state` fails on their parameters.
     If an upgrade fixes this, the public API could be used instead."""
     from pipeline.engine.engine import train_step
-    from tests.fixtures import mixed_batch
+    from tests.support.batches import mixed_batch
 
     state = _engine(1)
     train_step(state, [mixed_batch()])
@@ -414,7 +378,7 @@ def test_deepspeed_links_optimizer_fragments_of_the_first_group_only(single_proc
 def test_bf16_zero0_checkpoint_cannot_be_resharded_one_line(single_process_world, tmp_path):
     from pipeline.components import checkpoint
     from pipeline.engine.engine import train_step
-    from tests.fixtures import mixed_batch
+    from tests.support.batches import mixed_batch
 
     state = _engine(0, precision="bf16", clip=0.0)
     train_step(state, [mixed_batch()])
@@ -425,6 +389,49 @@ def test_bf16_zero0_checkpoint_cannot_be_resharded_one_line(single_process_world
 
 
 # ------------------------------------------------------------------------------ distributed chain
+
+
+def scenario_elastic_train(out: Path, phase: str, config: dict, steps: int, resume: bool) -> dict:
+    """One phase of an elastic chain: ``sgtm train``'s loop (``pipeline.train.loop.train``) for
+    ``steps`` steps on this world, with --resume from the run's latest checkpoint (written on
+    another layout). Instrumented, nothing replaced: the full train state right after the restore
+    and right before the final save (rank 0 writes them, with the LR and ``resharded_from``), and
+    every batch this rank's loader delivered."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from pipeline.components import checkpoint
+    from pipeline.config import load_config
+    from pipeline.data import loader as loader_mod
+    from pipeline.train import loop
+
+    seen, dumps = [], {}
+    real_next, real_restore, real_save = loader_mod.StreamingLoader.__next__, checkpoint.restore, checkpoint.save
+
+    def recording_next(self):
+        batch = real_next(self)
+        seen.append({k: batch[k].clone() for k in ("input_ids", "labels", "source_ids", "doc_index")})
+        return batch
+
+    def restore(engine, *args, **kwargs):
+        client = real_restore(engine, *args, **kwargs)
+        dumps.update(after_restore=checkpoint.full_train_state(engine), lr_after=engine.get_lr(),
+                     resharded_from=client.get("resharded_from"))
+        return client
+
+    def save(engine, *args, **kwargs):
+        dumps.update(before_save=checkpoint.full_train_state(engine), lr_before=engine.get_lr())
+        return real_save(engine, *args, **kwargs)
+
+    loader_mod.StreamingLoader.__next__ = recording_next
+    checkpoint.restore, checkpoint.save = restore, save
+    loop.train(load_config(data=config), resume=resume, max_steps=steps)
+    rank = dist.get_rank()
+    torch.save(seen, out / f"{phase}_batches_rank{rank}.pt")
+    if rank == 0:
+        torch.save(dumps, out / f"{phase}_state.pt")
+    return {"world": dist.get_world_size(), "dp": ps.get_data_parallel_world_size(),
+            "tp": ps.get_tensor_model_parallel_world_size()}
 
 
 def _train_config(corpus: Path, run_dir: Path, tp: int, zero: int) -> dict:
@@ -457,7 +464,7 @@ def test_elastic_resume_2x2_to_1_to_4_ranks_reshards_exactly(corpus, tmp_path):
     for phase, world, tp, zero, steps in phases:
         out = tmp_path / phase
         out.mkdir()
-        run_workers(world, "elastic_train", out, timeout=900, phase=phase,
+        run_scenario(world, scenario_elastic_train, out, timeout=900, phase=phase,
                     config=_train_config(corpus, run, tp, zero), steps=steps, resume=phase != "A")
     states = {p: torch.load(tmp_path / p / f"{p}_state.pt", weights_only=True) for p, *_ in phases}
     for before, after in (("A", "B"), ("B", "C")):

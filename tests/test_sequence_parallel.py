@@ -1,20 +1,26 @@
 """Sequence parallelism (engine.sequence_parallel): TP=2 + SP equals TP=1, isolation holds with SP
-on, and DeepSpeed training at TP=2 + SP equals TP=2 without it (gloo, loopback)."""
+on, and DeepSpeed training at TP=2 + SP equals TP=2 without it (gloo, loopback; each
+``scenario_*`` runs on every rank, launched by tests/support/launch.py, beside its tests)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
 
+from pipeline.backend.distributed import init_distributed
 from pipeline.config import ConfigError, load_config
-from pipeline.engine.engine import build_model
-from pipeline.model.tp_state import load_full_state_dict
-from tests.compare import assert_all_equivalent, assert_equivalent, mismatches
-from tests.conftest import run_workers
-from tests.fixtures import mixed_batch, tiny_config
+from pipeline.engine.engine import build_engine, build_model, train_step
+from pipeline.model.tp_state import gather_full_state_dict, load_full_state_dict
+from tests.support.batches import mixed_batch
+from tests.support.compare import assert_all_equivalent, assert_equivalent, mismatches
+from tests.support.configs import GQA, case_config, tiny_config
+from tests.support.isolation import isolation_property
+from tests.support.launch import run_scenario
+from tests.support.mutations import sp_mutation
 
-GQA = {"arch": "llama3", "model": {"n_heads": 8, "n_kv_heads": 2}, "two_domains": False,
-       "sgtm": {"domains": [{"name": "es", "heads": [4, 5, 6, 7], "units": [3, 10, 31, 32, 40]}]}}
 CASES = {
     "gpt-neo": {"arch": "gpt-neo"},
     "llama": {"arch": "llama"},
@@ -33,18 +39,55 @@ EXACT = [n for n in CASES if not n.startswith("mut_")]
 TOL = dict(rtol=0, atol=1e-5)
 
 
+def scenario_sequence_parallel_grads(out: Path, cases: dict[str, dict]) -> dict:
+    """TP=2 + SP: loss, gathered gradients, per-token losses, logits and hidden states of a mixed
+    batch per named case (arch, model/sgtm overrides, two_domains, optional mutation); and whether
+    every SP-marked (replicated, sequence-sharded) parameter's gradient is the same on both ranks."""
+    result = {}
+    for name, over in cases.items():
+        two = over.get("two_domains", True)
+        cfg = case_config(over, tp=2, engine={"sequence_parallel": True})
+        d = init_distributed(cfg.engine)
+        with sp_mutation(over.get("mutation")):
+            _, model = build_model(cfg, d)
+            b = mixed_batch(n_domains=2 if two else 1)
+            kw = dict(modes=b["modes"], doc_ids=b["doc_ids"], target_modes=b["target_modes"])
+            loss = model(b["input_ids"], labels=b["labels"], **kw)
+            loss.backward()
+            with torch.no_grad():
+                per_token = model(b["input_ids"], labels=b["labels"], return_per_token=True, **kw)
+                logits = model(b["input_ids"], **kw)  # vocab-parallel [B, S, V/tp]
+                hidden = model(b["input_ids"], doc_ids=b["doc_ids"], return_hidden=True)
+        parts = [torch.empty_like(logits) for _ in range(d.tp_size)]
+        dist.all_gather(parts, logits.contiguous())
+        same = True
+        for p in model.parameters():
+            if getattr(p, "sequence_parallel", False):
+                ref = p.grad.clone()
+                dist.broadcast(ref, 0)
+                same &= torch.equal(ref, p.grad)
+        flags = [None] * d.world_size
+        dist.all_gather_object(flags, same)
+        full, grads = gather_full_state_dict(model), gather_full_state_dict(model, grads=True)
+        if d.rank == 0:
+            torch.save({"state": full, "grads": grads, "loss": loss.detach(), "per_token": per_token,
+                        "logits": torch.cat(parts, dim=-1), "hidden": hidden}, out / f"sp_{name}.pt")
+        n_sp = sum(bool(getattr(p, "sequence_parallel", False)) for p in model.parameters())
+        result[name] = {"sp_grads_equal_on_ranks": flags, "sp_marked": n_sp}
+    return result
+
+
 @pytest.fixture(scope="module")
 def sp2(tmp_path_factory):
     out = tmp_path_factory.mktemp("sp2")
-    return out, run_workers(2, "sequence_parallel_grads", out, cases=CASES)
+    return out, run_scenario(2, scenario_sequence_parallel_grads, out, cases=CASES)
 
 
 def _tp1(world, name: str, saved: dict):
     """The TP=1 model (no SP) with the TP=2 + SP run's weights, run on the same batch."""
     over = CASES[name]
     two = over.get("two_domains", True)
-    cfg = tiny_config(over["arch"], over.get("strategy", "sgtm"), tp=1, two_domains=two,
-                      model=over.get("model", {}), sgtm=over.get("sgtm", {}))
+    cfg = case_config(over, tp=1)
     _, model = build_model(cfg, world)
     load_full_state_dict(model, saved["state"])
     b = mixed_batch(n_domains=2 if two else 1)
@@ -62,7 +105,7 @@ def _tp1(world, name: str, saved: dict):
 def test_tp2_sp_loss_and_gradients_equal_tp1(single_process_world, sp2, name):
     """Mixed modes (changes inside documents, target_modes): loss and every gathered gradient,
     per-token losses, logits and the gathered final hidden states equal TP=1's, per tensor
-    relative to its scale (tests/compare.py); SP-marked parameters (norms, row-parallel output
+    relative to its scale (tests/support/compare.py); SP-marked parameters (norms, row-parallel output
     biases) hold the same gradient on both ranks."""
     out, result = sp2
     saved = torch.load(out / f"sp_{name}.pt", weights_only=True)
@@ -78,7 +121,7 @@ def test_tp2_sp_loss_and_gradients_equal_tp1(single_process_world, sp2, name):
 
 
 def _grad_mismatches(single_process_world, sp2, name: str) -> list[str]:
-    """The tensors whose gradient fails the comparison above (tests/compare.py's lines)."""
+    """The tensors whose gradient fails the comparison above (tests/support/compare.py's lines)."""
     out, _ = sp2
     saved = torch.load(out / f"sp_{name}.pt", weights_only=True)
     model, _, _ = _tp1(single_process_world, name, saved)
@@ -116,22 +159,56 @@ def test_sp_gradient_comparison_fails_with_dq_scaled_by_1_05(single_process_worl
     assert {"blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight"} <= bad, bad
 
 
+def scenario_sequence_parallel_isolation(out: Path, seeds: list[int], mutation_seeds: list[int]) -> dict:
+    """The isolation property at TP=2 + SP over ``seeds``, then over ``mutation_seeds`` with the
+    token masks in the wrong ([B, S]) order, which the check must report (one launch for both)."""
+    clean = isolation_property(seeds, sequence_parallel=True)
+    with sp_mutation("masks_batch_major"):
+        mutated = isolation_property(mutation_seeds, sequence_parallel=True)
+    return {"clean": clean, "mutated": mutated}
+
+
 def test_isolation_property_at_tp2_with_sp(tmp_path):
-    """The random-case isolation property (tests/isolation_cases.py) at TP=2 with SP on: every
+    """The random-case isolation property (tests/support/isolation.py) at TP=2 with SP on: every
     shard's retain and joint(non_forget) gradients bit-identical under changed forget content,
     forget slices changed. With the masks flattened in the wrong order the same check reports leaks."""
-    result = run_workers(2, "sequence_parallel_isolation", tmp_path, seeds=list(range(20)), mutation_seeds=[0, 1, 2])
+    result = run_scenario(2, scenario_sequence_parallel_isolation, tmp_path, seeds=list(range(20)),
+                          mutation_seeds=[0, 1, 2])
     clean, mutated = result["clean"], result["mutated"]
     assert clean["checked"] == 20 and clean["reached"] > 8
     assert not clean["failures"], clean["failures"][:3]
     assert mutated["checked"] == 3 and any("leaked" in f for f in mutated["failures"])
 
 
+def scenario_sequence_parallel_engine(out: Path, archs: list[str], steps: int) -> dict:
+    """DeepSpeed ZeRO-1 at TP=2, with and without SP, per-partition clipping that binds: losses and
+    the clip norms of every step, on the same mixed-mode batches."""
+    result = {}
+    for arch in archs:
+        over = {"model": {"n_heads": 8, "n_kv_heads": 2},
+                "sgtm": {"domains": [{"name": "es", "heads": [4, 5, 6, 7], "units": [3, 10, 31, 32, 40]}]},
+                "two_domains": False} if arch == "llama3" else {}
+        for sp in (False, True):
+            cfg = tiny_config(arch, "sgtm", tp=2, two_domains=over.get("two_domains", True),
+                              model=over.get("model", {}), sgtm=over.get("sgtm", {}),
+                              engine={"zero_stage": 1, "micro_batch_size": 4, "grad_clip": 0.05,
+                                      "sequence_parallel": sp},
+                              optimizer={"lr": 3e-3}, train={"steps": steps})
+            state = build_engine(cfg)
+            losses, norms = [], []
+            for step in range(steps):
+                b = mixed_batch(seed=step, batch=4, n_domains=2 if over.get("two_domains", True) else 1)
+                losses.append(float(train_step(state, [b])))
+                norms.append(state.clipper.last_norms.tolist())
+            result[f"{arch}_sp{int(sp)}"] = {"losses": losses, "norms": norms}
+    return result
+
+
 def test_deepspeed_tp2_sp_losses_equal_tp2(tmp_path):
     """4 ZeRO-1 steps with binding per-partition clipping on mixed-mode batches: TP=2 + SP gives
     the losses and clip norms of TP=2 without SP (so the clipper counts the all-reduced norm
     gradients once, as before)."""
-    result = run_workers(2, "sequence_parallel_engine", tmp_path, archs=["gpt-neo", "llama3"], steps=4)
+    result = run_scenario(2, scenario_sequence_parallel_engine, tmp_path, archs=["gpt-neo", "llama3"], steps=4)
     for arch in ("gpt-neo", "llama3"):
         base, sp = result[f"{arch}_sp0"], result[f"{arch}_sp1"]
         torch.testing.assert_close(torch.tensor(sp["losses"]), torch.tensor(base["losses"]), **TOL)

@@ -8,68 +8,21 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, free_port
-
-CONFIG = ROOT / "configs" / "experiments" / "bilingual_tiny.yaml"
+from tests.support import ROOT
+from tests.support.configs import TRAIN_CONFIG as CONFIG
+from tests.support.configs import tiny_overrides
+from tests.support.data import bilingual_demo
+from tests.support.launch import start_ranks, wait_all
+from tests.support.runs import losses
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from pipeline.data.prepare import prepare_bilingual
-
-    out = tmp_path_factory.mktemp("data")
-    prepare_bilingual(out, vocab_size=1024)
-    return out
-
-
-def tiny_overrides(data_dir: Path, run_dir: Path, **extra) -> list[str]:
-    o = {
-        "model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.d_ff": 256, "model.max_seq_len": 64,
-        "model.vocab_size": 1024, "sgtm.domains": "[{name: spanish, heads: [1], units: 32}]",
-        "engine.micro_batch_size": 4, "train.steps": 12, "train.log_every": 1, "optimizer.warmup_steps": 2,
-        "eval.every": 6, "eval.batches": 1, "eval.batch_size": 4,
-        "eval.calibration": "{steps: 20, batches: 1, tokens_per_step: 128}",
-        "checkpoint.every": 4, "checkpoint.keep": 2, "run_dir": str(run_dir),
-        "data.sources": f"[{{path: {data_dir}/en, true_label: retain}}, "
-                        f"{{path: {data_dir}/es, true_label: 'forget:spanish'}}]",
-        "data.tokenizer": str(data_dir / "bpe1024.json"), "data.num_workers": 0,
-    }
-    o.update(extra)
-    return [f"{k}={v}" for k, v in o.items()]
-
-
-def launch(nprocs: int, args: list[str], log: Path) -> list[subprocess.Popen]:
-    port = free_port()
-    procs = []
-    for rank in range(nprocs):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-        out = open(log.with_suffix(f".rank{rank}.log"), "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", "train", *args], env=env, cwd=ROOT,
-                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
-    return procs
-
-
-def wait_all(procs, log: Path, timeout=600) -> None:
-    for p in procs:
-        rc = p.wait(timeout=timeout)
-        if rc != 0:
-            raise AssertionError(f"rank exited {rc}:\n" + log.with_suffix(".rank0.log").read_text()[-3000:])
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """Last logged train loss per step (a resumed run re-logs the steps after its checkpoint)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["kind"] == "train":
-            out[r["step"]] = r["loss"]
-    return out
+    return bilingual_demo(tmp_path_factory.mktemp("data"))
 
 
 def test_tp2_run_killed_and_resumed_matches_uninterrupted(data_dir, tmp_path):
@@ -77,9 +30,9 @@ def test_tp2_run_killed_and_resumed_matches_uninterrupted(data_dir, tmp_path):
     --resume; every later step's loss and the final eval equal an uninterrupted run bit for bit."""
     base = ["--config", str(CONFIG)]
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    wait_all(launch(2, base + tiny_overrides(data_dir, full_dir, **{"engine.tensor_parallel": 2}), tmp_path / "full"),
-             tmp_path / "full")
-    procs = launch(2, base + tiny_overrides(data_dir, cut_dir, **{"engine.tensor_parallel": 2}), tmp_path / "cut")
+    wait_all(start_ranks(2, base + tiny_overrides(data_dir, full_dir, **{"engine.tensor_parallel": 2}),
+                         tmp_path / "full"), tmp_path / "full")
+    procs = start_ranks(2, base + tiny_overrides(data_dir, cut_dir, **{"engine.tensor_parallel": 2}), tmp_path / "cut")
     deadline = time.time() + 300
     while not (cut_dir / "checkpoints" / "latest").exists():
         assert time.time() < deadline and all(p.poll() is None for p in procs), "no checkpoint appeared"
@@ -89,8 +42,8 @@ def test_tp2_run_killed_and_resumed_matches_uninterrupted(data_dir, tmp_path):
         p.wait()
     killed_at = max(losses(cut_dir))
     assert killed_at < 12
-    wait_all(launch(2, base + tiny_overrides(data_dir, cut_dir, **{"engine.tensor_parallel": 2}) + ["--resume"],
-                    tmp_path / "resume"), tmp_path / "resume")
+    wait_all(start_ranks(2, base + tiny_overrides(data_dir, cut_dir, **{"engine.tensor_parallel": 2}) + ["--resume"],
+                         tmp_path / "resume"), tmp_path / "resume")
     a, b = losses(full_dir), losses(cut_dir)
     assert sorted(a) == list(range(1, 13)) and sorted(b) == sorted(a)
     assert a == b  # bitwise (JSON floats round-trip exactly)
@@ -103,7 +56,7 @@ def test_tp2_run_killed_and_resumed_matches_uninterrupted(data_dir, tmp_path):
 def test_sigterm_checkpoints_and_exits_zero(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     args = ["--config", str(CONFIG)] + tiny_overrides(data_dir, run_dir, **{"train.steps": 400, "checkpoint.every": 0})
-    procs = launch(1, args, tmp_path / "term")
+    procs = start_ranks(1, args, tmp_path / "term")
     deadline = time.time() + 300
     while not (run_dir / "metrics.jsonl").exists() or len(losses(run_dir)) < 3:
         assert time.time() < deadline and procs[0].poll() is None

@@ -1,32 +1,13 @@
-"""Small configs and hand-built mixed batches shared by in-process and multi-process tests."""
+"""Hand-built batches: every mode in one batch (:func:`mixed_batch`), ``sgtm check-isolation``'s
+layouts (:func:`isolation_batch`), a global batch with every position labelled and its
+data-parallel shares (:func:`global_batch`, :func:`dp_share`). Sizes: :mod:`tests.support.configs`."""
 
 from __future__ import annotations
 
 import torch
 
 from pipeline.codes import Mode
-from pipeline.config import load_config
-
-VOCAB = 97  # padded to 128 by the model
-SEQ = 16
-
-
-def tiny_config(arch: str = "gpt-neo", strategy: str = "sgtm", tp: int = 1, two_domains: bool = True,
-                joint_update: str = "non_forget", **extra):
-    """2 blocks, d=32, 4 heads, d_ff=64. Domain 'es' owns head 1 and units that straddle the TP=2
-    boundary (32); domain 'fr' owns head 2 (on the other TP=2 rank) and two units."""
-    domains = [{"name": "es", "heads": [1], "units": [3, 10, 31, 32, 40]}]
-    if two_domains:
-        domains.append({"name": "fr", "heads": [2], "units": [5, 60]})
-    data = {
-        "model": {"arch": arch, "n_layers": 2, "d_model": 32, "n_heads": 4, "d_ff": 64,
-                  "vocab_size": VOCAB, "max_seq_len": SEQ, **extra.pop("model", {})},
-        "sgtm": {"strategy": strategy, "domains": domains, "joint_update": joint_update, **extra.pop("sgtm", {})},
-        "engine": {"tensor_parallel": tp, **extra.pop("engine", {})},
-        "train": {"seed": 1234, **extra.pop("train", {})},
-        **extra,
-    }
-    return load_config(data=data)
+from tests.support.configs import SEQ, VOCAB
 
 
 def mixed_batch(seed: int = 0, batch: int = 6, n_domains: int = 2) -> dict[str, torch.Tensor]:
@@ -69,3 +50,18 @@ def isolation_batch(step: int, forget_seed: int, forget_mode: int, n_domains: in
     from pipeline.commands.isolation import isolation_batch as layouts
 
     return layouts(step, forget_seed, forget_mode, 4, SEQ, VOCAB, n_domains=n_domains, unlabelled=step == 0)
+
+
+def global_batch(step: int, n_domains: int = 2) -> dict[str, torch.Tensor]:
+    """:func:`mixed_batch` of 4 rows (seed ``step``) with every position labelled: equal DP shares."""
+    b = mixed_batch(seed=step, batch=4, n_domains=n_domains)
+    b["labels"] = b["input_ids"].roll(-1, dims=1)
+    return b
+
+
+def dp_share(batch: dict, dp_rank: int, dp_size: int, gas: int = 1) -> list[dict]:
+    """This DP rank's ``gas`` micro-batches of a global batch of 4 rows."""
+    n = 4 // dp_size
+    mine = {k: v[dp_rank * n:(dp_rank + 1) * n] for k, v in batch.items()}
+    m = n // gas
+    return [{k: v[i * m:(i + 1) * m] for k, v in mine.items()} for i in range(gas)]

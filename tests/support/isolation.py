@@ -1,7 +1,8 @@
 """Random partitions and random mode layouts for the isolation property, and its check.
 
 One generator, two drivers: hypothesis draws the choices in-process (so failures shrink), and the
-multi-process TP=2 worker draws them from a seeded ``random.Random`` (every rank the same case).
+multi-process TP=2 scenarios (:func:`isolation_property` on every rank) draw them from a seeded
+``random.Random`` (every rank the same case).
 A case is a config plus two batches that agree on every non-forget position (input, target,
 mode, document) and differ at the forget positions: their content (inputs and targets), which of
 their labels are ignored (so the number of labelled forget positions differs) and, with several
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.codes import Mode, ParamClass
-from tests.fixtures import SEQ, VOCAB, tiny_config
+from tests.support.configs import SEQ, VOCAB, tiny_config
 
 Pick = Callable[[int, int], int]  # an integer in [lo, hi], drawn by hypothesis or a seeded RNG
 N_HEADS, D_FF, N_LAYERS = 4, 64, 2
@@ -169,3 +170,39 @@ def slice_changes(model, a: dict, b: dict, c: dict | None = None) -> tuple[list[
     forget_changed = sum(len(names) for cls, names in ab.items() if cls >= 0)
     control = len(differing_slices(model, a, c).get(ParamClass.RETAIN, [])) if c is not None else 0
     return leaked, forget_changed, control
+
+
+def isolation_property(seeds: list[int], sequence_parallel: bool = False) -> dict:
+    """The isolation property at TP=2 over random cases, on every rank of a 2-rank world (a
+    scenario's body): the case of each seed drawn by a seeded RNG so every rank draws the same one;
+    gradients compared shard by shard on every rank (``sequence_parallel``: with SP on). Returns
+    the failures (leaks, or forget content that reached no forget slice), and how many cases were
+    checked and could reach their forget parameters."""
+    import dataclasses
+    import random
+
+    import torch.distributed as dist
+
+    from pipeline.backend.distributed import init_distributed
+    from pipeline.engine.engine import build_model
+
+    failures, checked, reached = [], 0, 0
+    for seed in seeds:
+        rng = random.Random(seed)
+        case = make_case(rng.randint, tp=2)
+        cfg = case.config()
+        if sequence_parallel:
+            cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, sequence_parallel=True)).validate()
+        d = init_distributed(cfg.engine)
+        _, model = build_model(cfg, d)
+        leaked, forget_changed = isolation_leaks(model, case)
+        flags = [None] * d.world_size
+        dist.all_gather_object(flags, (leaked, bool(forget_changed)))
+        checked += 1
+        if any(f[0] for f in flags):
+            failures.append({"seed": seed, "leaked": [n for f in flags for n in f[0]][:5], "case": case.overrides})
+        if forget_reaches_its_parameters(case):
+            reached += 1
+            if not any(f[1] for f in flags):
+                failures.append({"seed": seed, "forget_unchanged": True, "case": case.overrides})
+    return {"failures": failures, "checked": checked, "reached": reached}
