@@ -54,7 +54,7 @@ def param_counts(cell: dict) -> dict:
     import yaml
 
     from pipeline.config import ModelConfig, SGTMConfig, assign_domains, from_dict
-    from pipeline.model.moe import active_params, expert_params
+    from pipeline.model.shapes import active_params, expert_params, num_params
 
     if cell.get("param_counts"):  # a stored cell (pipeline/experiments/cells.py) carries them
         return cell["param_counts"]
@@ -67,4 +67,4 @@ def param_counts(cell: dict) -> dict:
     per_unit = (3 if m.mlp == "swiglu" else 2) * m.d_model + (2 if m.mlp == "swiglu" else 1) * bool(m.bias)
     forget = sum(len(d.layers) * (len(d.units) * per_unit + len(d.experts) * expert_params(m))
                  for d in assign_domains(m, s)) if s.strategy != "none" else 0
-    return {"params_total": m.num_params(), "params_active": active_params(m), "forget_mlp_params": forget}
+    return {"params_total": num_params(m), "params_active": active_params(m), "forget_mlp_params": forget}

@@ -79,7 +79,7 @@ def ensure_tasks(data_cfg, task_dir: str | Path, kinds: list[str], seed: int, ma
 
 def _one_process_world() -> None:
     """Ablation builds the model (megatron layers): a world of one process, as `sgtm ablate` has."""
-    from pipeline.engine.distributed import free_port
+    from pipeline.backend.distributed import free_port
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):

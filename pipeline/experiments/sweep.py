@@ -329,7 +329,7 @@ def _run_locked(base: Path, cell: Cell, run_dir: Path, log) -> bool:
     # One thread per cell unless told otherwise: on a shared CPU, spinning OpenMP threads waste
     # more than they gain (SGTM_CELL_THREADS=N to change).
     env["OMP_NUM_THREADS"] = os.environ.get("SGTM_CELL_THREADS", env.get("OMP_NUM_THREADS", "1"))
-    from pipeline.engine.distributed import free_port
+    from pipeline.backend.distributed import free_port
 
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     t0 = time.perf_counter()
@@ -361,9 +361,10 @@ def eval_history(run_dir: Path) -> list[dict]:
 def cell_facts(cell: Cell) -> dict:
     """The size/compute/method facts the analyses group and fit by (results.json and the store)."""
     from pipeline.config import ModelConfig
+    from pipeline.model.shapes import num_params
 
     m = cell.config["model"]
-    n_params = ModelConfig(**{k: v for k, v in m.items()}).num_params()
+    n_params = num_params(ModelConfig(**{k: v for k, v in m.items()}))
     e, t = cell.config["engine"], cell.config["train"]
     tokens_per_step = e["micro_batch_size"] * e["grad_accum_steps"] * m["max_seq_len"]
     return {"strategy": cell.config["sgtm"]["strategy"], "filter": cell.config["data"]["filter"],
