@@ -54,6 +54,7 @@ def run_scenario(nprocs: int, scenario: Callable | str, out: Path, timeout: floa
     failing rank's log tail."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / RESULT).unlink(missing_ok=True)  # never read an earlier launch's result
     argv = [sys.executable, "-m", "tests.support.worker", scenario_name(scenario), json.dumps({"out": str(out),
                                                                                                **kwargs})]
     spawn_local_ranks(argv, nprocs, out, env=base_env(), cwd=ROOT, timeout=timeout)
