@@ -59,11 +59,25 @@ def select(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, t, 0.0)
 
 
+class FiniteFn(torch.autograd.Function):
+    """Non-finite entries replaced by 0 in the forward, and in the backward's gradient too; saves
+    nothing (a ``torch.where`` would keep its [T, width] condition alive until the backward)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return torch.where(torch.isfinite(t), t, 0.0)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.where(torch.isfinite(g), g, 0.0)
+
+
 def finite_only(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with non-finite entries replaced by 0 (their gradient dropped). Attention mixes
-    positions inside a fused kernel that multiplies masked probabilities by values, so a
-    non-finite key/value at a forget position would reach every query; its inputs pass here."""
-    return torch.where(torch.isfinite(t), t, 0.0)
+    """``t`` with non-finite entries replaced by 0. Attention mixes positions inside a fused
+    kernel that multiplies masked probabilities by values, so a non-finite key/value at a forget
+    position would reach every query; its inputs pass here. (A non-finite entry exists only at a
+    forget position, whose forget gradient the non-finite policy then drops.)"""
+    return FiniteFn.apply(t)
 
 
 class FiniteGradFn(torch.autograd.Function):
@@ -77,7 +91,7 @@ class FiniteGradFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return finite_only(g)
+        return torch.where(torch.isfinite(g), g, 0.0)
 
 
 def check_modes(modes: torch.Tensor, n_domains: int, what: str = "modes") -> None:
