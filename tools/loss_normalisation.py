@@ -8,7 +8,7 @@ gradient (the count channel, docs/architecture.md "The invariant"). This trains 
 run twice from the same data and seed, once per denominator, and writes the final evaluation of
 both and the labelled share of the training positions (the ratio of the two denominators).
 
-    python tools/loss_normalisation.py --out runs/loss_normalisation --json docs/results/loss_normalisation.json
+    python tools/loss_normalisation.py --out runs/loss_normalisation --json docs/measurements/loss_normalisation.json
 """
 
 from __future__ import annotations
